@@ -1,0 +1,163 @@
+"""The Python API (what the CLI calls): ``run``, ``report``, ``models``, ``demo``.
+
+>>> import bakeoff
+>>> df = bakeoff.run("leaves/", models=["pytorch-ic-resnet34", "timm/efficientnet_b0"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from bakeoff.compare.outputs import Comparison, write_outputs
+from bakeoff.data.cache import cache_side
+from bakeoff.data.prepare import prepare_data, write_class_map
+from bakeoff.errors import BakeoffError
+from bakeoff.progress import NullProgress, RunProgress
+from bakeoff.protocol import Protocol, apply_preset
+from bakeoff.provenance import provenance
+from bakeoff.runners.local import run_local
+from bakeoff.store import Store
+from bakeoff.trial import TrialJob
+from bakeoff.zoo.registry import list_specs, resolve, weights_available_offline
+
+__all__ = ["run", "run_comparison", "report", "models"]
+
+
+def models(pattern: str | None = None, framework: str | None = None, params: bool = True,
+           weights_dir=None) -> pd.DataFrame:
+    """The zoo as a table: id, framework, source, params, input size, weights offline."""
+    specs = list_specs(pattern, framework)
+    count = params and len(specs) <= 200
+    rows = []
+    for s in specs:
+        n = s.params
+        if n is None and count:
+            n = _count_params(s)
+        rows.append({"id": s.id, "framework": s.framework, "source": s.source, "params": n,
+                     "input_size": s.input_size, "offline_weights": weights_available_offline(s, weights_dir),
+                     "weight_source": s.weight_source, "license": s.license})
+    return pd.DataFrame(rows, columns=["id", "framework", "source", "params", "input_size", "offline_weights",
+                                       "weight_source", "license"])
+
+
+def _count_params(spec) -> int | None:
+    import torch
+
+    from bakeoff.engines.torch_build import _create
+
+    try:
+        with torch.device("meta"):
+            return int(sum(p.numel() for p in _create(spec, 1000).parameters()))
+    except Exception:
+        return None
+
+
+def _model_list(models_arg) -> list[str]:
+    if models_arg is None:
+        return []
+    if isinstance(models_arg, str):
+        models_arg = models_arg.split(",")
+    return [m.strip() for m in models_arg if m and m.strip()]
+
+
+def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | None = None,
+                   epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                   optimizer: str | None = None, train_only_top_layer: bool = False, val_dir=None,
+                   val_fraction: float = 0.2, seed: int = 0, pretrained=True, weights_dir=None,
+                   device: str = "auto", preset: str | None = None, precision: str = "auto",
+                   image_size: int | None = None, cache_dir=None, progress: bool = True,
+                   command: str | None = None) -> Comparison:
+    """Fine-tune every model with one protocol, measure, store, and compare (see ``run``)."""
+    settings = dict(epochs=5, lr=0.001, batch_size=16, optimizer="adam")
+    model_ids = _model_list(models)
+    if preset:
+        p = apply_preset(preset)
+        settings.update(p.protocol)
+        model_ids = model_ids or list(p.models)
+        baseline = baseline or p.baseline
+    for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer).items():
+        if v is not None:
+            settings[k] = v
+    if not model_ids:
+        raise BakeoffError("no models to compare: name them with --models a,b,c or pick a --preset")
+    specs = list({s.id: s for s in (resolve(m) for m in model_ids)}.values())
+    ids = [s.id for s in specs]
+    if baseline is not None:
+        baseline = resolve(baseline).id
+        if baseline not in ids:
+            raise BakeoffError(f"--baseline {baseline} is not among --models ({', '.join(ids)}): add it there")
+    protocol = Protocol(**settings, train_only_top_layer=train_only_top_layer, seed=seed, precision=precision,
+                        pretrained=pretrained, image_size=image_size)
+    if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
+        raise BakeoffError(f"--weights-dir {weights_dir} is not a folder: pass the folder that holds the weight files")
+    from bakeoff.engines.torch_fit import resolve_device
+
+    dev = resolve_device(device)
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    store = Store(out / "bakeoff.db")
+    t0 = time.time()
+
+    sides = []
+    for s in specs:
+        size = image_size or s.input_size
+        sides.append((size, cache_side(size, s.crop_pct), s.interpolation))
+    display = RunProgress(len(specs)) if progress else NullProgress()
+    with display:
+        data = prepare_data(data_dir, val_dir, val_fraction, seed, cache_dir or out / "cache",
+                            first_side=sides[0][1:], progress=display.decode(f"{sides[0][1]}px"))
+        for _, side, interp in sides:
+            data.cache_for(side, interp, progress=display.decode(f"{side}px"))
+        write_class_map(data.classes, out)
+        summary = data.summary()
+        (out / "dataset.json").write_text(json.dumps(summary, indent=2))
+        (out / "split.json").write_text(json.dumps({
+            "train": [data.files[i] for i in data.train_idx], "val": [data.files[i] for i in data.val_idx]}))
+        jobs = []
+        for s, (size, side, interp) in zip(specs, sides):
+            key = hashlib.sha256(f"{s.id}|{protocol.key()}|{data.fingerprint}|{dev.type}".encode()).hexdigest()[:20]
+            jobs.append(TrialJob(spec=s.to_dict(), protocol=protocol.to_dict(),
+                                 cache_path=str(data.caches[(side, interp)].path), input_size=size,
+                                 labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
+                                 classes=data.classes, out_dir=str(out), device=str(dev),
+                                 weights_dir=str(weights_dir) if weights_dir else None, key=key))
+        command = command or " ".join(shlex.quote(a) for a in sys.argv)
+        run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, protocol.to_dict(),
+                                 summary, provenance() | {"device": str(dev)})
+        status = "interrupted"
+        try:
+            counts = run_local(jobs, store, run_id, display.on_event)
+            status = "finished"
+        finally:
+            store.finish_run(run_id, status)
+    comparison = write_outputs(out, baseline)
+    comparison.run["counts"] = counts
+    comparison.run["wall_time_s"] = time.time() - t0
+    return comparison
+
+
+def run(data_dir, models=None, **kwargs) -> pd.DataFrame:
+    """Fine-tune ``models`` on the image folder ``data_dir`` with one protocol and compare them.
+
+    Writes ``out`` (default ``bakeoff-out``): bakeoff.db, results.csv, relative.csv, plots/,
+    models/. Re-running resumes: finished trials are not trained again. Returns one row per
+    model with absolute and relative figures.
+
+    >>> df = bakeoff.run("flowers/", ["timm/tf_efficientnet_lite0", "pytorch-ic-resnet34"],
+    ...                  epochs=3, out="runs/flowers")  # doctest: +SKIP
+    """
+    return run_comparison(data_dir, models, **kwargs).frame()
+
+
+def report(out, baseline: str | None = None) -> pd.DataFrame:
+    """Rebuild results.csv, relative.csv and the plots from ``out/bakeoff.db``, without training."""
+    if baseline is not None:
+        baseline = resolve(baseline).id
+    return write_outputs(out, baseline).frame()

@@ -1,0 +1,151 @@
+"""The command line: thin, parses and prints; the work is in ``bakeoff.api``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bakeoff.errors import BakeoffError
+
+app = typer.Typer(
+    help="Which pretrained model should I fine-tune on my images? Fine-tune many with one protocol, "
+         "measure accuracy, training time and inference time, compare them to a baseline.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _fmt(v, spec: str) -> str:
+    try:
+        if v is None or v != v:
+            return "-"
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def print_comparison(comparison) -> None:
+    df = comparison.frame()
+    table = Table(title=f"bakeoff: relative to {comparison.baseline or '-'}", show_lines=False)
+    for col in ("model", "status", "accuracy (95% CI)", "train s", "latency ms p50", "img/s", "rel acc",
+                "rel train", "rel infer", "pareto"):
+        table.add_column(col, justify="left" if col in ("model", "status") else "right")
+    for _, r in df.iterrows():
+        acc = "-" if r["status"] != "ok" else \
+            f"{r['accuracy']:.3f} ({r['accuracy_ci_low']:.3f}-{r['accuracy_ci_high']:.3f})"
+        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
+        table.add_row(r["model"], status, acc, _fmt(r["train_time_s"], ".1f"), _fmt(r["latency_ms_p50"], ".2f"),
+                      _fmt(r["throughput_img_s"], ",.0f"), _fmt(r.get("relative_accuracy"), ".3f"),
+                      _fmt(r.get("relative_training_time"), ".2f"), _fmt(r.get("relative_inference_time"), ".2f"),
+                      "*" if r.get("pareto") is True else "")
+    console.print(table)
+    for _, r in df[df["status"] != "ok"].iterrows():
+        console.print(f"[red]{r['model']} failed:[/] {r['error']}")
+    if comparison.warning:
+        console.print(f"[yellow]warning:[/] {comparison.warning}")
+    skipped = comparison.run.get("dataset", {}).get("n_skipped", 0)
+    if skipped:
+        console.print(f"[yellow]{skipped} files skipped[/] (unreadable or not images; listed in dataset.json)")
+
+
+@app.command("models")
+def models_cmd(
+    pattern: Optional[str] = typer.Argument(None, help="Substring or glob of the model id, e.g. resnet or 'timm/*lite*'."),
+    framework: Optional[str] = typer.Option(None, "--framework", help="pytorch or tensorflow."),
+    weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Also count weights found in this folder."),
+) -> None:
+    """List the model zoo: id, framework, parameters, input size, weights available offline."""
+    from bakeoff.api import models
+
+    df = models(pattern, framework, weights_dir=weights_dir)
+    table = Table(title=f"{len(df)} models")
+    for col in ("id", "framework", "params", "input", "offline weights", "weights from"):
+        table.add_column(col)
+    for _, r in df.iterrows():
+        params = "-" if r["params"] is None or r["params"] != r["params"] else f"{r['params'] / 1e6:.1f}M"
+        table.add_row(r["id"], r["framework"], params, str(r["input_size"]),
+                      "[green]yes[/]" if r["offline_weights"] else "no", r["weight_source"])
+    console.print(table)
+
+
+@app.command("run")
+def run_cmd(
+    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder of images per class."),
+    models: Optional[str] = typer.Option(None, "--models", "-m", help="Comma-separated model ids (see `bakeoff models`)."),
+    baseline: Optional[str] = typer.Option(None, help="Model the others are compared to (default: the first listed)."),
+    out: Path = typer.Option(Path("bakeoff-out"), "--out", "-o", help="Output folder; re-running resumes in it."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs  [default: 5]"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate  [default: 0.001]"),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size  [default: 16]"),
+    optimizer: Optional[str] = typer.Option(None, help="adam, adamw or sgd  [default: adam]"),
+    train_only_top_layer: bool = typer.Option(False, "--train-only-top-layer", help="Freeze all but the classifier."),
+    val_dir: Optional[Path] = typer.Option(None, help="Separate validation folder (same class folders)."),
+    val_fraction: float = typer.Option(0.2, help="Held-out fraction per class when there is no --val-dir."),
+    seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
+    weights_dir: Optional[Path] = typer.Option(None, help="Folder of local weight files (no network needed)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    preset: Optional[str] = typer.Option(None, help="Named protocol and models, e.g. jumpstart-blog."),
+    precision: str = typer.Option("auto", help="auto (bf16 + channels-last on CUDA), fp32 or bf16."),
+    image_size: Optional[int] = typer.Option(None, help="Override every model's input size (quick runs)."),
+) -> None:
+    """Fine-tune the models on DATA_DIR with one protocol, measure and compare them."""
+    from bakeoff.api import run_comparison
+
+    comparison = run_comparison(
+        data_dir, models, out=out, baseline=baseline, epochs=epochs, lr=lr, batch_size=batch_size,
+        optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,
+        seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
+        precision=precision, image_size=image_size, progress=sys.stderr.isatty())
+    print_comparison(comparison)
+    counts = comparison.run.get("counts", {})
+    console.print(f"trained {counts.get('trained', 0)}, already done {counts.get('resumed', 0)}, "
+                  f"failed {counts.get('failed', 0)}; results in {out}/ (results.csv, relative.csv, plots/, models/)")
+
+
+@app.command("report")
+def report_cmd(
+    out_dir: Path = typer.Argument(..., help="The --out folder of a run."),
+    baseline: Optional[str] = typer.Option(None, help="Compare against this model instead."),
+) -> None:
+    """Rebuild results.csv, relative.csv and the plots from OUT_DIR/bakeoff.db, without training."""
+    from bakeoff.compare.outputs import write_outputs
+    from bakeoff.zoo.registry import resolve
+
+    comparison = write_outputs(out_dir, resolve(baseline).id if baseline else None)
+    print_comparison(comparison)
+    console.print(f"written: {out_dir}/results.csv, relative.csv, plots/")
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("bakeoff-demo"), "--out", "-o", help="Output folder.")) -> None:
+    """Run a small real comparison offline (handwritten digits, 4 models, a few minutes on CPU)."""
+    from bakeoff.api import run_comparison
+    from bakeoff.demo import DEMO_MODELS, DEMO_SETTINGS, make_digits_folder
+
+    data = make_digits_folder(out / "digits")
+    console.print(f"demo data: {data} (10 classes of handwritten digits); models: {', '.join(DEMO_MODELS)}")
+    comparison = run_comparison(data, DEMO_MODELS, out=out, **DEMO_SETTINGS, progress=sys.stderr.isatty())
+    print_comparison(comparison)
+    console.print(f"results in {out}/ (results.csv, relative.csv, plots/, models/, bakeoff.db)")
+
+
+def main() -> None:
+    try:
+        app()
+    except BakeoffError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: finished trials are kept in the output folder's bakeoff.db; "
+                                   "run the same command again to resume", highlight=False, soft_wrap=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Compare trials: results and relative tables, Pareto fronts, plots."""

@@ -1,0 +1,63 @@
+"""Write a run's comparison from the store: results.csv, relative.csv and the two plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from bakeoff.compare.plots import plot_tradeoffs
+from bakeoff.compare.tables import relative_frame, results_frame
+from bakeoff.errors import BakeoffError
+from bakeoff.store import Store
+
+__all__ = ["write_outputs", "Comparison"]
+
+
+class Comparison:
+    """The figures of one run: ``results`` (absolute), ``relative`` (to ``baseline``)."""
+
+    def __init__(self, results: pd.DataFrame, relative: pd.DataFrame | None, baseline: str | None,
+                 run: dict, warning: str | None = None) -> None:
+        self.results, self.relative, self.baseline, self.run, self.warning = results, relative, baseline, run, warning
+
+    def frame(self) -> pd.DataFrame:
+        """results joined with the relative columns, one row per model."""
+        if self.relative is None:
+            return self.results
+        cols = ["model", "relative_accuracy", "relative_training_time", "relative_inference_time", "pareto"]
+        return self.results.merge(self.relative[cols], on="model", how="left")
+
+
+def write_outputs(out_dir, baseline: str | None = None, plots: bool = True) -> Comparison:
+    """Rebuild the comparison of the latest run in ``out_dir/bakeoff.db`` without training."""
+    out_dir = Path(out_dir)
+    db = out_dir / "bakeoff.db"
+    if not db.exists():
+        raise BakeoffError(f"{db} does not exist: pass the --out folder of an earlier `bakeoff run`")
+    store = Store(db)
+    run = store.latest_run()
+    if run is None:
+        raise BakeoffError(f"{db} holds no run yet: start one with `bakeoff run`")
+    order = list(run["trial_keys"])
+    trials = store.trials(keys=list(run["trial_keys"].values()))
+    results = results_frame(trials, order)
+    results.to_csv(out_dir / "results.csv", index=False)
+    wanted = baseline or run.get("baseline")
+    relative, used, warning = None, None, None
+    if (results["status"] == "ok").any():
+        try:
+            relative, used = relative_frame(results, wanted)
+        except BakeoffError as exc:
+            if baseline:  # asked for explicitly: the user must choose again
+                raise
+            relative, used = relative_frame(results, None)
+            warning = f"{exc}; compared against {used} instead"
+        out_cols = ["model", "framework", "relative_accuracy", "relative_training_time",
+                    "relative_inference_time", "pareto", "pareto_training", "pareto_inference", "baseline"]
+        relative[out_cols].to_csv(out_dir / "relative.csv", index=False)
+        if plots:
+            plot_tradeoffs(relative, out_dir)
+    else:
+        warning = "no model finished successfully: nothing to compare (see the error column of results.csv)"
+    return Comparison(results, relative, used, run, warning)

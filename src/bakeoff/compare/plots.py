@@ -1,0 +1,60 @@
+"""The study's two scatter plots, redrawn: relative accuracy against relative training time and
+against relative inference time, coloured by framework, baseline marked, Pareto front drawn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["plot_tradeoffs", "FRAMEWORK_COLORS"]
+
+FRAMEWORK_COLORS = {"pytorch": "#d62728", "tensorflow": "#1f77b4"}  # red and blue, as in the study
+
+
+def _plot(rel: pd.DataFrame, x: str, front: str, xlabel: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    for fw, part in rel.groupby("framework"):
+        color = FRAMEWORK_COLORS.get(fw, "#555555")
+        yerr = [part["relative_accuracy"] - part["relative_accuracy_ci_low"],
+                part["relative_accuracy_ci_high"] - part["relative_accuracy"]]
+        ax.errorbar(part[x], part["relative_accuracy"], yerr=yerr, fmt="o", color=color, ecolor=color,
+                    alpha=0.85, capsize=3, markersize=7, label=fw)
+    pts = rel[rel[front]].sort_values(x)
+    ax.step(pts[x], pts["relative_accuracy"], where="post", color="#2ca02c", lw=1.5, ls="--",
+            label="Pareto front")
+    base = rel[rel["baseline"]]
+    ax.scatter(base[x], base["relative_accuracy"], s=260, facecolors="none", edgecolors="black", lw=1.5,
+               label=f"baseline ({base['model'].iloc[0]})", zorder=5)
+    for _, r in rel.iterrows():
+        ax.annotate(r["model"], (r[x], r["relative_accuracy"]), xytext=(5, 5), textcoords="offset points",
+                    fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.axvline(1.0, color="grey", lw=0.6)
+    if rel[x].max() / max(rel[x].min(), 1e-12) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("relative accuracy (95% CI)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_tradeoffs(rel: pd.DataFrame, out_dir: Path, inference_label: str = "batch-1 latency p50") -> list[Path]:
+    out = Path(out_dir) / "plots"
+    paths = [out / "accuracy_vs_training_time.png", out / "accuracy_vs_inference_time.png"]
+    _plot(rel, "relative_training_time", "pareto_training", "relative training time (lower is better)",
+          "Accuracy vs training time, relative to the baseline", paths[0])
+    _plot(rel, "relative_inference_time", "pareto_inference",
+          f"relative inference time ({inference_label}; lower is better)",
+          "Accuracy vs inference time, relative to the baseline", paths[1])
+    return paths

@@ -1,0 +1,101 @@
+"""Batches from the decoded uint8 cache, augmented and normalised as batched tensor ops.
+
+Images stay uint8 until the batch is on the device; random-resized-crop and flip are one
+``affine_grid`` + ``grid_sample`` per batch, so the same code runs on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Batcher"]
+
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass
+class Batcher:
+    """Serves normalised batches of ``images[idx]`` (N x S x S x 3 uint8) for one model."""
+
+    images: np.ndarray
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: torch.device
+    channels_last: bool = False
+    resident: torch.Tensor | None = None  # the images as one tensor, on ``device`` when it fits
+    resident_index: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    @classmethod
+    def create(cls, images, needed: np.ndarray, input_size, mean, std, device, channels_last=False,
+               max_resident_bytes: int | None = None) -> "Batcher":
+        """Keep the ``needed`` images as one tensor on ``device`` when they fit in
+        ``max_resident_bytes``; otherwise read each batch from the memory-mapped file."""
+        b = cls(images, input_size, tuple(mean), tuple(std), device, channels_last)
+        nbytes = len(needed) * int(np.prod(images.shape[1:]))
+        if max_resident_bytes is None or nbytes <= max_resident_bytes:
+            order = np.sort(needed)
+            b.resident = torch.from_numpy(np.ascontiguousarray(images[order])).to(device)
+            b.resident_index = np.full(len(images), -1, dtype=np.int64)
+            b.resident_index[order] = np.arange(len(order))
+        return b
+
+    def _fetch(self, idx: np.ndarray) -> torch.Tensor:
+        if self.resident is not None:
+            pos = torch.from_numpy(self.resident_index[idx]).to(self.device)
+            return self.resident.index_select(0, pos)
+        order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped file
+        arr = np.empty((len(idx),) + self.images.shape[1:], dtype=np.uint8)
+        arr[order] = self.images[idx[order]]
+        return torch.from_numpy(arr).to(self.device, non_blocking=True)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self._mean) / self._std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_batch(self, idx: np.ndarray, gen: torch.Generator, augment: str = "rrc-flip") -> torch.Tensor:
+        x = self._fetch(idx).permute(0, 3, 1, 2).float()
+        if augment == "none":
+            return self._finish(self._center(x))
+        n = x.shape[0]
+        area = torch.empty(n).uniform_(*RRC_SCALE, generator=gen)
+        log_r = torch.empty(n).uniform_(math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]), generator=gen)
+        ratio = torch.exp(log_r)
+        w = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)
+        cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
+        flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+        theta[:, 1, 1], theta[:, 1, 2] = h, cy
+        grid = F.affine_grid(theta.to(x.device), [n, 3, self.input_size, self.input_size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return self._finish(x)
+
+    def _center(self, x: torch.Tensor) -> torch.Tensor:
+        side, t = x.shape[-1], self.input_size
+        off = (side - t) // 2
+        return x[..., off:off + t, off:off + t]
+
+    def eval_batch(self, idx: np.ndarray) -> torch.Tensor:
+        """Centre crop of the stored square: the usual resize-then-centre-crop evaluation."""
+        return self._finish(self._center(self._fetch(idx).permute(0, 3, 1, 2).float()))
+
+    def eval_batches(self, idx: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for start in range(0, len(idx), batch_size):
+            part = idx[start:start + batch_size]
+            yield part, self.eval_batch(part)

@@ -1,0 +1,94 @@
+"""Decode once: every image is decoded and resized a single time into a uint8 ``.npy`` file
+(memory-mapped, so a set larger than RAM still runs) that every trial and every re-run shares."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bakeoff.data.images import load_rgb, square_resize
+
+__all__ = ["DecodedImages", "build_cache", "cache_side"]
+
+
+def cache_side(input_size: int, crop_pct: float) -> int:
+    """The stored square side: the eval resize before the centre crop (224 at 0.875 -> 256)."""
+    return int(round(input_size / crop_pct))
+
+
+@dataclass
+class DecodedImages:
+    """N x S x S x 3 uint8 images (memory-mapped) and which of the N files decoded."""
+
+    path: Path
+    side: int
+    ok: np.ndarray  # bool, False where the file could not be decoded
+    errors: dict[int, str]
+
+    def array(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+
+def _decode_one(path: str, side: int, interpolation: str):
+    try:
+        return square_resize(load_rgb(path, draft_size=side), side, interpolation), None
+    except Exception as exc:  # any decoder failure means "skip this file", never a crash
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def build_cache(
+    files: list[str],
+    cache_dir: Path,
+    key: str,
+    side: int,
+    interpolation: str = "bilinear",
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DecodedImages:
+    """Decode ``files`` to ``cache_dir/<key>/s<side>-<interpolation>.npy`` unless it exists.
+
+    ``key`` must identify the exact file list (the data set fingerprint). The file appears
+    atomically, so a run killed while building leaves no half-written cache behind.
+    """
+    folder = Path(cache_dir) / key
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"s{side}-{interpolation}"
+    npy, meta = folder / f"{stem}.npy", folder / f"{stem}.json"
+    if npy.exists() and meta.exists():
+        info = json.loads(meta.read_text())
+        if info.get("n") == len(files):
+            errors = {int(k): v for k, v in info["errors"].items()}
+            ok = np.ones(len(files), dtype=bool)
+            ok[list(errors)] = False
+            if progress:
+                progress(len(files), len(files))
+            return DecodedImages(npy, side, ok, errors)
+    tmp = folder / f".{stem}.{os.getpid()}.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), side, side, 3))
+    errors: dict[int, str] = {}
+    workers = workers or min(16, os.cpu_count() or 1)
+    chunk = 256
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(files), chunk):
+            batch = files[start:start + chunk]
+            for i, (arr, err) in enumerate(pool.map(lambda p: _decode_one(p, side, interpolation), batch)):
+                if err is None:
+                    out[start + i] = arr
+                else:
+                    errors[start + i] = err
+            if progress:
+                progress(min(start + chunk, len(files)), len(files))
+    out.flush()
+    del out
+    os.replace(tmp, npy)
+    meta.write_text(json.dumps({"n": len(files), "side": side, "interpolation": interpolation,
+                                "errors": {str(k): v for k, v in errors.items()}}))
+    ok = np.ones(len(files), dtype=bool)
+    ok[list(errors)] = False
+    return DecodedImages(npy, side, ok, errors)

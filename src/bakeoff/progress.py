@@ -1,0 +1,73 @@
+"""Progress bars: one for the run, one for the trial in flight (epoch, images/s, time left)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+
+__all__ = ["RunProgress", "NullProgress"]
+
+
+class NullProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def decode(self, label: str):
+        return None
+
+    def on_event(self, kind, job, payload) -> None:
+        pass
+
+
+class RunProgress(NullProgress):
+    def __init__(self, n_trials: int, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        self.n_trials = n_trials
+        self.run_task = None
+        self.trial_task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        self.run_task = self.progress.add_task("run", total=self.n_trials, rate="")
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def decode(self, label: str):
+        task = self.progress.add_task(f"decode once {label}", total=None, rate="")
+
+        def update(done: int, total: int) -> None:
+            self.progress.update(task, completed=done, total=total)
+        return update
+
+    def on_event(self, kind, job, payload) -> None:
+        model = job.spec["id"]
+        if kind == "start":
+            if self.trial_task is not None:
+                self.progress.remove_task(self.trial_task)
+            epochs = job.protocol["epochs"]
+            self.trial_task = self.progress.add_task(f"{model} epoch 1/{epochs}", total=None, rate="")
+        elif kind == "step":
+            epoch, step, steps, elapsed = payload
+            epochs = job.protocol["epochs"]
+            rate = step * job.protocol["batch_size"] / elapsed if elapsed > 0 else 0.0
+            self.progress.update(self.trial_task, description=f"{model} epoch {epoch + 1}/{epochs}",
+                                 total=steps * epochs, completed=epoch * steps + step, rate=f"{rate:,.0f} img/s")
+        elif kind in ("done", "failed", "resumed"):
+            word = {"done": "[green]done[/]", "failed": "[red]failed[/]", "resumed": "[cyan]already done[/]"}[kind]
+            extra = ""
+            if kind == "done":
+                extra = f" acc {payload['accuracy']:.3f}, train {payload['train_time_s']:.1f}s"
+            elif kind == "failed":
+                extra = f": {payload['error']}"
+            self.console.print(f"{model}: {word}{extra}")
+            self.progress.advance(self.run_task)

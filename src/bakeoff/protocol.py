@@ -1,0 +1,101 @@
+"""The frozen hyperparameters every model of one run is trained and measured with."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from bakeoff.errors import BakeoffError
+
+__all__ = ["Protocol", "PRESETS", "apply_preset"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One identical training and measuring recipe for every model of a run.
+
+    Each model still keeps its own input size and normalisation from its spec, unless
+    ``image_size`` overrides the size for all of them (a smoke-run switch).
+    """
+
+    epochs: int = 5
+    lr: float = 0.001
+    batch_size: int = 16
+    optimizer: str = "adam"
+    train_only_top_layer: bool = False
+    augment: str = "rrc-flip"  # random-resized-crop + horizontal flip; "none" = centre crop only
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast + channels-last on CUDA, fp32 on CPU
+    pretrained: bool | str = True  # True, False, or "offline": weights only where they need no network
+    image_size: int | None = None
+    latency_runs: int = 50
+    latency_warmup: int = 10
+    throughput_batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise BakeoffError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise BakeoffError(f"--lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise BakeoffError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise BakeoffError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            raise BakeoffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.augment not in ("rrc-flip", "none"):
+            raise BakeoffError(f"augment must be 'rrc-flip' or 'none', got {self.augment!r}")
+        if self.pretrained not in (True, False, "offline"):
+            raise BakeoffError(f"pretrained must be True, False or 'offline', got {self.pretrained!r}")
+        if self.image_size is not None and self.image_size < 16:
+            raise BakeoffError(f"--image-size must be at least 16, got {self.image_size}")
+        if self.latency_runs < 50:
+            raise BakeoffError("latency_runs must be at least 50 for a meaningful p95")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def key(self) -> str:
+        """A short stable hash: trials with the same protocol, model and data are the same trial."""
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Preset:
+    protocol: dict
+    models: tuple[str, ...]
+    baseline: str | None = None
+    doc: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# The published study: 5 epochs, lr 0.001, batch 16, Adam. Its base model (inception-v3) and
+# TensorFlow half come with the Keras engine; here are the PyTorch models that exist so far.
+PRESETS: dict[str, Preset] = {
+    "jumpstart-blog": Preset(
+        protocol=dict(epochs=5, lr=0.001, batch_size=16, optimizer="adam"),
+        models=(
+            "pytorch-ic-alexnet",
+            "pytorch-ic-densenet121",
+            "pytorch-ic-densenet201",
+            "pytorch-ic-googlenet",
+            "pytorch-ic-mobilenet-v2",
+            "pytorch-ic-resnet152",
+            "pytorch-ic-resnet34",
+        ),
+        doc="the study's protocol (5 epochs, lr 0.001, batch 16, Adam) and its PyTorch models",
+    ),
+}
+
+
+def apply_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise BakeoffError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,1 @@
+"""Where trials run: local child processes (one per trial)."""

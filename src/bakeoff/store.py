@@ -1,0 +1,101 @@
+"""SQLite store (OUT/bakeoff.db): one row per run and per trial, committed as each finishes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+__all__ = ["Store"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL,
+    command TEXT,
+    baseline TEXT,
+    trial_keys TEXT NOT NULL,   -- JSON {model id: trial key}, in the order the user listed them
+    protocol TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    provenance TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trials (
+    key TEXT PRIMARY KEY,       -- model + protocol + data set fingerprint + device kind
+    run_id INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    framework TEXT,
+    status TEXT NOT NULL,       -- ok | failed
+    started REAL,
+    finished REAL,
+    error TEXT,
+    traceback TEXT,
+    result TEXT                 -- JSON: every figure and its provenance
+);
+"""
+
+
+class Store:
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as db, db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def start_run(self, command: str, baseline: str | None, trial_keys: dict, protocol: dict, dataset: dict,
+                  provenance: dict) -> int:
+        with closing(self._connect()) as db, db:
+            cur = db.execute(
+                "INSERT INTO runs (started, status, command, baseline, trial_keys, protocol, dataset, provenance)"
+                " VALUES (?, 'running', ?, ?, ?, ?, ?, ?)",
+                (time.time(), command, baseline, json.dumps(trial_keys), json.dumps(protocol),
+                 json.dumps(dataset), json.dumps(provenance)),
+            )
+            return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, status: str) -> None:
+        with closing(self._connect()) as db, db:
+            db.execute("UPDATE runs SET finished = ?, status = ? WHERE id = ?", (time.time(), status, run_id))
+
+    def finished_keys(self) -> set[str]:
+        with closing(self._connect()) as db:
+            return {r["key"] for r in db.execute("SELECT key FROM trials WHERE status = 'ok'")}
+
+    def save_trial(self, key: str, run_id: int, model: str, framework: str, status: str, started: float,
+                   result: dict | None = None, error: str | None = None, traceback: str | None = None) -> None:
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR REPLACE INTO trials (key, run_id, model, framework, status, started, finished, error,"
+                " traceback, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, run_id, model, framework, status, started, time.time(), error, traceback,
+                 json.dumps(result) if result is not None else None),
+            )
+
+    def latest_run(self) -> dict | None:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        run = dict(row)
+        for k in ("trial_keys", "protocol", "dataset", "provenance"):
+            run[k] = json.loads(run[k])
+        return run
+
+    def trials(self, keys: list[str] | None = None) -> list[dict]:
+        with closing(self._connect()) as db:
+            rows = [dict(r) for r in db.execute("SELECT * FROM trials ORDER BY finished")]
+        out = []
+        for r in rows:
+            if keys is not None and r["key"] not in keys:
+                continue
+            r["result"] = json.loads(r["result"]) if r["result"] else None
+            out.append(r)
+        return out

@@ -1,0 +1,92 @@
+"""One trial = one model trained and measured with the run's protocol, in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import platform
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["TrialJob", "run_trial", "trial_process_main", "available_memory_bytes", "device_name"]
+
+
+@dataclass
+class TrialJob:
+    """Everything a trial process needs; plain data so it crosses process boundaries."""
+
+    spec: dict
+    protocol: dict
+    cache_path: str
+    input_size: int
+    labels: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    classes: list[str]
+    out_dir: str
+    device: str = "auto"
+    weights_dir: str | None = None
+    key: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def available_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def run_trial(job: TrialJob, on_step=None) -> dict:
+    """Train and measure one model with the engine of its framework; returns the result row."""
+    framework = job.spec["framework"]
+    if framework == "pytorch":
+        from bakeoff.engines.torch_engine import run_torch_trial
+
+        return run_torch_trial(job, on_step)
+    if framework == "tensorflow":
+        from bakeoff.engines.keras_engine import run_keras_trial
+
+        return run_keras_trial(job, on_step)
+    raise ValueError(f"no engine for framework {framework!r}")
+
+
+def trial_process_main(job: TrialJob, queue) -> None:
+    """Entry point of the trial's own process: results and progress go back through ``queue``."""
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+        def on_step(epoch, step, steps, elapsed):
+            queue.put(("step", job.key, epoch, step, steps, elapsed))
+
+        queue.put(("result", job.key, run_trial(job, on_step)))
+    except KeyboardInterrupt:
+        queue.put(("interrupted", job.key, None))
+    except BaseException as exc:  # any failure becomes a failed row, never a crashed sweep
+        from bakeoff.errors import BakeoffError
+
+        kind = "out of memory" if "out of memory" in str(exc).lower() else type(exc).__name__
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
+        detail = "" if isinstance(exc, BakeoffError) else traceback.format_exc()
+        queue.put(("error", job.key, {"error": f"{kind}: {message}"[:1000], "traceback": detail}))

@@ -1,0 +1,122 @@
+"""One registry: study ids plus every torchvision and timm classifier, resolved by id."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib.util
+from pathlib import Path
+
+from bakeoff.errors import BakeoffError
+from bakeoff.zoo.spec import ModelSpec
+from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES, timm_names, timm_spec
+from bakeoff.zoo.torchvision_zoo import torchvision_names, torchvision_spec
+
+__all__ = ["resolve", "list_specs", "weights_available_offline", "find_weights_file", "STUDY_IDS", "canonical_id"]
+
+# The study's PyTorch model ids (the managed service's names) -> torchvision architectures.
+STUDY_IDS = {
+    "pytorch-ic-alexnet": "alexnet",
+    "pytorch-ic-densenet121": "densenet121",
+    "pytorch-ic-densenet201": "densenet201",
+    "pytorch-ic-googlenet": "googlenet",
+    "pytorch-ic-mobilenet-v2": "mobilenet_v2",
+    "pytorch-ic-resnet152": "resnet152",
+    "pytorch-ic-resnet34": "resnet34",
+    "pytorch-ic-inception-v3": "inception_v3",
+}
+
+_registered: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a spec under its id; a second spec with the same id is a programming error."""
+    if spec.id in _registered:
+        raise ValueError(f"model id {spec.id!r} is registered twice")
+    _registered[spec.id] = spec
+    return spec
+
+
+def canonical_id(model_id: str) -> str:
+    """Strip the study's ``-FT`` (fine-tunable) suffix and surrounding space."""
+    model_id = model_id.strip()
+    return model_id[:-3] if model_id.upper().endswith("-FT") else model_id
+
+
+def _all_ids() -> list[str]:
+    ids = list(STUDY_IDS) + list(_registered)
+    ids += [f"torchvision/{n}" for n in torchvision_names()]
+    ids += [f"timm/{n}" for n in timm_names()]
+    return ids
+
+
+def resolve(model_id: str) -> ModelSpec:
+    """The spec for ``model_id``; an unknown id gets the closest matches in its error."""
+    mid = canonical_id(model_id)
+    if mid in _registered:
+        return _registered[mid]
+    if mid in STUDY_IDS:
+        return torchvision_spec(STUDY_IDS[mid], model_id=mid, aliases=(f"{mid}-FT",))
+    source, _, name = mid.partition("/")
+    if source == "torchvision" and name in torchvision_names():
+        return torchvision_spec(name)
+    if source == "timm" and name.split(".")[0] in timm_names():
+        return timm_spec(name)
+    close = difflib.get_close_matches(mid, _all_ids(), n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise BakeoffError(f"unknown model {model_id!r}{hint} (see `bakeoff models`)")
+
+
+def list_specs(pattern: str | None = None, framework: str | None = None) -> list[ModelSpec]:
+    """Specs whose id matches ``pattern`` (a substring or a glob), study ids first."""
+    if framework and framework not in ("pytorch", "tensorflow"):
+        raise BakeoffError(f"--framework must be pytorch or tensorflow, got {framework!r}")
+    ids = _all_ids()
+    if pattern:
+        glob = any(ch in pattern for ch in "*?[")
+        ids = [i for i in ids if (fnmatch.fnmatch(i, pattern) if glob else pattern.lower() in i.lower())]
+    specs = []
+    for i in dict.fromkeys(ids):
+        spec = resolve(i)
+        if framework is None or spec.framework == framework:
+            specs.append(spec)
+    return specs
+
+
+def find_weights_file(spec: ModelSpec, weights_dir) -> Path | None:
+    """A local weights file for ``spec`` in ``weights_dir``: the source library's own file name,
+    or the model's name (``resnet34.pth``, ``timm__resnet50.safetensors``, ...)."""
+    if not weights_dir:
+        return None
+    folder = Path(weights_dir).expanduser()
+    stems = {spec.architecture, spec.id.replace("/", "__"), spec.id.split("/")[-1]}
+    candidates = [folder / spec.weight_file] if spec.weight_file else []
+    candidates += [folder / f"{s}{ext}" for s in sorted(stems) for ext in (".pth", ".pt", ".bin", ".safetensors")]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _in_torch_hub(filename: str) -> bool:
+    import torch
+
+    return bool(filename) and (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
+
+
+def weights_available_offline(spec: ModelSpec, weights_dir=None) -> bool:
+    """True when ImageNet weights for ``spec`` load with no network."""
+    if find_weights_file(spec, weights_dir) is not None:
+        return True
+    if spec.source == "timm" and spec.architecture in OFFLINE_PACKAGES:
+        return importlib.util.find_spec(OFFLINE_PACKAGES[spec.architecture][1]) is not None
+    if spec.source in ("torchvision", "timm") and _in_torch_hub(spec.weight_file):
+        return True
+    if spec.source == "timm" and spec.weight_source.startswith("Hugging Face hub "):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hub_id = spec.weight_source.removeprefix("Hugging Face hub ")
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(hub_id, fname), str):
+                    return True
+        except Exception:
+            return False
+    return False

@@ -1,0 +1,62 @@
+"""Every torchvision classifier as ``torchvision/<name>``, specs read from its weights' metadata."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from bakeoff.zoo.spec import ModelSpec
+
+__all__ = ["torchvision_names", "torchvision_spec", "CLASSIFIER_ATTR"]
+
+# The layer each family ends in; the engine also finds it by shape when a family is missing.
+CLASSIFIER_ATTR = {
+    "alexnet": "classifier.6", "vgg": "classifier.6", "densenet": "classifier", "resnet": "fc",
+    "resnext": "fc", "wide_resnet": "fc", "regnet": "fc", "googlenet": "fc", "inception": "fc",
+    "shufflenet": "fc", "mobilenet_v2": "classifier.1", "mobilenet_v3": "classifier.3",
+    "mnasnet": "classifier.1", "efficientnet": "classifier.1", "convnext": "classifier.2",
+    "squeezenet": "classifier.1", "vit": "heads.head", "swin": "head", "maxvit": "classifier.5",
+}
+
+
+@lru_cache(maxsize=1)
+def torchvision_names() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def _classifier_for(name: str) -> str | None:
+    for prefix in sorted(CLASSIFIER_ATTR, key=len, reverse=True):
+        if name.startswith(prefix):
+            return CLASSIFIER_ATTR[prefix]
+    return None
+
+
+def torchvision_spec(name: str, model_id: str | None = None, aliases: tuple[str, ...] = ()) -> ModelSpec:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    t = weights.transforms()
+    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    kwargs = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs = {"aux_logits": False, "init_weights": False}  # one head, like the study's fine-tune
+    return ModelSpec(
+        id=model_id or f"torchvision/{name}",
+        framework="pytorch",
+        source="torchvision",
+        architecture=name,
+        input_size=crop,
+        crop_pct=crop / resize,
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+        interpolation=t.interpolation.value,
+        classifier=_classifier_for(name),
+        license="BSD-3-Clause (torchvision); weights: ImageNet terms",
+        weight_source=weights.url,
+        weight_file=os.path.basename(weights.url),
+        params=int(weights.meta.get("num_params", 0)) or None,
+        build_kwargs=kwargs,
+        aliases=aliases,
+    )
