@@ -79,6 +79,15 @@ class Store:
                  json.dumps(result) if result is not None else None),
             )
 
+    def update_result(self, key: str, extra: dict) -> None:
+        """Merge ``extra`` figures (measured after training, e.g. endpoint latency) into a trial."""
+        with closing(self._connect()) as db, db:
+            row = db.execute("SELECT result FROM trials WHERE key = ?", (key,)).fetchone()
+            if row is None or row["result"] is None:
+                raise KeyError(key)
+            result = json.loads(row["result"]) | extra
+            db.execute("UPDATE trials SET result = ? WHERE key = ?", (json.dumps(result), key))
+
     def latest_run(self) -> dict | None:
         with closing(self._connect()) as db:
             row = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
