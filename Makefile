@@ -8,14 +8,14 @@ CORE   := $(VENV)/.installed-core
 FULL   := $(VENV)/.installed-test
 EXTRAS := offline-weights,test,tensorflow,serve,report,ray,mlflow
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(CORE): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[offline-weights]'
+	$(BIN)/python -m pip install -q -e '.[offline-weights,report]'
 	touch $@
 
 $(FULL): pyproject.toml | $(BIN)/python
@@ -27,7 +27,11 @@ venv: $(CORE)
 demo: $(CORE)
 	$(BIN)/bakeoff demo
 
-test: $(FULL)
+# The report's tests drive Debian's Chromium headless (never a downloaded browser build).
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+test: $(FULL) browser
 	$(BIN)/python -m pytest -q
 
 clean:

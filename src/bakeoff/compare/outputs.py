@@ -1,4 +1,4 @@
-"""Write a run's comparison from the store: results.csv, relative.csv and the two plots."""
+"""Write a run's comparison from the store: results.csv, relative.csv, the two plots and the report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from bakeoff.compare.plots import plot_tradeoffs
+from bakeoff.compare.report_html import write_reports
 from bakeoff.compare.tables import relative_frame, results_frame
 from bakeoff.errors import BakeoffError
 from bakeoff.store import Store
@@ -60,4 +61,6 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True) -> C
             plot_tradeoffs(relative, out_dir)
     else:
         warning = "no model finished successfully: nothing to compare (see the error column of results.csv)"
-    return Comparison(results, relative, used, run, warning)
+    comparison = Comparison(results, relative, used, run, warning)
+    write_reports(out_dir, comparison)  # report.md, and report.html where plotly is installed
+    return comparison

@@ -1,0 +1,216 @@
+"""Recommendations in words, computed from the results table: which model to pick, and how sure.
+
+Four questions, each answered with the figures behind it: the most accurate model; the fastest
+to train among models within one accuracy point of the best; the fastest at inference among
+those (one answer per measured latency); the most accurate model of each framework. Each answer
+names its runner-up and warns when the two accuracy intervals overlap, i.e. when the validation
+split is too small to tell their accuracy apart.
+
+>>> recs = recommend(results)  # doctest: +SKIP
+>>> print(recs[0].text)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+__all__ = ["Recommendation", "Pick", "recommend", "LATENCIES", "available_latencies", "fmt_pct", "fmt_ci",
+           "fmt_seconds", "fmt_ms", "is_number", "as_number", "cis_overlap"]
+
+# latency kind -> (p50 column, p95 column, what was timed)
+LATENCIES: dict[str, tuple[str, str, str]] = {
+    "in-process": ("latency_ms_p50", "latency_ms_p95", "in-process batch-1 latency"),
+    "endpoint": ("endpoint_latency_ms_p50", "endpoint_latency_ms_p95", "HTTP endpoint latency"),
+    "onnx-cpu": ("onnx_cpu_latency_ms_p50", "onnx_cpu_latency_ms_p95", "ONNX Runtime CPU latency"),
+}
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fmt_pct(v, digits: int = 1) -> str:
+    return f"{100 * v:.{digits}f}%" if is_number(v) else "–"
+
+
+def fmt_ci(lo, hi, digits: int = 1) -> str:
+    return f"{100 * lo:.{digits}f}–{100 * hi:.{digits}f}%" if is_number(lo) and is_number(hi) else "–"
+
+
+def fmt_seconds(v) -> str:
+    if not is_number(v):
+        return "–"
+    if v < 10:
+        return f"{v:.2f} s"
+    if v < 120:
+        return f"{v:.1f} s"
+    if v < 7200:
+        return f"{int(v // 60)} min {int(round(v % 60)):02d} s"
+    return f"{int(v // 3600)} h {int(round(v % 3600 / 60)):02d} min"
+
+
+def fmt_ms(v) -> str:
+    if not is_number(v):
+        return "–"
+    return f"{v:.3f} ms" if v < 1 else f"{v:.2f} ms" if v < 100 else f"{v:,.0f} ms"
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One model's figures as the recommendations quote them."""
+
+    model: str
+    framework: str
+    accuracy: float
+    ci_low: float | None
+    ci_high: float | None
+    train_time_s: float | None
+    latency_ms: float | None = None
+
+    def accuracy_text(self) -> str:
+        return f"{fmt_pct(self.accuracy)} (95% CI {fmt_ci(self.ci_low, self.ci_high)})"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """``kind`` is most-accurate, fastest-training, fastest-inference or best-of-framework."""
+
+    kind: str
+    title: str
+    pick: Pick
+    runner_up: Pick | None
+    text: str
+    warning: str | None = None
+    latency: str | None = None
+    framework: str | None = None
+
+
+def cis_overlap(a: Pick, b: Pick) -> bool:
+    """True when the two 95% intervals overlap: the data cannot separate the two accuracies."""
+    if not all(is_number(v) for v in (a.ci_low, a.ci_high, b.ci_low, b.ci_high)):
+        return False
+    return a.ci_low <= b.ci_high and b.ci_low <= a.ci_high
+
+
+def as_number(v) -> float | None:
+    """A finite float, or None for anything else (None, NaN, text)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _pick(row, latency_col: str | None = None) -> Pick:
+    return Pick(model=str(row["model"]), framework=str(row["framework"]), accuracy=float(row["accuracy"]),
+                ci_low=as_number(row.get("accuracy_ci_low")), ci_high=as_number(row.get("accuracy_ci_high")),
+                train_time_s=as_number(row.get("train_time_s")),
+                latency_ms=as_number(row.get(latency_col)) if latency_col else None)
+
+
+def _successful(results: pd.DataFrame) -> pd.DataFrame:
+    ok = results[results["status"] == "ok"].copy()
+    ok["accuracy"] = pd.to_numeric(ok["accuracy"], errors="coerce")
+    ok = ok[ok["accuracy"].notna()]
+    ok["_order"] = range(len(ok))
+    return ok
+
+
+def available_latencies(results: pd.DataFrame) -> list[str]:
+    """Latency kinds measured for at least one successful model, in ``LATENCIES`` order."""
+    ok = results[results["status"] == "ok"]
+    return [k for k, (p50, _, _) in LATENCIES.items()
+            if p50 in ok.columns and pd.to_numeric(ok[p50], errors="coerce").notna().any()]
+
+
+def _by_accuracy(rows: pd.DataFrame) -> pd.DataFrame:
+    """Most accurate first; ties go to the faster-training model, then to the listed order."""
+    t = pd.to_numeric(rows["train_time_s"], errors="coerce").fillna(math.inf)
+    return rows.assign(_t=t).sort_values(["accuracy", "_t", "_order"], ascending=[False, True, True])
+
+
+def _accuracy_warning(pick: Pick, runner_up: Pick | None) -> str | None:
+    if runner_up is None or not cis_overlap(pick, runner_up):
+        return None
+    diff = 100 * (pick.accuracy - runner_up.accuracy)
+    return (f"not clearly ahead of {runner_up.model}: {fmt_pct(pick.accuracy)} vs {runner_up.accuracy_text()}, "
+            f"a difference of {diff:.1f} points inside the overlapping 95% confidence intervals; more "
+            f"validation images would be needed to tell them apart")
+
+
+def _most_accurate(ok: pd.DataFrame, kind: str, title: str, framework: str | None = None) -> Recommendation:
+    ranked = _by_accuracy(ok)
+    pick = _pick(ranked.iloc[0])
+    runner_up = _pick(ranked.iloc[1]) if len(ranked) > 1 else None
+    scope = f"of the {framework} models" if framework else "of all models"
+    text = f"{pick.model} is the most accurate {scope}: {pick.accuracy_text()}"
+    if pick.train_time_s is not None:
+        text += f", trained in {fmt_seconds(pick.train_time_s)}"
+    if runner_up is not None:
+        text += f"; runner-up {runner_up.model} at {fmt_pct(runner_up.accuracy)}"
+    return Recommendation(kind, title, pick, runner_up, text + ".", _accuracy_warning(pick, runner_up),
+                          framework=framework)
+
+
+def _points(within: float) -> str:
+    return f"{100 * within:g} point{'' if abs(within - 0.01) < 1e-12 else 's'}"
+
+
+def _fastest(ok: pd.DataFrame, best: Pick, col: str, kind: str, title: str, what: str, fmt, within: float,
+             latency: str | None = None) -> Recommendation | None:
+    cost = pd.to_numeric(ok[col], errors="coerce")
+    near = ok[(ok["accuracy"] >= best.accuracy - within - 1e-12) & cost.notna()].assign(_cost=cost)
+    if near.empty:
+        return None
+    ranked = near.sort_values(["_cost", "accuracy", "_order"], ascending=[True, False, True])
+    lat_col = col if latency else None
+    pick = _pick(ranked.iloc[0], lat_col)
+    runner_up = _pick(ranked.iloc[1], lat_col) if len(ranked) > 1 else None
+    pick_cost = float(ranked["_cost"].iloc[0])
+    if runner_up is None:
+        text = (f"only {pick.model} is within {_points(within)} of the best accuracy, so it is the pick here too "
+                f"({fmt(pick_cost)})")
+    else:
+        ratio = float(ranked["_cost"].iloc[1]) / pick_cost if pick_cost > 0 else math.inf
+        text = (f"{pick.model} is the fastest {what} ({fmt(pick_cost)}) of the {len(ranked)} models within "
+                f"{_points(within)} of the best accuracy; accuracy {pick.accuracy_text()}")
+        text += f" vs {fmt_pct(best.accuracy)} for {best.model}" if pick.model != best.model else \
+            ", the best of all"
+        text += f"; the next fastest, {runner_up.model}, takes {ratio:.2f}x as long"
+    warning = None
+    if runner_up is not None and cis_overlap(pick, runner_up):
+        warning = (f"accuracy does not separate it from the runner-up {runner_up.model}: {fmt_pct(pick.accuracy)} "
+                   f"vs {runner_up.accuracy_text()}, inside the overlapping 95% confidence intervals")
+    return Recommendation(kind, title, pick, runner_up, text + ".", warning, latency=latency)
+
+
+def recommend(results: pd.DataFrame, within: float = 0.01) -> list[Recommendation]:
+    """The recommendations for ``results`` (results.csv's columns); failed trials are ignored.
+
+    ``within`` is the accuracy margin of the speed picks, as a fraction (0.01 = one point).
+    Returns an empty list when no model finished.
+    """
+    ok = _successful(results)
+    if ok.empty:
+        return []
+    recs = [_most_accurate(ok, "most-accurate", "Most accurate")]
+    best = recs[0].pick
+    near = f"within {_points(within)} of the best"
+    fast = _fastest(ok, best, "train_time_s", "fastest-training", f"Fastest to train, {near}", "to train",
+                    fmt_seconds, within)
+    if fast is not None:
+        recs.append(fast)
+    for kind in available_latencies(ok):
+        p50, _, label = LATENCIES[kind]
+        rec = _fastest(ok, best, p50, "fastest-inference", f"Fastest inference by {label}, {near}",
+                       "at inference", lambda v, label=label: f"{fmt_ms(v)} median {label}", within,
+                       latency=kind)
+        if rec is not None:
+            recs.append(rec)
+    for fw in dict.fromkeys(ok["framework"]):
+        recs.append(_most_accurate(ok[ok["framework"] == fw], "best-of-framework", f"Best {fw} model",
+                                   framework=fw))
+    return recs

@@ -1,0 +1,129 @@
+"""Recommendations on hand-made results tables: exact picks, the 1-point rule, CI warnings."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from bakeoff.compare.recommend import available_latencies, cis_overlap, fmt_seconds, recommend
+
+
+def _row(model, acc, lo, hi, train, lat, framework="pytorch", status="ok", **extra):
+    return {"model": model, "framework": framework, "status": status, "accuracy": acc, "accuracy_ci_low": lo,
+            "accuracy_ci_high": hi, "train_time_s": train, "latency_ms_p50": lat, "latency_ms_p95": lat,
+            "error": None if status == "ok" else "RuntimeError: boom", **extra}
+
+
+def _table(*rows):
+    return pd.DataFrame(list(rows))
+
+
+def _by_kind(recs):
+    out = {}
+    for r in recs:
+        out.setdefault(r.kind, []).append(r)
+    return out
+
+
+@pytest.fixture
+def results():
+    # big: most accurate, slow. mid: 0.8 points below, fastest to train. small: 0.9 points below,
+    # fastest inference. tiny: 5 points below, fastest of all but outside the 1-point margin.
+    # keras_a / keras_b: the tensorflow models. broken: failed, with "figures" that must be ignored.
+    return _table(
+        _row("big", 0.950, 0.940, 0.960, 100.0, 10.0),
+        _row("mid", 0.942, 0.930, 0.952, 40.0, 8.0),
+        _row("small", 0.941, 0.929, 0.951, 60.0, 3.0),
+        _row("tiny", 0.900, 0.880, 0.915, 5.0, 1.0),
+        _row("keras_a", 0.930, 0.915, 0.943, 50.0, 4.0, framework="tensorflow"),
+        _row("keras_b", 0.800, 0.780, 0.820, 30.0, 2.0, framework="tensorflow"),
+        _row("broken", 0.999, 0.998, 1.0, 0.1, 0.1, status="failed"),
+    )
+
+
+def test_exact_picks(results):
+    recs = _by_kind(recommend(results))
+    assert [r.pick.model for r in recs["most-accurate"]] == ["big"]
+    assert recs["most-accurate"][0].runner_up.model == "mid"
+    assert [r.pick.model for r in recs["fastest-training"]] == ["mid"]
+    assert [r.pick.model for r in recs["fastest-inference"]] == ["small"]
+    assert recs["fastest-inference"][0].latency == "in-process"
+    assert recs["fastest-inference"][0].pick.latency_ms == 3.0
+
+
+def test_within_one_point_rule(results):
+    # tiny trains in 5 s but is 5 points down: excluded; widening the margin to 6 points picks it.
+    fast = _by_kind(recommend(results))["fastest-training"][0]
+    assert fast.pick.model == "mid" and fast.runner_up.model == "small"
+    assert "of the 3 models within 1 point" in fast.text
+    assert "40.0 s" in fast.text and "1.50x as long" in fast.text
+    wide = _by_kind(recommend(results, within=0.06))
+    assert wide["fastest-training"][0].pick.model == "tiny"
+    assert wide["fastest-inference"][0].pick.model == "tiny"
+    # exactly one point below the best still counts (0.95 - 0.94 is not above 0.01 in floating point)
+    edge = _table(_row("a", 0.95, 0.9, 1.0, 10.0, 5.0), _row("b", 0.94, 0.9, 1.0, 1.0, 1.0))
+    assert _by_kind(recommend(edge))["fastest-training"][0].pick.model == "b"
+    # 1.01 points below does not
+    edge = _table(_row("a", 0.95, 0.9, 1.0, 10.0, 5.0), _row("b", 0.9399, 0.9, 1.0, 1.0, 1.0))
+    fast = _by_kind(recommend(edge))["fastest-training"][0]
+    assert fast.pick.model == "a" and fast.runner_up is None and fast.text.startswith("only a is within 1 point")
+
+
+def test_ci_overlap_warning(results):
+    recs = _by_kind(recommend(results))
+    # big (94.0-96.0%) vs mid (93.0-95.2%): overlapping intervals -> warned
+    best = recs["most-accurate"][0]
+    assert best.warning is not None and "mid" in best.warning and "0.8 points" in best.warning
+    # separated intervals -> no warning
+    clear = _table(_row("a", 0.95, 0.94, 0.96, 10.0, 1.0), _row("b", 0.90, 0.88, 0.92, 10.0, 1.0))
+    assert recommend(clear)[0].warning is None
+    # the best of tensorflow (91.5-94.3%) vs keras_b (78-82%): clear
+    tf = [r for r in recs["best-of-framework"] if r.framework == "tensorflow"][0]
+    assert tf.warning is None
+    # touching intervals count as overlapping; missing intervals never warn
+    a = recommend(_table(_row("a", 0.95, 0.92, 0.97, 1.0, 1.0), _row("b", 0.90, 0.88, 0.92, 1.0, 1.0)))
+    assert a[0].warning is not None
+    nan = recommend(_table(_row("a", 0.95, math.nan, math.nan, 1.0, 1.0), _row("b", 0.9, 0.88, 0.92, 1.0, 1.0)))
+    assert nan[0].warning is None
+
+
+def test_best_per_framework(results):
+    recs = _by_kind(recommend(results))["best-of-framework"]
+    assert [(r.framework, r.pick.model, r.runner_up.model) for r in recs] == [
+        ("pytorch", "big", "mid"), ("tensorflow", "keras_a", "keras_b")]
+    assert recs[1].title == "Best tensorflow model"
+    assert "93.0% (95% CI 91.5–94.3%)" in recs[1].text
+
+
+def test_failed_rows_ignored(results):
+    recs = recommend(results)
+    assert all("broken" not in (r.pick.model, getattr(r.runner_up, "model", None)) for r in recs)
+    assert all("broken" not in r.text for r in recs)
+    # a row marked ok but without accuracy is not a candidate either
+    odd = _table(_row("a", None, None, None, 1.0, 1.0), _row("b", 0.5, 0.4, 0.6, 2.0, 2.0))
+    assert recommend(odd)[0].pick.model == "b"
+    failed_only = _table(_row("x", 0.9, 0.8, 1.0, 1.0, 1.0, status="failed"))
+    assert recommend(failed_only) == []
+
+
+def test_ties_and_each_latency():
+    # equal accuracy: the faster-training model is "most accurate"; one inference pick per latency kind
+    t = _table(_row("slow", 0.9, 0.85, 0.95, 20.0, 5.0, endpoint_latency_ms_p50=7.0),
+               _row("quick", 0.9, 0.85, 0.95, 10.0, 6.0, endpoint_latency_ms_p50=2.0),
+               _row("gone", None, None, None, None, None, status="failed", endpoint_latency_ms_p50=None))
+    assert available_latencies(t) == ["in-process", "endpoint"]
+    recs = _by_kind(recommend(t))
+    assert recs["most-accurate"][0].pick.model == "quick"
+    assert [(r.latency, r.pick.model) for r in recs["fastest-inference"]] == [("in-process", "slow"),
+                                                                             ("endpoint", "quick")]
+    assert "HTTP endpoint" in recs["fastest-inference"][1].title
+
+
+def test_helpers():
+    assert fmt_seconds(0.1234) == "0.12 s" and fmt_seconds(75) == "75.0 s" and fmt_seconds(600) == "10 min 00 s"
+    assert fmt_seconds(None) == "–"
+    from bakeoff.compare.recommend import Pick
+
+    a = Pick("a", "pytorch", 0.9, 0.85, 0.95, 1.0)
+    assert cis_overlap(a, Pick("b", "pytorch", 0.8, 0.7, 0.85, 1.0))
+    assert not cis_overlap(a, Pick("b", "pytorch", 0.8, 0.7, 0.849, 1.0))
