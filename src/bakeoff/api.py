@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -73,8 +74,20 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    val_fraction: float = 0.2, seed: int = 0, pretrained=True, weights_dir=None,
                    device: str = "auto", preset: str | None = None, precision: str = "auto",
                    image_size: int | None = None, cache_dir=None, progress: bool = True,
-                   command: str | None = None) -> Comparison:
-    """Fine-tune every model with one protocol, measure, store, and compare (see ``run``)."""
+                   command: str | None = None, executor: str = "local", ray_address: str | None = None,
+                   mlflow_uri: str | None = None) -> Comparison:
+    """Fine-tune every model with one protocol, measure, store, and compare (see ``run``).
+
+    ``executor="ray"`` runs each trial as a task on the Ray cluster at ``ray_address``;
+    ``mlflow_uri`` (or ``MLFLOW_TRACKING_URI``) logs every trial as an MLflow run.
+    """
+    if executor not in ("local", "ray"):
+        raise BakeoffError(f"--executor must be local or ray, got {executor!r}")
+    mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if mlflow_uri:
+        from bakeoff.tracking import require_mlflow
+
+        require_mlflow()
     settings = dict(epochs=5, lr=0.001, batch_size=16, optimizer="adam")
     model_ids = _model_list(models)
     if preset:
@@ -99,7 +112,13 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         raise BakeoffError(f"--weights-dir {weights_dir} is not a folder: pass the folder that holds the weight files")
     from bakeoff.engines.torch_fit import resolve_device
 
-    dev = resolve_device(device)
+    if executor == "ray":
+        from bakeoff.runners.ray_runner import cluster_device, connect
+
+        connect(ray_address)
+        dev = cluster_device(device)
+    else:
+        dev = resolve_device(device)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "bakeoff.db")
@@ -130,14 +149,23 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                                  weights_dir=str(weights_dir) if weights_dir else None, key=key))
         command = command or " ".join(shlex.quote(a) for a in sys.argv)
         run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, protocol.to_dict(),
-                                 summary, provenance() | {"device": str(dev)})
+                                 summary, provenance() | {"device": str(dev), "executor": executor})
         status = "interrupted"
         try:
-            counts = run_local(jobs, store, run_id, display.on_event)
+            if executor == "ray":
+                from bakeoff.runners.ray_runner import run_ray
+
+                counts = run_ray(jobs, store, run_id, display.on_event, ray_address)
+            else:
+                counts = run_local(jobs, store, run_id, display.on_event)
             status = "finished"
         finally:
             store.finish_run(run_id, status)
     comparison = write_outputs(out, baseline)
+    if mlflow_uri:  # after write_outputs, so the plots and report files exist to be logged
+        from bakeoff.tracking import log_run
+
+        comparison.run["mlflow_experiment"] = log_run(out, mlflow_uri)
     comparison.run["counts"] = counts
     comparison.run["wall_time_s"] = time.time() - t0
     return comparison

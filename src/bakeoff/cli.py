@@ -93,6 +93,11 @@ def run_cmd(
     preset: Optional[str] = typer.Option(None, help="Named protocol and models, e.g. jumpstart-blog."),
     precision: str = typer.Option("auto", help="auto (bf16 + channels-last on CUDA), fp32 or bf16."),
     image_size: Optional[int] = typer.Option(None, help="Override every model's input size (quick runs)."),
+    executor: str = typer.Option("local", help="local (one process after another) or ray (tasks on a Ray cluster)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, "
+                                              "the cluster started on this machine, else a private one)."),
+    mlflow_uri: Optional[str] = typer.Option(None, help="Log every trial as an MLflow run here, e.g. sqlite:///mlflow.db "
+                                             "or http://HOST:5000 (default: MLFLOW_TRACKING_URI)."),
 ) -> None:
     """Fine-tune the models on DATA_DIR with one protocol, measure and compare them."""
     from bakeoff.api import run_comparison
@@ -101,8 +106,11 @@ def run_cmd(
         data_dir, models, out=out, baseline=baseline, epochs=epochs, lr=lr, batch_size=batch_size,
         optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,
         seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
-        precision=precision, image_size=image_size, progress=sys.stderr.isatty())
+        precision=precision, image_size=image_size, progress=sys.stderr.isatty(), executor=executor,
+        ray_address=ray_address, mlflow_uri=mlflow_uri)
     print_comparison(comparison)
+    if comparison.run.get("mlflow_experiment"):
+        console.print(f"MLflow experiment: {comparison.run['mlflow_experiment']}")
     counts = comparison.run.get("counts", {})
     console.print(f"trained {counts.get('trained', 0)}, already done {counts.get('resumed', 0)}, "
                   f"failed {counts.get('failed', 0)}; results in {out}/ (results.csv, relative.csv, plots/, models/)")
