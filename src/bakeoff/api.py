@@ -75,12 +75,17 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    device: str = "auto", preset: str | None = None, precision: str = "auto",
                    image_size: int | None = None, cache_dir=None, progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
-                   mlflow_uri: str | None = None) -> Comparison:
+                   mlflow_uri: str | None = None, endpoint_latency: int = 0) -> Comparison:
     """Fine-tune every model with one protocol, measure, store, and compare (see ``run``).
 
     ``executor="ray"`` runs each trial as a task on the Ray cluster at ``ray_address``;
     ``mlflow_uri`` (or ``MLFLOW_TRACKING_URI``) logs every trial as an MLflow run.
+    ``endpoint_latency=N`` serves each trained model locally and times N one-image HTTP requests.
     """
+    if endpoint_latency:
+        from bakeoff.serve.endpoint_latency import add_endpoint_latency, check_endpoint_latency
+
+        check_endpoint_latency(endpoint_latency)  # before training, not after hours of it
     if executor not in ("local", "ray"):
         raise BakeoffError(f"--executor must be local or ray, got {executor!r}")
     mlflow_uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -161,7 +166,10 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
             status = "finished"
         finally:
             store.finish_run(run_id, status)
+    problems = add_endpoint_latency(out, store, [j.key for j in jobs], endpoint_latency, device, seed) \
+        if endpoint_latency else []
     comparison = write_outputs(out, baseline)
+    comparison.warning = "; ".join(filter(None, [comparison.warning, *problems])) or None
     if mlflow_uri:  # after write_outputs, so the plots and report files exist to be logged
         from bakeoff.tracking import log_run
 

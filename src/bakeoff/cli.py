@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bakeoff.errors import BakeoffError
+from bakeoff.serve.commands import export_cmd, serve_cmd
 
 app = typer.Typer(
     help="Which pretrained model should I fine-tune on my images? Fine-tune many with one protocol, "
@@ -93,6 +94,7 @@ def run_cmd(
     preset: Optional[str] = typer.Option(None, help="Named protocol and models, e.g. jumpstart-blog."),
     precision: str = typer.Option("auto", help="auto (bf16 + channels-last on CUDA), fp32 or bf16."),
     image_size: Optional[int] = typer.Option(None, help="Override every model's input size (quick runs)."),
+    endpoint_latency: int = typer.Option(0, help="Serve each model locally and time N one-image HTTP requests."),
     executor: str = typer.Option("local", help="local (one process after another) or ray (tasks on a Ray cluster)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, "
                                               "the cluster started on this machine, else a private one)."),
@@ -107,7 +109,7 @@ def run_cmd(
         optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,
         seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
         precision=precision, image_size=image_size, progress=sys.stderr.isatty(), executor=executor,
-        ray_address=ray_address, mlflow_uri=mlflow_uri)
+        ray_address=ray_address, mlflow_uri=mlflow_uri, endpoint_latency=endpoint_latency)
     print_comparison(comparison)
     if comparison.run.get("mlflow_experiment"):
         console.print(f"MLflow experiment: {comparison.run['mlflow_experiment']}")
@@ -120,12 +122,13 @@ def run_cmd(
 def report_cmd(
     out_dir: Path = typer.Argument(..., help="The --out folder of a run."),
     baseline: Optional[str] = typer.Option(None, help="Compare against this model instead."),
+    inference: str = typer.Option("in-process", help="Latency compared: in-process, endpoint or onnx-cpu."),
 ) -> None:
     """Rebuild results.csv, relative.csv and the plots from OUT_DIR/bakeoff.db, without training."""
     from bakeoff.compare.outputs import write_outputs
     from bakeoff.zoo.registry import resolve
 
-    comparison = write_outputs(out_dir, resolve(baseline).id if baseline else None)
+    comparison = write_outputs(out_dir, resolve(baseline).id if baseline else None, inference=inference)
     print_comparison(comparison)
     console.print(f"written: {out_dir}/results.csv, relative.csv, plots/")
 
@@ -141,6 +144,10 @@ def demo_cmd(out: Path = typer.Option(Path("bakeoff-demo"), "--out", "-o", help=
     comparison = run_comparison(data, DEMO_MODELS, out=out, **DEMO_SETTINGS, progress=sys.stderr.isatty())
     print_comparison(comparison)
     console.print(f"results in {out}/ (results.csv, relative.csv, plots/, models/, bakeoff.db)")
+
+
+app.command("serve")(serve_cmd)
+app.command("export")(export_cmd)
 
 
 def main() -> None:

@@ -12,7 +12,13 @@ from bakeoff.compare.tables import relative_frame, results_frame
 from bakeoff.errors import BakeoffError
 from bakeoff.store import Store
 
-__all__ = ["write_outputs", "Comparison"]
+__all__ = ["write_outputs", "Comparison", "INFERENCE_COLUMNS"]
+
+# `report --inference`: which latency is the inference time (relative_inference_time, plots, Pareto).
+INFERENCE_COLUMNS = {"in-process": "latency_ms_p50", "endpoint": "endpoint_latency_ms_p50",
+                     "onnx-cpu": "onnx_cpu_latency_ms_p50"}
+_MEASURE_HINT = {"endpoint": "run `bakeoff run ... --endpoint-latency 100`",
+                 "onnx-cpu": "run `bakeoff export OUT --model ID --format onnx`"}
 
 
 class Comparison:
@@ -30,8 +36,14 @@ class Comparison:
         return self.results.merge(self.relative[cols], on="model", how="left")
 
 
-def write_outputs(out_dir, baseline: str | None = None, plots: bool = True) -> Comparison:
-    """Rebuild the comparison of the latest run in ``out_dir/bakeoff.db`` without training."""
+def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, inference: str = "in-process"
+                  ) -> Comparison:
+    """Rebuild the comparison of the latest run in ``out_dir/bakeoff.db`` without training.
+
+    ``inference`` picks the latency compared: in-process, endpoint (HTTP) or onnx-cpu.
+    """
+    if inference not in INFERENCE_COLUMNS:
+        raise BakeoffError(f"--inference must be one of {', '.join(INFERENCE_COLUMNS)}, got {inference!r}")
     out_dir = Path(out_dir)
     db = out_dir / "bakeoff.db"
     if not db.exists():
@@ -48,12 +60,14 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True) -> C
     relative, used, warning = None, None, None
     if (results["status"] == "ok").any():
         try:
-            relative, used = relative_frame(results, wanted)
+            relative, used = relative_frame(results, wanted, INFERENCE_COLUMNS[inference])
         except BakeoffError as exc:
             if baseline:  # asked for explicitly: the user must choose again
                 raise
-            relative, used = relative_frame(results, None)
+            relative, used = relative_frame(results, None, INFERENCE_COLUMNS[inference])
             warning = f"{exc}; compared against {used} instead"
+        if inference != "in-process" and relative.loc[relative["baseline"], "relative_inference_time"].isna().all():
+            raise BakeoffError(f"the baseline {used} has no {inference} latency in {db}: {_MEASURE_HINT[inference]}")
         out_cols = ["model", "framework", "relative_accuracy", "relative_training_time",
                     "relative_inference_time", "pareto", "pareto_training", "pareto_inference", "baseline"]
         relative[out_cols].to_csv(out_dir / "relative.csv", index=False)

@@ -68,7 +68,8 @@ def relative_frame(results: pd.DataFrame, baseline: str | None = None, inference
         "framework": ok["framework"],
         "relative_accuracy": ok["accuracy"].astype(float) / float(base["accuracy"]),
         "relative_training_time": ok["train_time_s"].astype(float) / float(base["train_time_s"]),
-        "relative_inference_time": ok[inference].astype(float) / float(base[inference]),
+        "relative_inference_time": pd.to_numeric(ok[inference], errors="coerce")
+        / float(pd.to_numeric(base[inference], errors="coerce")),  # endpoint/ONNX figures may be absent
         "relative_accuracy_ci_low": ok["accuracy_ci_low"].astype(float) / float(base["accuracy"]),
         "relative_accuracy_ci_high": ok["accuracy_ci_high"].astype(float) / float(base["accuracy"]),
     })

@@ -1,0 +1,148 @@
+"""The HTTP app: the SageMaker inference container contract (GET /ping, POST /invocations).
+
+Request bodies: ``application/x-image`` (one JPEG/PNG/... image as raw bytes) or
+``application/json`` (a JSON list of base64-encoded images, answered in order as a JSON list).
+Answers: ``Accept: application/json`` -> ``{"probabilities": [...]}``;
+``Accept: application/json;verbose`` -> ``{"probabilities", "labels", "predicted_label"}``.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time.
+import asyncio
+import base64
+import binascii
+import json
+from contextlib import asynccontextmanager
+
+from bakeoff.errors import BakeoffError
+from bakeoff.serve.batching import MicroBatcher
+from bakeoff.serve.predictor import Predictor, describe
+
+__all__ = ["create_app", "IMAGE_TYPES", "JSON_TYPE", "VERBOSE_ACCEPT"]
+
+IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff",
+               "image/gif")
+JSON_TYPE = "application/json"
+VERBOSE_ACCEPT = "application/json;verbose"
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _media_type(header: str | None) -> str:
+    return (header or "").split(";")[0].strip().lower()
+
+
+def _verbose(accept: str | None) -> bool:
+    """True for ``application/json;verbose``; plain JSON for JSON, ``*/*`` or no Accept; else 406."""
+    accept = "".join((accept or "").split()).lower()
+    if not accept:
+        return False
+    choices = accept.split(",")
+    if any(c.startswith(VERBOSE_ACCEPT) for c in choices):
+        return True
+    if any(c.split(";")[0] in (JSON_TYPE, "application/*", "*/*") for c in choices):
+        return False
+    raise RequestError(406, f"cannot answer with Accept: {accept}; use {JSON_TYPE} or {VERBOSE_ACCEPT}")
+
+
+def _decode_json_images(body: bytes) -> list[bytes]:
+    try:
+        items = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the body is not valid JSON: {exc}")
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        raise RequestError(400, "a JSON body must be a non-empty list of base64-encoded images")
+    images = []
+    for n, item in enumerate(items):
+        if item.startswith("data:") and "," in item:  # a data URL: keep what follows "base64,"
+            item = item.split(",", 1)[1]
+        try:
+            images.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(400, f"image {n} of the list is not valid base64: {exc}")
+    return images
+
+
+def create_app(predictor: Predictor, max_body_bytes: int = 10 * 2**20, max_batch: int = 32,
+               batch_wait_ms: float = 2.0):
+    """The FastAPI app serving ``predictor``; ``app.state.batcher`` is its MicroBatcher."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    batcher = MicroBatcher(predictor.predict, max_batch, batch_wait_ms)
+    labels = list(predictor.classes)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title=f"bakeoff: {predictor.model_id}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.batcher, app.state.predictor = batcher, predictor
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_body_bytes} bytes "
+                                    f"(--max-body-mb)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise RequestError(413, f"body is over the limit of {max_body_bytes} bytes (--max-body-mb)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def answer(probs, verbose: bool) -> dict:
+        p = [float(v) for v in probs]
+        if not verbose:
+            return {"probabilities": p}
+        return {"probabilities": p, "labels": labels, "predicted_label": labels[max(range(len(p)), key=p.__getitem__)]}
+
+    async def classify(data: bytes, n: int | None):
+        try:
+            x = await asyncio.to_thread(predictor.preprocess, data)
+        except BakeoffError as exc:
+            where = "" if n is None else f"image {n} of the list: "
+            raise RequestError(400, f"{where}{exc}")
+        try:
+            return await batcher.submit(x)
+        except Exception as exc:  # e.g. out of device memory: this request fails, the server stays up
+            raise RequestError(500, f"prediction failed: {describe(exc)}")
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, exc: RequestError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.get("/ping")
+    async def ping():
+        return {"status": "ok", "model": predictor.model_id}
+
+    @app.get("/execution-parameters")
+    async def execution_parameters():
+        return {"MaxConcurrentTransforms": 1, "BatchStrategy": "MULTI_RECORD",
+                "MaxPayloadInMB": max(1, max_body_bytes // 2**20)}
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        ctype = _media_type(request.headers.get("content-type"))
+        if ctype not in IMAGE_TYPES and ctype != JSON_TYPE:
+            raise RequestError(415, f"unsupported Content-Type {ctype or '(none)'}: send application/x-image "
+                                    f"(image bytes) or application/json (a list of base64 images)")
+        verbose = _verbose(request.headers.get("accept"))
+        body = await read_body(request)
+        if not body:
+            raise RequestError(400, "empty body: send the image bytes")
+        if ctype == JSON_TYPE:
+            images = _decode_json_images(body)
+            probs = await asyncio.gather(*(classify(b, n) for n, b in enumerate(images)))
+            content = [answer(p, verbose) for p in probs]
+        else:
+            content = answer(await classify(body, None), verbose)
+        return Response(json.dumps(content), media_type=JSON_TYPE)
+
+    return app

@@ -1,0 +1,46 @@
+"""The `serve` and `export` commands (registered on the CLI app in ``bakeoff.cli``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+__all__ = ["serve_cmd", "export_cmd"]
+
+
+def serve_cmd(
+    out_dir: Path = typer.Argument(..., help="The --out folder of a run (models are in OUT_DIR/models/)."),
+    model: str = typer.Option(..., "--model", "-m", help="Model id to serve (see results.csv)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 exposes it to the network."),
+    port: int = typer.Option(8080, help="Port (0 picks a free one)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    max_body_mb: float = typer.Option(10.0, help="Larger request bodies get 413."),
+    max_batch: int = typer.Option(32, help="Most requests grouped into one forward pass (1: no batching)."),
+    batch_wait_ms: float = typer.Option(2.0, help="Under load, how long to wait for more requests to group."),
+) -> None:
+    """Serve a fine-tuned model over HTTP with the SageMaker inference contract (GET /ping, POST /invocations)."""
+    from bakeoff.serve.server import serve
+
+    serve(out_dir, model, host, port, device, max_body_mb, max_batch, batch_wait_ms)
+
+
+def export_cmd(
+    out_dir: Path = typer.Argument(..., help="The --out folder of a run."),
+    model: str = typer.Option(..., "--model", "-m", help="Model id to export."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+) -> None:
+    """Export a fine-tuned model to ONNX or TorchScript, checked against the original on validation images."""
+    from rich.console import Console
+
+    from bakeoff.serve.export import export_model
+
+    r = export_model(out_dir, model, fmt)
+    console = Console()
+    console.print(f"wrote {r.path} ({r.exporter}); agrees with the original on {r.n_images} validation images: "
+                  f"max abs difference of probabilities {r.max_abs_diff:.1e} (tolerance {r.tolerance:.0e})",
+                  highlight=False)
+    if r.latency_ms_p50 is not None:
+        console.print(f"ONNX Runtime, CPU, batch 1: {r.latency_ms_p50:.2f} ms median, {r.latency_ms_p95:.2f} ms p95 "
+                      f"({r.latency_runs} runs)" + ("; stored in bakeoff.db (see `bakeoff report`)" if r.stored else ""),
+                      highlight=False)

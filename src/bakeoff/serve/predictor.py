@@ -1,0 +1,179 @@
+"""A saved model ready to answer requests: locate it, preprocess one image exactly as evaluation
+did, and predict probabilities for a batch, whatever the model's framework."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bakeoff.data.cache import cache_side
+from bakeoff.data.images import load_rgb, square_resize
+from bakeoff.errors import BakeoffError
+from bakeoff.zoo.spec import safe_name
+
+__all__ = ["Preprocess", "Predictor", "find_model_dir", "load_predictor", "require_serve", "softmax", "describe"]
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
+
+
+def require_serve(*modules: str) -> None:
+    """Fail early with the install hint when the ``serve`` extra is missing."""
+    import importlib.util
+
+    missing = [m for m in modules or ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BakeoffError(f"{', '.join(missing)} not installed: pip install 'bakeoff[serve]'")
+
+
+def find_model_dir(out_dir, model_id: str) -> Path:
+    """``OUT/models/<model>/`` for ``model_id`` (an id, a study alias, or the folder name)."""
+    out_dir = Path(out_dir).expanduser()
+    models = out_dir / "models"
+    if not models.is_dir():
+        raise BakeoffError(f"{models} does not exist: pass the --out folder of a `bakeoff run` that saved models")
+    for name in (model_id.strip(), safe_name(model_id.strip())):
+        if (models / name).is_dir():
+            return models / name
+    try:  # an alias (e.g. the study's "-FT" ids); only now, as the zoo imports the model libraries
+        from bakeoff.zoo.registry import resolve
+
+        name = safe_name(resolve(model_id).id)
+        if (models / name).is_dir():
+            return models / name
+    except BakeoffError:
+        pass
+    saved = sorted(p.name for p in models.iterdir() if (p / "spec.json").is_file())
+    ids = [json.loads((models / n / "spec.json").read_text()).get("id", n) for n in saved]
+    raise BakeoffError(f"no saved model {model_id!r} in {models}; saved: {', '.join(ids) or 'none'}")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Evaluation preprocessing of one model: resize to ``side``, centre-crop ``input_size``, normalise."""
+
+    input_size: int
+    side: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Preprocess":
+        size = int(meta["input_size"])
+        return cls(size, cache_side(size, float(meta.get("crop_pct", 0.875))), meta.get("interpolation", "bilinear"),
+                   tuple(meta["mean"]), tuple(meta["std"]))
+
+    def __call__(self, data) -> np.ndarray:
+        """Encoded image bytes (or a file object) -> 3 x S x S float32, as ``Batcher.eval_batch`` sees it.
+
+        Raises BakeoffError when the bytes are not a decodable image.
+        """
+        try:
+            img = load_rgb(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data,
+                           draft_size=self.side)
+        except Exception as exc:  # PIL raises several types for bad data; all mean "not an image"
+            why = "not an image format it knows" if type(exc).__name__ == "UnidentifiedImageError" \
+                else describe(exc, 200)
+            raise BakeoffError(f"cannot decode the image ({why}): send JPEG or PNG bytes")
+        # Same steps and float32 arithmetic as the decode-once cache + Batcher, so the numbers match.
+        arr = square_resize(img, self.side, self.interpolation)
+        off = (self.side - self.input_size) // 2
+        x = arr[off:off + self.input_size, off:off + self.input_size].transpose(2, 0, 1).astype(np.float32)
+        mean = np.asarray(self.mean, np.float32).reshape(3, 1, 1) * np.float32(255.0)
+        std = np.asarray(self.std, np.float32).reshape(3, 1, 1) * np.float32(255.0)
+        return (x - mean) / std
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Predictor:
+    """One loaded model: ``predict(N x 3 x S x S float32) -> N x classes`` probabilities."""
+
+    model_id: str
+    framework: str
+    classes: list[str]
+    meta: dict
+    preprocess: Preprocess
+    predict: Callable[[np.ndarray], np.ndarray]
+    device: str
+    model_dir: Path
+
+
+def _torch_predict(model_dir: Path, device: str):
+    import torch
+
+    from bakeoff.engines.torch_engine import load_saved
+    from bakeoff.engines.torch_fit import autocast_for, resolve_device, uses_bf16
+    from bakeoff.protocol import Protocol
+
+    dev = resolve_device(device)
+    model, meta, classes = load_saved(model_dir, dev)
+    # Serve at the precision the model was trained and timed with (bf16 autocast on CUDA by default).
+    saved = model_dir / "protocol.json"
+    protocol = Protocol(**json.loads(saved.read_text())) if saved.is_file() else Protocol(precision="fp32")
+    channels_last = dev.type == "cuda" and uses_bf16(protocol, dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(dev, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(protocol, dev):
+            logits = model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    return predict, meta, classes, str(dev)
+
+
+def _keras_predict(model_dir: Path, device: str):
+    from bakeoff.engines.keras_engine import load_saved
+
+    model, meta, classes = load_saved(model_dir, device)
+    logits = meta.get("output", "logits") == "logits"
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        # Keras computes NHWC; predict_on_batch is its compiled path (eager calls are far slower).
+        out = np.asarray(model.predict_on_batch(np.ascontiguousarray(batch.transpose(0, 2, 3, 1))), np.float32)
+        return softmax(out) if logits else out
+
+    return predict, meta, classes, device
+
+
+def load_predictor(out_dir, model_id: str, device: str = "auto") -> Predictor:
+    """Load ``OUT/models/<model_id>`` for serving; every missing piece is a one-line BakeoffError."""
+    folder = find_model_dir(out_dir, model_id)
+    spec_file = folder / "spec.json"
+    if not spec_file.is_file():
+        raise BakeoffError(f"saved model {folder} lacks spec.json: pass a folder written by `bakeoff run`")
+    meta = json.loads(spec_file.read_text())
+    framework = meta.get("framework", "pytorch")
+    loaders = {"pytorch": _torch_predict, "tensorflow": _keras_predict}
+    if framework not in loaders:
+        raise BakeoffError(f"{spec_file} names framework {framework!r}; bakeoff serves {' and '.join(loaders)}")
+    try:
+        predict, meta, classes, dev = loaders[framework](folder, device)
+    except BakeoffError:
+        raise
+    except ImportError as exc:
+        hint = "pip install 'bakeoff[tensorflow]'" if framework == "tensorflow" else "pip install bakeoff"
+        raise BakeoffError(f"{folder} is a {framework} model and {exc.name or 'its library'} is not installed: {hint}")
+    except Exception as exc:  # a corrupt or mismatched weights file: say which, not a traceback
+        raise BakeoffError(f"cannot load the saved model in {folder}: {describe(exc)}")
+    return Predictor(meta.get("id", model_id), framework, classes, meta, Preprocess.from_meta(meta), predict, dev,
+                     folder)

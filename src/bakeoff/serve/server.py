@@ -1,0 +1,124 @@
+"""Run the HTTP server (in this process), or start one in a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from bakeoff.errors import BakeoffError
+from bakeoff.serve.predictor import load_predictor, require_serve
+
+__all__ = ["serve", "ServerProcess", "READY_PREFIX"]
+
+READY_PREFIX = "serving "  # the line `bakeoff serve` prints once /ping answers 200, with the URL last
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BakeoffError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port "
+                           f"(0 picks a free one)")
+    sock.listen(2048)
+    return sock
+
+
+def serve(out_dir, model_id: str, host: str = "127.0.0.1", port: int = 8080, device: str = "auto",
+          max_body_mb: float = 10.0, max_batch: int = 32, batch_wait_ms: float = 2.0) -> None:
+    """Load the saved model and answer requests until interrupted (port 0 picks a free port)."""
+    require_serve("fastapi", "uvicorn")
+    import uvicorn
+
+    from bakeoff.serve.app import create_app
+
+    if max_body_mb <= 0:
+        raise BakeoffError(f"--max-body-mb must be positive, got {max_body_mb}")
+    if max_batch < 1:
+        raise BakeoffError(f"--max-batch must be at least 1, got {max_batch}")
+    predictor = load_predictor(out_dir, model_id, device)
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
+    app = create_app(predictor, int(max_body_mb * 2**20), max_batch, batch_wait_ms)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    if host not in LOOPBACK:
+        print(f"warning: listening on {host}, reachable from other machines; bakeoff serve has no authentication",
+              file=sys.stderr)
+
+    def announce():
+        while not server.started and not server.should_exit:
+            time.sleep(0.01)
+        if server.started:
+            url_host = f"[{host}]" if ":" in host else host
+            print(f"{READY_PREFIX}{predictor.model_id} ({predictor.framework}, {len(predictor.classes)} classes, "
+                f"{predictor.device}) at http://{url_host}:{bound}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run(sockets=[sock])
+
+
+class ServerProcess:
+    """``bakeoff serve`` in a subprocess on a free loopback port; ``url`` once ready.
+
+    >>> with ServerProcess("runs/leaves", "timm/efficientnet_b0") as srv:  # doctest: +SKIP
+    ...     httpx.post(srv.url + "/invocations", content=jpeg, headers={"Content-Type": "application/x-image"})
+    """
+
+    def __init__(self, out_dir, model_id: str, device: str = "cpu", extra_args: tuple[str, ...] = (),
+                 start_timeout_s: float = 300.0) -> None:
+        self.args = [sys.executable, "-m", "bakeoff.cli", "serve", str(out_dir), "--model", model_id,
+                     "--host", "127.0.0.1", "--port", "0", "--device", device, *extra_args]
+        self.start_timeout_s = start_timeout_s
+        self.url: str | None = None
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        self._stderr = tempfile.TemporaryFile()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+        found: list[str] = []
+        ready = threading.Event()
+
+        def read_stdout():  # keeps draining, so the pipe never fills
+            for line in self.proc.stdout:
+                if line.startswith(READY_PREFIX) and not found:
+                    found.append(line.rsplit(" at ", 1)[1].strip())
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read_stdout, daemon=True).start()
+        if not ready.wait(self.start_timeout_s) or not found:
+            error = self._error_text() or f"no answer within {self.start_timeout_s:.0f} s"
+            self.__exit__(None, None, None)
+            raise BakeoffError(f"the model server did not start: {error}")
+        self.url = found[0]
+        return self
+
+    def _error_text(self) -> str:
+        try:
+            self.proc.wait(timeout=5)  # stdout closed: the process is ending
+        except subprocess.TimeoutExpired:
+            return ""
+        self._stderr.seek(0)
+        lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1].removeprefix("error: ")[:500] if lines else f"exit code {self.proc.returncode}"
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
