@@ -19,6 +19,7 @@ import pandas as pd
 from bakeoff.compare.outputs import Comparison, write_outputs
 from bakeoff.data.cache import cache_side
 from bakeoff.data.prepare import prepare_data, write_class_map
+from bakeoff.data.scan import scan_folder
 from bakeoff.errors import BakeoffError
 from bakeoff.progress import NullProgress, RunProgress
 from bakeoff.protocol import Protocol, apply_preset
@@ -26,7 +27,7 @@ from bakeoff.provenance import provenance
 from bakeoff.runners.local import run_local
 from bakeoff.store import Store
 from bakeoff.trial import TrialJob
-from bakeoff.zoo.registry import list_specs, resolve, weights_available_offline
+from bakeoff.zoo.registry import check_weights_reachable, list_specs, resolve, weights_available_offline
 
 __all__ = ["run", "run_comparison", "report", "models"]
 
@@ -115,6 +116,11 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                         pretrained=pretrained, image_size=image_size)
     if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
         raise BakeoffError(f"--weights-dir {weights_dir} is not a folder: pass the folder that holds the weight files")
+    train_folder = scan_folder(data_dir, what="data folder")  # bad folders are refused before anything slow
+    if val_dir is not None:
+        scan_folder(val_dir, classes=train_folder.classes, what="validation folder")
+    if pretrained is True:
+        check_weights_reachable(specs, weights_dir)
     from bakeoff.engines.torch_fit import resolve_device
 
     if executor == "ray":

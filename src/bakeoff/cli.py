@@ -151,15 +151,26 @@ app.command("export")(export_cmd)
 
 
 def main() -> None:
+    import click
+
     try:
-        app()
-    except BakeoffError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        # standalone_mode=False: our handlers below see Ctrl-C instead of click's "Aborted!".
+        code = app(standalone_mode=False)
+        if code == 130:  # the command line layer turns Ctrl-C into exit code 130
+            raise KeyboardInterrupt
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.ClickException as exc:  # usage errors: click's own message and exit code
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
         Console(stderr=True).print("interrupted: finished trials are kept in the output folder's bakeoff.db; "
                                    "run the same command again to resume", highlight=False, soft_wrap=True)
         sys.exit(130)
+    except BakeoffError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

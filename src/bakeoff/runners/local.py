@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue as queue_mod
+import signal
 import time
 from typing import Callable
 
@@ -16,7 +17,17 @@ __all__ = ["run_local"]
 def _run_one(job: TrialJob, ctx, on_event: Callable) -> tuple[str, dict]:
     q = ctx.Queue()
     proc = ctx.Process(target=trial_process_main, args=(job, q), daemon=True)
-    proc.start()
+    # The child starts with Ctrl-C ignored: the parent alone handles it and stops the child, so
+    # an interrupt prints one message, not a traceback from every process of the group.
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        proc.start()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     outcome: tuple[str, dict] | None = None
     try:
         while outcome is None:

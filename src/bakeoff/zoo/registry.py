@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib.util
+import socket
+from urllib.parse import urlparse
 from pathlib import Path
 
 from bakeoff.errors import BakeoffError
@@ -12,7 +14,7 @@ from bakeoff.zoo.spec import ModelSpec
 from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES, timm_names, timm_spec
 from bakeoff.zoo.torchvision_zoo import torchvision_names, torchvision_spec
 
-__all__ = ["resolve", "list_specs", "weights_available_offline", "find_weights_file", "STUDY_IDS", "canonical_id"]
+__all__ = ["resolve", "list_specs", "check_weights_reachable", "weights_available_offline", "find_weights_file", "STUDY_IDS", "canonical_id"]
 
 # The study's PyTorch model ids (the managed service's names) -> torchvision architectures.
 STUDY_IDS = {
@@ -91,7 +93,8 @@ def find_weights_file(spec: ModelSpec, weights_dir) -> Path | None:
     folder = Path(weights_dir).expanduser()
     stems = {spec.architecture, spec.id.replace("/", "__"), spec.id.split("/")[-1]}
     candidates = [folder / spec.weight_file] if spec.weight_file else []
-    candidates += [folder / f"{s}{ext}" for s in sorted(stems) for ext in (".pth", ".pt", ".bin", ".safetensors")]
+    exts = (".weights.h5", ".h5", ".npz") if spec.framework == "tensorflow" else (".pth", ".pt", ".bin", ".safetensors")
+    candidates += [folder / f"{s}{ext}" for s in sorted(stems) for ext in exts]
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -99,6 +102,38 @@ def _in_torch_hub(filename: str) -> bool:
     import torch
 
     return bool(filename) and (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
+
+
+def weight_host(spec: ModelSpec) -> str | None:
+    """The host the source library downloads ``spec``'s weights from, if any."""
+    if spec.weight_source.startswith("Hugging Face hub "):
+        return "huggingface.co"
+    if spec.weight_source.startswith(("http://", "https://")):
+        return urlparse(spec.weight_source).hostname
+    return None
+
+
+def host_reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_weights_reachable(specs: list[ModelSpec], weights_dir=None) -> None:
+    """Fail before any training when ImageNet weights are neither local nor downloadable."""
+    missing = [s for s in specs if not weights_available_offline(s, weights_dir)]
+    hosts = {h: host_reachable(h) for h in {weight_host(s) for s in missing} if h}
+    blocked = [s for s in missing if not hosts.get(weight_host(s) or "", False)]
+    if blocked:
+        names = ", ".join(s.id for s in blocked)
+        files = ", ".join(s.weight_file or f"{s.architecture}.pth" for s in blocked)
+        unreachable = ", ".join(sorted(h for h, ok in hosts.items() if not ok)) or "no download source"
+        raise BakeoffError(
+            f"no ImageNet weights for {names} on this machine and {unreachable} cannot be reached (no network?): "
+            f"put {files} in a folder and pass --weights-dir DIR, or train from scratch with --no-pretrained"
+        )
 
 
 def weights_available_offline(spec: ModelSpec, weights_dir=None) -> bool:

@@ -1,0 +1,132 @@
+"""Scanning, validation errors, decoding of awkward image files, the split, the cache."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bakeoff.data.cache import build_cache
+from bakeoff.data.images import load_rgb
+from bakeoff.data.prepare import prepare_data
+from bakeoff.data.scan import scan_folder, stratified_split
+from bakeoff.errors import BakeoffError
+from conftest import make_colour_folder
+
+
+def test_classes_are_sorted_folder_names(tmp_path):
+    make_colour_folder(tmp_path, per_class=2, classes={"zebra": (0, 0, 0), "apple": (9, 9, 9), "mango": (5, 5, 5)})
+    folder = scan_folder(tmp_path)
+    assert folder.classes == ["apple", "mango", "zebra"]
+    assert folder.counts() == {"apple": 2, "mango": 2, "zebra": 2}
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p / "nope", "does not exist"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "has no class sub-folders"),
+    (lambda p: make_colour_folder(p / "one", 2, classes={"a": (1, 1, 1)}), "only one class"),
+    (lambda p: (make_colour_folder(p / "d", 2, classes={"a": (1, 1, 1), "b": (2, 2, 2)}),
+                (p / "d" / "c").mkdir())[0], "holds no images"),
+])
+def test_bad_folders_get_one_line_errors(tmp_path, setup, message):
+    path = setup(tmp_path)
+    with pytest.raises(BakeoffError, match=message) as err:
+        scan_folder(path)
+    assert "\n" not in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_a_file_instead_of_a_folder(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("hi")
+    with pytest.raises(BakeoffError, match="is a file"):
+        scan_folder(f)
+
+
+def test_validation_class_unknown_to_training(tmp_path):
+    train = make_colour_folder(tmp_path / "train", 3, classes={"a": (1, 1, 1), "b": (2, 2, 2)})
+    val = make_colour_folder(tmp_path / "val", 2, classes={"a": (1, 1, 1), "c": (3, 3, 3)})
+    with pytest.raises(BakeoffError, match="classes the training data lacks: c"):
+        prepare_data(train, val, cache_dir=tmp_path / "cache")
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> io.BytesIO:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    buf.seek(0)
+    return buf
+
+
+def test_awkward_modes_load_as_correct_rgb():
+    grey = load_rgb(_encode(Image.new("L", (4, 4), 100), "PNG"))
+    assert grey.mode == "RGB" and grey.getpixel((0, 0)) == (100, 100, 100)
+
+    pal = Image.new("P", (4, 4))
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.putpixel((1, 1), 1)
+    assert load_rgb(_encode(pal, "PNG")).getpixel((1, 1)) == (10, 200, 30)
+
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red shows as white
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    out = load_rgb(_encode(rgba, "PNG"))
+    assert out.getpixel((1, 1)) == (255, 255, 255) and out.getpixel((0, 0)) == (0, 0, 255)
+
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+    r, g, b = load_rgb(_encode(cmyk, "JPEG", quality=95)).getpixel((2, 2))
+    assert r > 200 and g < 50 and b < 50
+
+    sixteen = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))  # half of 16-bit full scale
+    assert sixteen.mode.startswith("I")
+    v = load_rgb(_encode(sixteen, "PNG")).getpixel((0, 0))
+    assert v[0] == v[1] == v[2] and 120 <= v[0] <= 135  # scaled, not clipped to 255
+
+
+def test_exif_rotation_is_applied():
+    img = Image.new("RGB", (8, 4), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 4, 4))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was rotated: display rotated 90 degrees clockwise
+    out = load_rgb(_encode(img, "JPEG", exif=exif.tobytes(), quality=95))
+    assert out.size == (4, 8)
+    assert out.getpixel((2, 1))[0] > 200 and out.getpixel((2, 6))[0] < 50  # white half now on top
+
+
+def test_unreadable_truncated_and_non_images_are_skipped_and_listed(tmp_path):
+    data = make_colour_folder(tmp_path / "d", 6, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    (data / "a" / "notes.txt").write_text("not an image")
+    (data / "a" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    whole = (data / "b" / "b_000.png").read_bytes()
+    (data / "b" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    prepared = prepare_data(data, cache_dir=tmp_path / "cache")
+    reasons = {p.split("/")[-1]: r for p, r in ((s["path"], s["reason"]) for s in prepared.skipped)}
+    assert set(reasons) == {"notes.txt", "broken.jpg", "cut.png"}
+    assert "not an image" in reasons["notes.txt"] and reasons["broken.jpg"].startswith("unreadable")
+    assert prepared.summary()["n_skipped"] == 3
+    used = {prepared.files[i].split("/")[-1] for i in np.concatenate([prepared.train_idx, prepared.val_idx])}
+    assert "broken.jpg" not in used and "cut.png" not in used and len(used) == 12
+
+
+def test_stratified_split_is_deterministic_and_keeps_every_class():
+    labels = np.repeat([0, 1, 2], [50, 10, 2])
+    tr1, va1 = stratified_split(labels, 0.2, seed=3)
+    tr2, va2 = stratified_split(labels, 0.2, seed=3)
+    assert np.array_equal(va1, va2) and np.array_equal(tr1, tr2)
+    assert not set(tr1) & set(va1) and len(tr1) + len(va1) == len(labels)
+    assert [int((labels[va1] == c).sum()) for c in range(3)] == [10, 2, 1]
+    _, va3 = stratified_split(labels, 0.2, seed=4)
+    assert not np.array_equal(va1, va3)
+
+
+def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
+    data = make_colour_folder(tmp_path / "d", 3, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    files = [str(p) for p in sorted(data.rglob("*.png"))]
+    first = build_cache(files, tmp_path / "cache", "fp", 24)
+    arr = first.array()
+    assert arr.shape == (6, 24, 24, 3) and arr.dtype == np.uint8 and arr[:3, ..., 0].mean() > 150
+    import bakeoff.data.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_decode_one", lambda *a: pytest.fail("decoded a second time"))
+    again = build_cache(files, tmp_path / "cache", "fp", 24)
+    assert np.array_equal(again.array(), arr)

@@ -1,0 +1,34 @@
+"""Metrics and timing helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bakeoff.measure import classification_metrics, summarize_ms, time_calls, wilson_interval
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(81, 100)
+    assert lo == pytest.approx(0.7222, abs=1e-3) and hi == pytest.approx(0.8749, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(10, 10)[0] == pytest.approx(0.7225, abs=1e-3)
+
+
+def test_classification_metrics_values():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[.9, .05, .05], [.2, .7, .1], [.1, .8, .1], [.1, .8, .1], [.3, .3, .4], [.5, .1, .4]])
+    m = classification_metrics(y, probs, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 0.5}
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["top5"] == 1.0 and m["accuracy_ci_low"] < 4 / 6 < m["accuracy_ci_high"]
+    assert 0 < m["macro_f1"] < 1
+
+
+def test_time_calls_syncs_each_run_and_keeps_every_sample():
+    calls = []
+    samples = time_calls(lambda: calls.append("f"), lambda: calls.append("s"), warmup=3, runs=50)
+    assert len(samples) == 50 and calls[:4] == ["f", "f", "f", "s"] and calls.count("s") == 51
+    s = summarize_ms([1.0] * 94 + [10.0] * 6)
+    assert s["p50"] == 1.0 and s["p95"] == 10.0 and s["n"] == 100

@@ -1,0 +1,163 @@
+"""End to end: a real (tiny) comparison through the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bakeoff.api import report, run_comparison
+from bakeoff.engines.torch_engine import load_saved
+from bakeoff.errors import BakeoffError
+from conftest import TINY
+
+BAKEOFF = [sys.executable, "-m", "bakeoff.cli"]
+REQUIRED = ["model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "top5", "macro_f1",
+            "train_time_s", "latency_ms_p50", "latency_ms_p95", "throughput_img_s", "params", "size_mb"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shared_colour_folder):
+    out = tmp_path_factory.mktemp("run") / "out"
+    comparison = run_comparison(shared_colour_folder, ["timm/test_resnet", "timm/test_efficientnet",
+                                                       "torchvision/inception_v3"],
+                                out=out, **(TINY | {"epochs": 3}))
+    return out, comparison
+
+
+def test_learns_a_learnable_task_and_writes_every_output(finished_run):
+    out, comparison = finished_run
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.columns[:len(REQUIRED)]) == REQUIRED
+    ok = results.set_index("model")
+    assert ok.loc["timm/test_resnet", "status"] == "ok"
+    assert ok.loc["timm/test_resnet", "accuracy"] >= 0.9  # chance is 1/3
+    assert ok.loc["timm/test_resnet", "accuracy_ci_low"] <= ok.loc["timm/test_resnet", "accuracy"]
+    assert ok.loc["timm/test_resnet", "params"] > 0 and ok.loc["timm/test_resnet", "latency_ms_p50"] > 0
+    for name in ("relative.csv", "bakeoff.db", "plots/accuracy_vs_training_time.png",
+                 "plots/accuracy_vs_inference_time.png", "class_label_to_prediction_index.json", "dataset.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "class_label_to_prediction_index.json").read_text()) == {"blue": 0, "green": 1, "red": 2}
+    assert comparison.run["counts"] == {"trained": 2, "resumed": 0, "failed": 1}
+
+
+def test_baseline_row_is_one_and_default_baseline_is_first(finished_run):
+    out, comparison = finished_run
+    rel = pd.read_csv(out / "relative.csv").set_index("model")
+    assert comparison.baseline == "timm/test_resnet"
+    assert rel.loc["timm/test_resnet", ["relative_accuracy", "relative_training_time",
+                                        "relative_inference_time"]].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_failing_trial_is_a_row_and_the_run_goes_on(finished_run):
+    out, _ = finished_run
+    results = pd.read_csv(out / "results.csv").set_index("model")
+    assert results.loc["torchvision/inception_v3", "status"] == "failed"
+    assert "Kernel size can't be greater" in results.loc["torchvision/inception_v3", "error"]
+    assert results.loc["timm/test_efficientnet", "status"] == "ok"  # listed after... and before the failure
+    with sqlite3.connect(out / "bakeoff.db") as db:
+        rows = db.execute("SELECT model, status, result FROM trials").fetchall()
+    assert sorted((m, s) for m, s, _ in rows) == [("timm/test_efficientnet", "ok"), ("timm/test_resnet", "ok"),
+                                                  ("torchvision/inception_v3", "failed")]
+    result = json.loads(next(r for m, _, r in rows if m == "timm/test_resnet"))
+    assert len(result["history"]) == 3 and result["weights"] == "random-init"
+    assert len(result["confusion_matrix"]) == 3 and set(result["per_class_accuracy"]) == {"blue", "green", "red"}
+    assert result["latency_runs"] >= 50
+
+
+def test_saved_model_reloads_and_predicts_the_same(finished_run):
+    out, _ = finished_run
+    model, meta, classes = load_saved(out / "models" / "timm__test_resnet")
+    assert classes == ["blue", "green", "red"] and meta["input_size"] == 32
+    assert sum(p.numel() for p in model.parameters()) == int(
+        pd.read_csv(out / "results.csv").set_index("model").loc["timm/test_resnet", "params"])
+
+
+def test_resume_trains_nothing_twice(finished_run, shared_colour_folder):
+    out, _ = finished_run
+    with sqlite3.connect(out / "bakeoff.db") as db:
+        before = dict(db.execute("SELECT model, finished FROM trials WHERE status='ok'").fetchall())
+    again = run_comparison(shared_colour_folder, ["timm/test_resnet", "timm/test_efficientnet"], out=out,
+                           **(TINY | {"epochs": 3}))
+    assert again.run["counts"] == {"trained": 0, "resumed": 2, "failed": 0}
+    with sqlite3.connect(out / "bakeoff.db") as db:
+        after = dict(db.execute("SELECT model, finished FROM trials WHERE status='ok'").fetchall())
+    assert after == before
+
+
+def test_report_rebuilds_with_another_baseline(finished_run):
+    out, _ = finished_run
+    (out / "relative.csv").unlink()
+    df = report(out, baseline="timm/test_efficientnet")
+    rel = pd.read_csv(out / "relative.csv").set_index("model")
+    assert rel.loc["timm/test_efficientnet", "relative_accuracy"] == 1.0
+    assert bool(rel.loc["timm/test_efficientnet", "baseline"]) and len(df) == 2
+    report(out)  # and back to the run's own default
+
+
+def test_protocol_change_is_a_new_trial(finished_run, shared_colour_folder):
+    out, _ = finished_run
+    other = run_comparison(shared_colour_folder, ["timm/test_resnet"], out=out, **(TINY | {"epochs": 1}))
+    assert other.run["counts"] == {"trained": 1, "resumed": 0, "failed": 0}
+    report(out)
+
+
+def test_api_rejects_bad_arguments(colour_folder, tmp_path):
+    with pytest.raises(BakeoffError, match="no models"):
+        run_comparison(colour_folder, [], out=tmp_path / "o", **TINY)
+    with pytest.raises(BakeoffError, match="--baseline"):
+        run_comparison(colour_folder, ["timm/test_resnet"], baseline="timm/test_vit", out=tmp_path / "o", **TINY)
+    with pytest.raises(BakeoffError, match="--epochs"):
+        run_comparison(colour_folder, ["timm/test_resnet"], out=tmp_path / "o", **(TINY | {"epochs": 0}))
+
+
+def _cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(BAKEOFF + [str(a) for a in args], capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: ["run", p / "missing", "--models", "timm/test_resnet"], "does not exist"),
+    (lambda p: ["run", p / "data", "--models", "pytorch-ic-resnet43"], "closest: pytorch-ic-resnet34"),
+    (lambda p: ["run", p / "data", "--models", "timm/test_resnet", "--val-dir", p / "missing"], "does not exist"),
+    (lambda p: ["report", p / "nothing-here"], "does not exist"),
+    (lambda p: ["run", p / "data", "--models", "pytorch-ic-resnet34", "--out", p / "o"], "--no-pretrained"),
+])
+def test_cli_bad_input_is_one_line_exit_2_no_traceback(tmp_path, colour_folder, make_args, message):
+    proc = _cli(*make_args(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_cli_run_prints_the_table_and_interrupt_keeps_finished_work(tmp_path, colour_folder):
+    out = tmp_path / "out"
+    args = ["run", colour_folder, "--models", "timm/test_resnet,timm/test_efficientnet", "--out", out,
+            "--no-pretrained", "--image-size", "32", "--epochs", "1", "--device", "cpu"]
+    proc = subprocess.Popen(BAKEOFF + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for the first trial to be stored, then press Ctrl-C
+        if (out / "bakeoff.db").exists():
+            with sqlite3.connect(out / "bakeoff.db") as db:
+                if db.execute("SELECT count(*) FROM trials").fetchone()[0] >= 1:
+                    break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # the second trial won the race: nothing left to interrupt
+        pytest.skip("run finished before the interrupt")
+    assert proc.returncode == 130 and "resume" in err and "Traceback" not in err
+    with sqlite3.connect(out / "bakeoff.db") as db:
+        assert db.execute("SELECT model FROM trials WHERE status='ok'").fetchall() == [("timm/test_resnet",)]
+    done = _cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "trained 1, already done 1, failed 0" in done.stdout.replace("\n", " ")
+    assert "timm/test_resnet" in done.stdout and "relative to" in done.stdout

