@@ -110,6 +110,20 @@ def test_ping_and_verbose_predictions_are_right(server, run_dir):
         assert set(plain) == {"probabilities"} and plain["probabilities"] == pytest.approx(out["probabilities"])
 
 
+def test_small_responses_are_not_held_back_by_nagle(server):
+    """Without TCP_NODELAY every answer waits ~40 ms for a delayed ACK: the endpoint latency would be wrong."""
+    import time
+
+    with httpx.Client(base_url=server.url) as c:
+        c.get("/ping")
+        times = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            assert c.get("/ping").status_code == 200
+            times.append((time.perf_counter() - t0) * 1000)
+    assert np.median(times) < 25
+
+
 def test_json_list_of_images_is_answered_in_order(server):
     order = ["green", "red", "blue", "red"]
     images = [base64.b64encode(colour_image(COLOURS[c], fmt="PNG", seed=50 + i)).decode() for i, c in enumerate(order)]
