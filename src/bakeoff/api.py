@@ -74,7 +74,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    optimizer: str | None = None, train_only_top_layer: bool = False, val_dir=None,
                    val_fraction: float = 0.2, seed: int = 0, pretrained=True, weights_dir=None,
                    device: str = "auto", preset: str | None = None, precision: str = "auto",
-                   image_size: int | None = None, cache_dir=None, progress: bool = True,
+                   image_size: int | None = None, cache_dir=None, trials_per_gpu="1",
+                   cuda_graphs: bool = True, progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
                    mlflow_uri: str | None = None, endpoint_latency: int = 0) -> Comparison:
     """Fine-tune every model with one protocol, measure, store, and compare (see ``run``).
@@ -113,7 +114,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         if baseline not in ids:
             raise BakeoffError(f"--baseline {baseline} is not among --models ({', '.join(ids)}): add it there")
     protocol = Protocol(**settings, train_only_top_layer=train_only_top_layer, seed=seed, precision=precision,
-                        pretrained=pretrained, image_size=image_size)
+                        pretrained=pretrained, image_size=image_size, cuda_graphs=cuda_graphs)
     if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
         raise BakeoffError(f"--weights-dir {weights_dir} is not a folder: pass the folder that holds the weight files")
     train_folder = scan_folder(data_dir, what="data folder")  # bad folders are refused before anything slow
@@ -168,7 +169,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
 
                 counts = run_ray(jobs, store, run_id, display.on_event, ray_address)
             else:
-                counts = run_local(jobs, store, run_id, display.on_event)
+                devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data)
+                counts = run_local(jobs, store, run_id, display.on_event, devices, per_device)
             status = "finished"
         finally:
             store.finish_run(run_id, status)
@@ -183,6 +185,30 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     comparison.run["counts"] = counts
     comparison.run["wall_time_s"] = time.time() - t0
     return comparison
+
+
+def _gpu_slots(device: str, dev, trials_per_gpu, data) -> tuple[list[str] | None, int]:
+    """Which GPUs trials run on and how many share each: every GPU of the machine unless one
+    was named; ``trials_per_gpu`` "auto" packs as many as the smallest GPU's memory allows."""
+    if dev.type != "cuda":
+        return None, 1
+    import torch
+
+    gpus = [str(dev)] if ":" in device else [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if str(trials_per_gpu) != "auto":
+        try:
+            n = int(trials_per_gpu)
+        except ValueError:
+            raise BakeoffError(f"--trials-per-gpu must be a number or auto, got {trials_per_gpu!r}") from None
+        if n < 1:
+            raise BakeoffError(f"--trials-per-gpu must be at least 1, got {n}")
+        return gpus, n
+    free = min(torch.cuda.mem_get_info(i)[0] for i in range(len(gpus)))
+    # a trial holds its images (uint8) on the GPU plus weights, gradients, optimizer state and
+    # activations; budget 8 GB for the model side, which covers the study's models at batch 16
+    largest = max(data.caches.values(), key=lambda c: c.path.stat().st_size)
+    per_trial = largest.path.stat().st_size + 8 * 2**30
+    return gpus, max(1, min(8, int(free * 0.9 // per_trial)))
 
 
 def run(data_dir, models=None, **kwargs) -> pd.DataFrame:

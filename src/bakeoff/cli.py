@@ -94,6 +94,9 @@ def run_cmd(
     preset: Optional[str] = typer.Option(None, help="Named protocol and models, e.g. jumpstart-blog."),
     precision: str = typer.Option("auto", help="auto (bf16 + channels-last on CUDA), fp32 or bf16."),
     image_size: Optional[int] = typer.Option(None, help="Override every model's input size (quick runs)."),
+    trials_per_gpu: str = typer.Option("1", help="Trials sharing each GPU at once (a number or auto)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
+                                     help="Replay the training step as a CUDA graph on GPUs."),
     endpoint_latency: int = typer.Option(0, help="Serve each model locally and time N one-image HTTP requests."),
     executor: str = typer.Option("local", help="local (one process after another) or ray (tasks on a Ray cluster)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, "
@@ -108,7 +111,8 @@ def run_cmd(
         data_dir, models, out=out, baseline=baseline, epochs=epochs, lr=lr, batch_size=batch_size,
         optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,
         seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
-        precision=precision, image_size=image_size, progress=sys.stderr.isatty(), executor=executor,
+        precision=precision, image_size=image_size, trials_per_gpu=trials_per_gpu, cuda_graphs=cuda_graphs,
+        progress=sys.stderr.isatty(), executor=executor,
         ray_address=ray_address, mlflow_uri=mlflow_uri, endpoint_latency=endpoint_latency)
     print_comparison(comparison)
     if comparison.run.get("mlflow_experiment"):

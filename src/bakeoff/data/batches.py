@@ -66,11 +66,9 @@ class Batcher:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def train_batch(self, idx: np.ndarray, gen: torch.Generator, augment: str = "rrc-flip") -> torch.Tensor:
-        x = self._fetch(idx).permute(0, 3, 1, 2).float()
-        if augment == "none":
-            return self._finish(self._center(x))
-        n = x.shape[0]
+    def crop_params(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``n`` random-resized-crop + flip transforms as affine matrices (n x 2 x 3), drawn on the
+        CPU generator so a seed gives the same crops on any device."""
         area = torch.empty(n).uniform_(*RRC_SCALE, generator=gen)
         log_r = torch.empty(n).uniform_(math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]), generator=gen)
         ratio = torch.exp(log_r)
@@ -82,7 +80,17 @@ class Batcher:
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
-        grid = F.affine_grid(theta.to(x.device), [n, 3, self.input_size, self.input_size], align_corners=False)
+        return theta
+
+    def train_batch(self, idx: np.ndarray, gen: torch.Generator | None = None, augment: str = "rrc-flip",
+                    theta: torch.Tensor | None = None) -> torch.Tensor:
+        """An augmented, normalised batch; ``theta`` (on the device) are precomputed crops."""
+        x = self._fetch(idx).permute(0, 3, 1, 2).float()
+        if augment == "none":
+            return self._finish(self._center(x))
+        if theta is None:
+            theta = self.crop_params(len(idx), gen).to(x.device)
+        grid = F.affine_grid(theta, [len(idx), 3, self.input_size, self.input_size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         return self._finish(x)
 

@@ -90,7 +90,12 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         **{k: v for k, v in metrics.items()},
         "train_time_s": train_s,
         "data_time_s": fitted["data_time_s"],
-        "data_fraction": fitted["data_time_s"] / train_s if train_s else None,
+        # Share of the trial's data + training time spent getting images ready (cache load included).
+        "data_fraction": (load_s + fitted["data_time_s"]) / (load_s + train_s) if train_s else None,
+        "step_mode": fitted.get("step_mode"),
+        "capture_time_s": fitted.get("capture_time_s"),
+        "capture_error": fitted.get("capture_error"),
+        "feature_time_s": fitted.get("feature_time_s"),
         "eval_time_s": fitted["eval_time_s"],
         "build_time_s": build_s,
         "load_time_s": load_s,

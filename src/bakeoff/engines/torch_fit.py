@@ -38,18 +38,89 @@ def uses_bf16(protocol: Protocol, device: torch.device) -> bool:
     return protocol.precision == "bf16" or (protocol.precision == "auto" and device.type == "cuda")
 
 
-def autocast_for(protocol: Protocol, device: torch.device):
+def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool = True):
+    """bf16 autocast where the protocol asks for it; graphs need the cast cache off."""
     if uses_bf16(protocol, device):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
-def _optimizer(protocol: Protocol, params) -> torch.optim.Optimizer:
+def _optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
     if protocol.optimizer == "adam":
-        return torch.optim.Adam(params, lr=protocol.lr)
+        return torch.optim.Adam(params, lr=protocol.lr, capturable=capturable)
     if protocol.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=protocol.lr)
+        return torch.optim.AdamW(params, lr=protocol.lr, capturable=capturable)
     return torch.optim.SGD(params, lr=protocol.lr, momentum=0.9)
+
+
+class _Step:
+    """One training step, eager or replayed from a captured CUDA graph.
+
+    At batch 16 a big GPU spends most of an eager step launching kernels; replaying the whole
+    step (forward, backward, optimizer) as one graph removes that overhead without changing
+    the arithmetic. Capture needs static input buffers and a capturable optimizer.
+    """
+
+    def __init__(self, model, opt, protocol, device, batch_shape, channels_last):
+        self.model, self.opt, self.protocol, self.device = model, opt, protocol, device
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.graph = None
+        self.mode = "eager"
+        if device.type == "cuda" and protocol.cuda_graphs:
+            try:
+                self._capture(batch_shape, channels_last)
+                self.mode = "cuda-graph"
+            except Exception as exc:  # some models cannot be captured: train them eagerly
+                self.graph = None
+                self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+    def _body(self, x, y):
+        with autocast_for(self.protocol, self.device, cache_enabled=not self.protocol.cuda_graphs):
+            out = self.model(x)
+            loss = self.loss_fn(out.float(), y)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum.add_(loss.detach() * y.shape[0])
+        self.correct.add_((out.argmax(1) == y).sum())
+
+    def _capture(self, batch_shape, channels_last):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.static_x = torch.randn(batch_shape, device=self.device).contiguous(memory_format=fmt)
+        self.static_y = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
+        # Warm-up steps change weights and optimizer state: snapshot both and restore in place
+        # (same addresses) so the captured graph starts from the untouched model.
+        params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.opt.zero_grad(set_to_none=True)
+                self._body(self.static_x, self.static_y)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(params[k])
+            for state in self.opt.state.values():
+                for t in state.values():
+                    if torch.is_tensor(t):
+                        t.zero_()
+        self.opt.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body(self.static_x, self.static_y)
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def __call__(self, x, y):
+        if self.graph is not None and x.shape == self.static_x.shape:
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+            self.graph.replay()
+        else:  # eager, or the last partial batch of a graphed epoch
+            self.opt.zero_grad(set_to_none=self.graph is None)
+            self._body(x, y)
 
 
 def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
@@ -58,68 +129,134 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     """Train with the protocol; return per-epoch history and the training-loop time.
 
     Training time counts only the training loop, synchronised at each epoch's ends; the
-    per-epoch validation pass (for the training curve) is timed apart and excluded.
+    per-epoch validation pass (for the training curve) and graph capture are timed apart.
     """
-    sync = sync_fn(device)
     if protocol.train_only_top_layer:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in find_head(model).parameters():
-            p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(protocol, params)
-    loss_fn = nn.CrossEntropyLoss()
+        return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step)
+    sync = sync_fn(device)
+    graphs = device.type == "cuda" and protocol.cuda_graphs
+    opt = _optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=graphs)
     gen = torch.Generator().manual_seed(protocol.seed)
     rng = np.random.default_rng(protocol.seed)
     y_all = torch.from_numpy(labels).to(device)
-    steps_per_epoch = int(np.ceil(len(train_idx) / protocol.batch_size))
-    history, train_time, data_time, eval_time = [], 0.0, 0.0, 0.0
+    bs = protocol.batch_size
+    model.train()
+    t_capture = time.perf_counter()
+    step = _Step(model, opt, protocol, device, (min(bs, len(train_idx)), 3, batcher.input_size, batcher.input_size),
+                 batcher.channels_last)
+    sync()
+    capture_s = time.perf_counter() - t_capture
+    steps_per_epoch = int(np.ceil(len(train_idx) / bs))
+    history, train_time, eval_time, data_time = [], 0.0, 0.0, 0.0
     for epoch in range(protocol.epochs):
-        # Top-layer-only keeps the backbone's batch-norm statistics frozen, as feature extraction does.
-        model.train(not protocol.train_only_top_layer)
+        model.train()
         order = rng.permutation(train_idx)
-        total_loss = torch.zeros((), device=device)
-        total_correct = torch.zeros((), device=device, dtype=torch.long)
+        step.loss_sum.zero_()
+        step.correct.zero_()
         sync()
         t_epoch = time.perf_counter()
-        for step in range(steps_per_epoch):
-            idx = order[step * protocol.batch_size:(step + 1) * protocol.batch_size]
-            if len(idx) < 2 < len(order):
+        theta = batcher.crop_params(len(order), gen).to(device, non_blocking=True)
+        order_dev = torch.from_numpy(order).to(device, non_blocking=True)
+        seen = 0
+        for i in range(steps_per_epoch):
+            lo, hi = i * bs, min((i + 1) * bs, len(order))
+            if hi - lo < 2 < len(order):
                 continue  # a lone last image breaks batch-norm in training mode
             t_data = time.perf_counter()
-            x = batcher.train_batch(idx, gen, protocol.augment)
-            y = y_all[torch.from_numpy(idx).to(device)]
-            data_time += time.perf_counter() - t_data
-            with autocast_for(protocol, device):
-                out = model(x)
-                loss = loss_fn(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += loss.detach() * len(idx)
-            total_correct += (out.argmax(1) == y).sum()
-            if on_step is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
-                on_step(epoch, step + 1, steps_per_epoch, time.perf_counter() - t_epoch)
+            x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi])
+            y = y_all[order_dev[lo:hi]]
+            data_time += time.perf_counter() - t_data  # on CUDA: the host's share (launches) only
+            step(x, y)
+            seen += hi - lo
+            if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
+                on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
         sync()
         epoch_time = time.perf_counter() - t_epoch
         train_time += epoch_time
         t_eval = time.perf_counter()
         val_probs = predict_probs(model, batcher, val_idx, protocol, device)
-        val_y = labels[val_idx]
         eval_time += time.perf_counter() - t_eval
-        n = len(train_idx)
-        history.append({
-            "epoch": epoch + 1,
-            "train_loss": float(total_loss) / n,
-            "train_accuracy": float(total_correct) / n,
-            "val_loss": float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probs).clamp_min(1e-12)),
-                                                     torch.from_numpy(val_y))),
-            "val_accuracy": float((val_probs.argmax(1) == val_y).mean()),
-            "epoch_time_s": epoch_time,
-            "images_per_s": n / epoch_time,
-        })
-    return {"history": history, "train_time_s": train_time, "data_time_s": data_time, "eval_time_s": eval_time,
-            "final_val_probs": val_probs}
+        history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen, val_probs,
+                                     labels[val_idx], epoch_time, seen))
+    return {"history": history, "train_time_s": train_time, "eval_time_s": eval_time, "final_val_probs": val_probs,
+            "data_time_s": data_time, "step_mode": step.mode, "capture_time_s": capture_s,
+            "capture_error": getattr(step, "capture_error", None)}
+
+
+def _epoch_record(epoch, train_loss, train_acc, val_probs, val_y, epoch_time, seen) -> dict:
+    val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probs).clamp_min(1e-12)),
+                                            torch.from_numpy(val_y)))
+    return {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+            "val_accuracy": float((val_probs.argmax(1) == val_y).mean()), "epoch_time_s": epoch_time,
+            "images_per_s": seen / epoch_time}
+
+
+@torch.no_grad()
+def _features(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Protocol, device, head: nn.Module):
+    """The classifier's inputs for ``idx`` (centre crops), captured with a forward hook."""
+    captured = []
+    hook = head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].float().flatten(1)))
+    try:
+        model.eval()
+        for _, x in batcher.eval_batches(idx, 256):
+            with autocast_for(protocol, device):
+                model(x)
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step=None) -> dict:
+    """--train-only-top-layer: run the frozen backbone once over every image, then train the
+    classifier on the cached features (the backbone's output cannot change, so computing it
+    every epoch would be waste). Features come from centre crops: no augmentation."""
+    sync = sync_fn(device)
+    head = find_head(model)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"--train-only-top-layer needs a linear classifier, found {type(head).__name__}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sync()
+    t0 = time.perf_counter()
+    feats = _features(model, batcher, np.concatenate([train_idx, val_idx]), protocol, device, head)
+    sync()
+    feature_s = time.perf_counter() - t0
+    f_train, f_val = feats[:len(train_idx)], feats[len(train_idx):]
+    for p in head.parameters():
+        p.requires_grad_(True)
+    opt = _optimizer(protocol, list(head.parameters()))
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(protocol.seed)
+    y_train = torch.from_numpy(labels[train_idx]).to(device)
+    bs, n = protocol.batch_size, len(train_idx)
+    steps = int(np.ceil(n / bs))
+    history, train_time = [], feature_s
+    for epoch in range(protocol.epochs):
+        sync()
+        t_epoch = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for i in range(steps):
+            sel = perm[i * bs:(i + 1) * bs]
+            out = head(f_train[sel].to(head.weight.dtype))
+            loss = loss_fn(out.float(), y_train[sel])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(sel)
+            correct += (out.argmax(1) == y_train[sel]).sum()
+            if on_step is not None and (i % 200 == 0 or i == steps - 1):
+                on_step(epoch, i + 1, steps, time.perf_counter() - t_epoch)
+        sync()
+        epoch_time = time.perf_counter() - t_epoch
+        train_time += epoch_time
+        with torch.no_grad():
+            val_probs = torch.softmax(head(f_val.to(head.weight.dtype)).float(), 1).cpu().numpy()
+        history.append(_epoch_record(epoch, float(loss_sum) / n, float(correct) / n, val_probs, labels[val_idx],
+                                     epoch_time, n))
+    return {"history": history, "train_time_s": train_time, "eval_time_s": 0.0, "final_val_probs": val_probs,
+            "data_time_s": 0.0, "step_mode": "cached-features", "feature_time_s": feature_s, "capture_time_s": 0.0}
 
 
 @torch.no_grad()
@@ -151,10 +288,32 @@ def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol
 
     lat = summarize_ms(time_calls(lambda: run(one), sync, protocol.latency_warmup, protocol.latency_runs))
     thr_ms = time_calls(lambda: run(big), sync, 2, 7)
-    return {
+    graphed = _graphed_latency(model, one, protocol, device) if device.type == "cuda" else {}
+    return graphed | {
         "latency_ms_p50": lat["p50"], "latency_ms_p95": lat["p95"], "latency_ms_min": lat["min"],
         "latency_runs": lat["n"],
         "throughput_img_s": protocol.throughput_batch / (float(np.median(thr_ms)) / 1000.0),
         "throughput_batch": protocol.throughput_batch,
         "latency_kind": "eager",
     }
+
+
+def _graphed_latency(model, one, protocol, device) -> dict:
+    """Batch-1 latency with the forward pass replayed from a CUDA graph: what a deployment
+    that removes per-kernel launch cost (graphs, compilation) can reach on this GPU."""
+    try:
+        static = one.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), autocast_for(protocol, device, cache_enabled=False):
+            for _ in range(3):
+                model(static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast_for(protocol, device, cache_enabled=False):
+            model(static)
+        lat = summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup,
+                                      protocol.latency_runs))
+        return {"latency_cudagraph_ms_p50": lat["p50"], "latency_cudagraph_ms_p95": lat["p95"]}
+    except Exception as exc:
+        return {"latency_cudagraph_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}

@@ -1,7 +1,9 @@
-"""Run trials one after another, each in a fresh process; store each result as it lands."""
+"""Run trials in fresh local processes, one or several at a time per GPU; store each result
+as it lands, so an interrupt or a crash loses nothing that had finished."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import queue as queue_mod
 import signal
@@ -14,79 +16,108 @@ from bakeoff.trial import TrialJob, trial_process_main
 __all__ = ["run_local"]
 
 
-def _run_one(job: TrialJob, ctx, on_event: Callable) -> tuple[str, dict]:
-    q = ctx.Queue()
-    proc = ctx.Process(target=trial_process_main, args=(job, q), daemon=True)
-    # The child starts with Ctrl-C ignored: the parent alone handles it and stops the child, so
-    # an interrupt prints one message, not a traceback from every process of the group.
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
-        proc.start()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    outcome: tuple[str, dict] | None = None
-    try:
-        while outcome is None:
+class _Running:
+    def __init__(self, job: TrialJob, ctx) -> None:
+        self.job, self.queue, self.started = job, ctx.Queue(), time.time()
+        self.proc = ctx.Process(target=trial_process_main, args=(job, self.queue), daemon=True)
+        self.outcome: tuple[str, dict] | None = None
+        self.dead_since: float | None = None
+        # The child starts with Ctrl-C ignored: the parent alone handles it and stops the child,
+        # so an interrupt prints one message, not a traceback from every process of the group.
+        try:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
+        try:
+            self.proc.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def poll(self, on_event: Callable) -> bool:
+        """Handle pending messages; True once the trial has an outcome."""
+        while self.outcome is None:
             try:
-                msg = q.get(timeout=0.2)
+                msg = self.queue.get_nowait()
             except queue_mod.Empty:
-                if not proc.is_alive():
-                    try:  # the last message may land just after the process ends
-                        msg = q.get(timeout=1.0)
-                    except queue_mod.Empty:
-                        code = proc.exitcode
-                        why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                        hint = " (killed: out of memory?)" if code in (-9, 137) else ""
-                        outcome = ("error", {"error": f"trial process died with {why}{hint}", "traceback": ""})
-                        break
-                else:
-                    continue
-            kind = msg[0]
-            if kind == "step":
-                on_event("step", job, msg[2:])
-            elif kind == "result":
-                outcome = ("ok", msg[2])
-            elif kind == "error":
-                outcome = ("error", msg[2])
-            elif kind == "interrupted":
+                break
+            if msg[0] == "step":
+                on_event("step", self.job, msg[2:])
+            elif msg[0] == "result":
+                self.outcome = ("ok", msg[2])
+            elif msg[0] == "error":
+                self.outcome = ("error", msg[2])
+            elif msg[0] == "interrupted":
                 raise KeyboardInterrupt
-        proc.join(timeout=30)
-    finally:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-    return outcome
+        if self.outcome is None and not self.proc.is_alive():
+            # the last message may land just after the process ends: give it a moment
+            self.dead_since = self.dead_since or time.time()
+            if time.time() - self.dead_since > 2.0:
+                code = self.proc.exitcode
+                why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                hint = " (killed: out of memory?)" if code in (-9, 137) else ""
+                self.outcome = ("error", {"error": f"trial process died with {why}{hint}", "traceback": ""})
+        return self.outcome is not None
+
+    def stop(self) -> None:
+        self.proc.join(timeout=5 if self.outcome else 0)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
 
 
-def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable = lambda *a: None) -> dict:
+def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable = lambda *a: None,
+              devices: list[str] | None = None, per_device: int = 1) -> dict:
     """Train every job not already finished; a failure becomes a failed row and the run goes on.
 
-    Returns counts: trained, resumed (skipped because finished before), failed.
+    ``devices`` (e.g. ["cuda:0", "cuda:1"]) with ``per_device`` trials each run concurrently;
+    by default one trial at a time on each job's own device. Returns counts: trained, resumed
+    (finished before, skipped), failed.
     """
     ctx = mp.get_context("spawn")
     done = store.finished_keys()
     counts = {"trained": 0, "resumed": 0, "failed": 0}
+    pending = []
     for job in jobs:
         if job.key in done:
             counts["resumed"] += 1
             on_event("resumed", job, None)
-            continue
-        on_event("start", job, None)
-        started = time.time()
-        status, payload = _run_one(job, ctx, on_event)
-        if status == "ok":
-            store.save_trial(job.key, run_id, job.spec["id"], job.spec["framework"], "ok", started, result=payload)
-            counts["trained"] += 1
-            on_event("done", job, payload)
         else:
-            store.save_trial(job.key, run_id, job.spec["id"], job.spec["framework"], "failed", started,
-                             error=payload["error"], traceback=payload.get("traceback"))
-            counts["failed"] += 1
-            on_event("failed", job, payload)
+            pending.append(job)
+    slots = [d for d in (devices or [None]) for _ in range(max(1, per_device))]
+    concurrent = len(slots) if devices else 1
+    running: dict[int, _Running] = {}
+    try:
+        while pending or running:
+            for slot in range(concurrent):
+                if slot not in running and pending:
+                    job = pending.pop(0)
+                    if slots[slot] is not None:
+                        job = dataclasses.replace(job, device=slots[slot],
+                                                  extra=job.extra | {"concurrent_trials": concurrent})
+                    on_event("start", job, None)
+                    running[slot] = _Running(job, ctx)
+            for slot, r in list(running.items()):
+                if not r.poll(on_event):
+                    continue
+                r.stop()
+                del running[slot]
+                status, payload = r.outcome
+                spec = r.job.spec
+                if status == "ok":
+                    payload = payload | {"concurrent_trials": r.job.extra.get("concurrent_trials", 1)}
+                    store.save_trial(r.job.key, run_id, spec["id"], spec["framework"], "ok", r.started, result=payload)
+                    counts["trained"] += 1
+                    on_event("done", r.job, payload)
+                else:
+                    store.save_trial(r.job.key, run_id, spec["id"], spec["framework"], "failed", r.started,
+                                     error=payload["error"], traceback=payload.get("traceback"))
+                    counts["failed"] += 1
+                    on_event("failed", r.job, payload)
+            time.sleep(0.05)
+    finally:
+        for r in running.values():
+            r.stop()
     return counts
