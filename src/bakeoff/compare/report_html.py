@@ -48,8 +48,8 @@ def _clean(obj):
 
 
 def _json_script(obj) -> str:
-    # "</" inside a <script> element would end it early
-    return json.dumps(_clean(obj), separators=(",", ":")).replace("</", "<\\/")
+    # "</script>" or "<!--" inside a <script> element would end or derail it: no "<" at all
+    return json.dumps(_clean(obj), separators=(",", ":")).replace("<", "\\u003c")
 
 
 def _hover(r, rel, baseline: str | None, kind: str | None) -> str:
@@ -80,6 +80,8 @@ def scatter_figure(rel: pd.DataFrame, results: pd.DataFrame, x: str, front: str,
     labels = len(rel) <= LABEL_LIMIT
     data = []
     for fw, part in rel.groupby("framework", sort=False):
+        # the legend draws a trace's first marker: keep the baseline's diamond out of that place
+        part = part.assign(_b=part["model"] == baseline).sort_values("_b", kind="stable")
         y = part["relative_accuracy"]
         is_base = part["model"] == baseline
         data.append({
@@ -121,7 +123,7 @@ def scatter_figure(rel: pd.DataFrame, results: pd.DataFrame, x: str, front: str,
     layout = {
         "title": {"text": title, "font": {"size": 15}}, "height": 430, "margin": {"l": 60, "r": 40, "t": 50, "b": 50},
         "xaxis": xaxis, "yaxis": yaxis,
-        "legend": {"orientation": "h", "y": -0.2}, "hovermode": "closest", "annotations": annotations,
+        "legend": {"orientation": "h", "y": -0.2}, "hovermode": "closest", "hoverlabel": {"align": "left"}, "annotations": annotations,
         "shapes": [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": 1, "y1": 1,
                     "line": {"color": "#999", "width": 1}}],
         "plot_bgcolor": "#fafafa", "paper_bgcolor": "white",
