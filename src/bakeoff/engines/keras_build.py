@@ -1,0 +1,104 @@
+"""Build a Keras model from its spec: backbone (keras.applications or BiT) + a new classifier,
+ImageNet weights from Keras's download, a local file (--weights-dir) or none."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+
+from bakeoff.errors import BakeoffError
+from bakeoff.zoo.keras_zoo import BIT_ARCH, KERAS_APPLICATIONS, min_input_size, preprocessing_mode
+from bakeoff.zoo.registry import find_weights_file, weights_available_offline
+from bakeoff.zoo.spec import ModelSpec
+
+__all__ = ["build_model"]
+
+
+def _is_network_error(exc: Exception) -> bool:
+    # keras.utils.get_file wraps URLError/HTTPError in a plain Exception("URL fetch failure on ...")
+    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)) or "URL fetch failure" in str(exc)
+
+
+def _network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
+    from bakeoff.engines.torch_build import _no_network_error  # one wording for every framework
+
+    return _no_network_error(spec, exc)
+
+
+def _bgr_first_conv(keras, backbone) -> None:
+    """Caffe-style weights were trained on BGR: reorder the first convolution's input channels so
+    the model takes RGB, like every other model in a run."""
+    conv = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D))
+    kernel = keras.ops.convert_to_numpy(conv.kernel)
+    conv.kernel.assign(np.ascontiguousarray(kernel[:, :, ::-1, :]))
+
+
+def _application(keras, spec: ModelSpec, size: int, weights):
+    ctor = getattr(keras.applications, spec.architecture)
+    return ctor(include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg", **spec.build_kwargs)
+
+
+def _backbone(keras, spec: ModelSpec, size: int, pretrained, weights_dir):
+    """(backbone, description of its starting weights)."""
+    if pretrained == "offline" and not weights_available_offline(spec, weights_dir):
+        pretrained = False
+    if spec.architecture == BIT_ARCH:
+        from bakeoff.engines.keras_bit import BIT_URL, bit_backbone, load_bit_npz
+
+        backbone = bit_backbone((size, size, 3))
+        if not pretrained:
+            return backbone, "random-init"
+        local = find_weights_file(spec, weights_dir)
+        try:
+            path = local or keras.utils.get_file(spec.weight_file, BIT_URL, cache_subdir="models")
+        except Exception as exc:
+            if _is_network_error(exc):
+                raise _network_error(spec, exc) from None
+            raise
+        load_bit_npz(backbone, path)
+        return backbone, f"imagenet (file {local.name})" if local else f"imagenet ({BIT_URL})"
+    if spec.architecture not in KERAS_APPLICATIONS:
+        raise BakeoffError(f"{spec.id}: keras.applications has no {spec.architecture}")
+    if not pretrained:
+        return _application(keras, spec, size, None), "random-init"
+    local = find_weights_file(spec, weights_dir)
+    if local is not None:
+        backbone = _application(keras, spec, size, None)
+        try:
+            backbone.load_weights(str(local))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise BakeoffError(f"weights {local} do not fit {spec.id} ({first}): pass Keras's no-top file "
+                               f"{spec.weight_file} or use --no-pretrained") from None
+        desc = f"imagenet (file {local.name})"
+    else:
+        try:
+            backbone = _application(keras, spec, size, "imagenet")
+        except Exception as exc:
+            if _is_network_error(exc):
+                raise _network_error(spec, exc) from None
+            raise
+        desc = f"imagenet ({spec.weight_source.split(' ')[0]})"
+    if preprocessing_mode(spec.architecture) == "caffe":
+        _bgr_first_conv(keras, backbone)
+    return backbone, desc
+
+
+def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretrained=True, weights_dir=None):
+    """Return (model, its backbone, starting weights, side the input is upsampled to or None).
+
+    The model takes ``input_size`` NHWC images normalised with the spec's mean/std and returns
+    logits from a new float32 ``classifier`` layer. A network that cannot run at ``input_size``
+    (e.g. InceptionV3 below 75 px, only with --image-size) gets an in-model upsampling to its minimum.
+    """
+    build_size = max(input_size, min_input_size(spec.architecture))
+    backbone, weights = _backbone(keras, spec, build_size, pretrained, weights_dir)
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    x = inputs
+    if build_size != input_size:
+        x = keras.layers.Resizing(build_size, build_size, interpolation="bilinear", name="upsample")(x)
+    x = backbone(x)
+    outputs = keras.layers.Dense(num_classes, dtype="float32", name="classifier")(x)
+    model = keras.Model(inputs, outputs, name="bakeoff_model")
+    return model, backbone, weights, (build_size if build_size != input_size else None)

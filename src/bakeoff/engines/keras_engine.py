@@ -1,0 +1,214 @@
+"""The Keras 3 engine's trial: choose the backend, build, fit on the decoded cache, measure, save;
+and load a saved model back. Keras runs on TensorFlow where it is installed, else on JAX."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bakeoff.data.scan import CLASS_MAP_FILE
+from bakeoff.errors import BakeoffError
+from bakeoff.protocol import Protocol
+from bakeoff.trial import TrialJob, available_memory_bytes, device_name
+from bakeoff.zoo.spec import ModelSpec, safe_name
+
+__all__ = ["run_keras_trial", "load_saved", "import_keras", "choose_backend"]
+
+BACKENDS = ("tensorflow", "jax")
+INSTALL_HINT = "pip install 'bakeoff[tensorflow]' (Keras on TensorFlow), or install keras and jax"
+
+
+def choose_backend() -> str:
+    """KERAS_BACKEND when it names an installed tensorflow or jax; else tensorflow if installed; else jax."""
+    asked = os.environ.get("KERAS_BACKEND")
+    if asked in BACKENDS and importlib.util.find_spec(asked) is not None:
+        return asked
+    for backend in BACKENDS:
+        if importlib.util.find_spec(backend) is not None:
+            return backend
+    raise BakeoffError(f"Keras models need TensorFlow or JAX: {INSTALL_HINT}")
+
+
+def import_keras(device: str = "auto"):
+    """Import Keras on the chosen backend (settings that must precede the import are made here).
+
+    ``device="cpu"`` keeps the backend off any GPU. In a process that already imported Keras,
+    that import (and its backend) is returned as it is.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    backend = choose_backend()
+    if importlib.util.find_spec("keras") is None:
+        raise BakeoffError(f"Keras models need keras 3: {INSTALL_HINT}")
+    import torchvision  # noqa: F401 - imported after TensorFlow, torchvision crashes the process (segfault)
+
+    os.environ["KERAS_BACKEND"] = backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if backend == "jax":
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # measured peak memory, room for others
+        if device == "cpu":
+            os.environ["JAX_PLATFORMS"] = "cpu"
+    import keras
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if device == "cpu" and gpus:
+            tf.config.set_visible_devices([], "GPU")
+        for gpu in gpus if device != "cpu" else []:
+            tf.config.experimental.set_memory_growth(gpu, True)
+    return keras
+
+
+def _accelerator(keras) -> tuple[str, str] | None:
+    """(device kind, name) of the GPU the backend computes on, or None on CPU."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        dev = jax.devices()[0]
+        return (dev.platform, dev.device_kind) if dev.platform != "cpu" else None
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if not gpus:
+        return None
+    details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+    return "cuda", details.get("device_name", gpus[0].name)
+
+
+def _peak_memory(keras, on_gpu: bool) -> tuple[float, str]:
+    if on_gpu and keras.backend.backend() == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use", 0) / 2**20, "jax peak bytes in use"
+    if on_gpu:
+        import tensorflow as tf
+
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, "tensorflow GPU peak"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def _save(model, spec: ModelSpec, classes: list[str], protocol: Protocol, out_dir: Path, input_size: int,
+          weights: str, backend: str) -> Path:
+    """OUT/models/<model>/: model.keras, spec.json, the class map, protocol.json (the PyTorch layout)."""
+    folder = out_dir / "models" / safe_name(spec.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "model.tmp.keras"  # Keras insists on the suffix
+    model.save(tmp)
+    os.replace(tmp, folder / "model.keras")
+    meta = spec.to_dict() | {"input_size": input_size, "num_classes": len(classes), "start_weights": weights,
+                             "backend": backend, "input_layout": "NHWC", "output": "logits"}
+    (folder / "spec.json").write_text(json.dumps(meta, indent=2))
+    (folder / CLASS_MAP_FILE).write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=2))
+    (folder / "protocol.json").write_text(json.dumps(protocol.to_dict(), indent=2))
+    return folder / "model.keras"
+
+
+def run_keras_trial(job: TrialJob, on_step=None) -> dict:
+    """Train and measure one Keras model; returns the result row (the PyTorch engine's keys + backend)."""
+    import torch
+
+    spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
+    want_gpu = job.device.startswith("cuda")
+    keras = import_keras("cpu" if not want_gpu else job.device)
+    backend = keras.backend.backend()
+    accel = _accelerator(keras)
+    if want_gpu and accel is None:
+        raise BakeoffError(f"--device {job.device}, but Keras on {backend} sees no GPU (a CPU-only build?): "
+                           f"install a GPU build of {backend}, set KERAS_BACKEND to one that has it, or use --device cpu")
+
+    from bakeoff.data.batches import Batcher
+    from bakeoff.engines.keras_build import build_model
+    from bakeoff.engines.keras_fit import Steps, fit, make_optimizer, time_inference
+    from bakeoff.measure import classification_metrics
+
+    bf16 = protocol.precision == "bf16" or (protocol.precision == "auto" and accel is not None)
+    keras.config.set_dtype_policy("mixed_bfloat16" if bf16 else "float32")
+    keras.utils.set_random_seed(protocol.seed)
+    np.random.seed(protocol.seed)
+
+    t_build = time.perf_counter()
+    model, backbone, weights, upsampled = build_model(keras, spec, len(job.classes), job.input_size,
+                                                      protocol.pretrained, job.weights_dir)
+    if protocol.train_only_top_layer:
+        backbone.trainable = False  # also keeps its batch-norm statistics frozen, as the PyTorch engine does
+    steps = Steps(keras, model, make_optimizer(keras, protocol))
+    build_s = time.perf_counter() - t_build
+
+    images = np.load(job.cache_path, mmap_mode="r")
+    needed = np.concatenate([job.train_idx, job.val_idx])
+    t_load = time.perf_counter()
+    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, torch.device("cpu"), False,
+                             int(available_memory_bytes() * 0.4))
+    load_s = time.perf_counter() - t_load
+
+    fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
+    metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
+    timing = time_inference(steps, batcher, job.val_idx, protocol)
+    steps.finish()
+    path = _save(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights, backend)
+    peak_mb, peak_kind = _peak_memory(keras, accel is not None)
+    train_s = fitted["train_time_s"]
+    return {
+        "model": spec.id,
+        "framework": spec.framework,
+        "source": spec.source,
+        "status": "ok",
+        **metrics,
+        "train_time_s": train_s,
+        "data_time_s": fitted["data_time_s"],
+        "data_fraction": fitted["data_time_s"] / train_s if train_s else None,
+        "eval_time_s": fitted["eval_time_s"],
+        "compile_time_s": fitted["compile_time_s"],
+        "build_time_s": build_s,
+        "load_time_s": load_s,
+        "train_images_per_s": len(job.train_idx) * protocol.epochs / train_s if train_s else None,
+        **timing,
+        "params": int(model.count_params()),
+        "size_mb": path.stat().st_size / 2**20,
+        "peak_memory_mb": peak_mb,
+        "peak_memory_kind": peak_kind,
+        "history": fitted["history"],
+        "weights": weights,
+        "input_size": job.input_size,
+        "input_upsampled_to": upsampled,
+        "precision": "bf16-mixed" if bf16 else "fp32",
+        "channels_last": True,  # Keras computes NHWC
+        "device": "cuda" if accel else "cpu",
+        "device_name": accel[1] if accel else device_name(torch.device("cpu")),
+        "data_resident": "ram" if batcher.resident is not None else "memory-mapped file",
+        "model_dir": str(path.parent.relative_to(job.out_dir)),
+        "backend": backend,
+    }
+
+
+def load_saved(model_dir, device: str = "auto"):
+    """Load ``OUT/models/<model>/`` written by a Keras trial: (keras model, spec dict, class names).
+
+    The model takes NHWC float32 images of ``meta["input_size"]``, normalised with ``meta["mean"]``
+    and ``meta["std"]`` on [0, 1] pixels, and returns logits.
+
+    >>> model, meta, classes = load_saved("bakeoff-out/models/keras__MobileNetV2")  # doctest: +SKIP
+    """
+    folder = Path(model_dir)
+    missing = [n for n in ("model.keras", "spec.json", CLASS_MAP_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise BakeoffError(f"saved model {folder} lacks {', '.join(missing)}: pass a folder under OUT/models/ "
+                           f"written by `bakeoff run` for a Keras model")
+    keras = import_keras(device)
+    import bakeoff.engines.keras_bit  # noqa: F401 - registers BiT's layer for deserialisation
+
+    meta = json.loads((folder / "spec.json").read_text())
+    class_map = json.loads((folder / CLASS_MAP_FILE).read_text())
+    classes = [c for c, _ in sorted(class_map.items(), key=lambda kv: kv[1])]
+    model = keras.saving.load_model(folder / "model.keras", compile=False)
+    return model, meta, classes
