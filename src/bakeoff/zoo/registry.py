@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 from pathlib import Path
 
 from bakeoff.errors import BakeoffError
+from bakeoff.zoo.keras_zoo import KERAS_STUDY_IDS, keras_names, keras_spec, keras_weights_cached, study_spec
 from bakeoff.zoo.spec import ModelSpec
 from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES, timm_names, timm_spec
 from bakeoff.zoo.torchvision_zoo import torchvision_names, torchvision_spec
@@ -46,8 +47,9 @@ def canonical_id(model_id: str) -> str:
 
 
 def _all_ids() -> list[str]:
-    ids = list(STUDY_IDS) + list(_registered)
+    ids = list(STUDY_IDS) + list(KERAS_STUDY_IDS) + list(_registered)
     ids += [f"torchvision/{n}" for n in torchvision_names()]
+    ids += [f"keras/{n}" for n in keras_names()]
     ids += [f"timm/{n}" for n in timm_names()]
     return ids
 
@@ -59,11 +61,15 @@ def resolve(model_id: str) -> ModelSpec:
         return _registered[mid]
     if mid in STUDY_IDS:
         return torchvision_spec(STUDY_IDS[mid], model_id=mid, aliases=(f"{mid}-FT",))
+    if mid in KERAS_STUDY_IDS:
+        return study_spec(mid)
     source, _, name = mid.partition("/")
     if source == "torchvision" and name in torchvision_names():
         return torchvision_spec(name)
     if source == "timm" and name.split(".")[0] in timm_names():
         return timm_spec(name)
+    if source == "keras" and name in keras_names():
+        return keras_spec(name)
     close = difflib.get_close_matches(mid, _all_ids(), n=5, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise BakeoffError(f"unknown model {model_id!r}{hint} (see `bakeoff models`)")
@@ -98,12 +104,6 @@ def find_weights_file(spec: ModelSpec, weights_dir) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _in_torch_hub(filename: str) -> bool:
-    import torch
-
-    return bool(filename) and (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
-
-
 def weight_host(spec: ModelSpec) -> str | None:
     """The host the source library downloads ``spec``'s weights from, if any."""
     if spec.weight_source.startswith("Hugging Face hub "):
@@ -136,10 +136,18 @@ def check_weights_reachable(specs: list[ModelSpec], weights_dir=None) -> None:
         )
 
 
+def _in_torch_hub(filename: str) -> bool:
+    import torch
+
+    return bool(filename) and (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
+
+
 def weights_available_offline(spec: ModelSpec, weights_dir=None) -> bool:
     """True when ImageNet weights for ``spec`` load with no network."""
     if find_weights_file(spec, weights_dir) is not None:
         return True
+    if spec.source == "keras":
+        return keras_weights_cached(spec)
     if spec.source == "timm" and spec.architecture in OFFLINE_PACKAGES:
         return importlib.util.find_spec(OFFLINE_PACKAGES[spec.architecture][1]) is not None
     if spec.source in ("torchvision", "timm") and _in_torch_hub(spec.weight_file):
