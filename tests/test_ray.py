@@ -14,6 +14,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from bakeoff.api import run_comparison  # noqa: E402
+from bakeoff.errors import BakeoffError  # noqa: E402
 from bakeoff.runners.ray_runner import MAX_RETRIES, TOKEN_FILE, _trial_task, _write_files, run_ray  # noqa: E402
 from bakeoff.store import Store  # noqa: E402
 from bakeoff.trial import TrialJob, trial_process_main  # noqa: E402
@@ -28,6 +29,14 @@ SETTINGS = dict(epochs=1, lr=0.002, batch_size=16, image_size=32, pretrained=Fal
 EXACT = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "top5", "macro_f1", "per_class_accuracy",
          "confusion_matrix", "n_val", "params", "input_size", "precision"]
 EXACT_HISTORY = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+
+
+def test_bad_executor_or_address_is_a_one_line_error(data, tmp_path):
+    with pytest.raises(BakeoffError, match="--executor must be local or ray"):
+        run_comparison(data, MODELS, out=tmp_path / "out", executor="slurm", **SETTINGS)
+    with pytest.raises(BakeoffError, match="no Ray cluster answers at 127.0.0.1:1 .*ray start --head"):
+        run_comparison(data, MODELS, out=tmp_path / "out", executor="ray", ray_address="127.0.0.1:1", **SETTINGS)
+    assert not ray.is_initialized()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +82,8 @@ def test_ray_matches_local_and_retries_a_killed_worker(cluster, data, tmp_path, 
     monkeypatch.setenv("BAKEOFF_RAY_CPUS_PER_TRIAL", "1")
     marker = tmp_path / "killed"
     monkeypatch.setattr("bakeoff.runners.ray_runner.trial_process_main", KillOnce("timm/test_resnet", marker))
-    on_ray = run_comparison(data, MODELS, out=tmp_path / "ray", executor="ray", **SETTINGS)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    on_ray = run_comparison(data, MODELS, out=tmp_path / "ray", executor="ray", mlflow_uri=uri, **SETTINGS)
     assert marker.exists(), "the worker was never killed"
     assert on_ray.run["counts"] == {"trained": 2, "resumed": 0, "failed": 0}
 
@@ -90,6 +100,18 @@ def test_ray_matches_local_and_retries_a_killed_worker(cluster, data, tmp_path, 
         assert (tmp_path / "ray" / rb["model_dir"] / "weights.pt").is_file()
     assert not (tmp_path / "ray" / TOKEN_FILE).exists()
     assert list(on_ray.frame()["accuracy"]) == list(local.frame()["accuracy"])
+
+    # MLflow lists one run per model, with its figures and its training curve.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.get_experiment_by_name(on_ray.run["mlflow_experiment"])
+    runs = {r.data.tags["bakeoff.model"]: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == sorted(MODELS)
+    for model, r in runs.items():
+        assert r.info.status == "FINISHED" and r.data.metrics["accuracy"] == b[model]["result"]["accuracy"]
+        curve = client.get_metric_history(r.info.run_id, "val_accuracy")
+        assert [(m.step, m.value) for m in curve] == [(1, b[model]["result"]["history"][0]["val_accuracy"])]
 
     # Re-running resumes: nothing is trained again and no row is added.
     again = run_comparison(data, MODELS, out=tmp_path / "ray", executor="ray", **SETTINGS)

@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import replace
@@ -46,12 +47,25 @@ def connect(address: str | None = None) -> None:
     ray = _ray()
     if ray.is_initialized():
         return
+    _check_reachable(address)
     try:
         ray.init(address=address, logging_level="warning", log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise BakeoffError(f"could not join the Ray cluster at {address or 'auto'} ({first}): start one with "
                            f"`ray start --head` and pass its address with --ray-address HOST:6379") from None
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail at once on a HOST:PORT nobody listens on (Ray itself would keep retrying for minutes)."""
+    if not address or "://" in address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise BakeoffError(f"no Ray cluster answers at {address} ({exc}): start one there with "
+                           f"`ray start --head --port {port}`, or pass the address it printed") from None
 
 
 def cluster_device(device: str):
