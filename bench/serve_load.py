@@ -130,6 +130,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bakeoff-serve-load-"))
     run = args.run or train(args.model, args.image_size, str(device), work)
     bodies = [f.read_bytes() for f in validation_sample(run, 64, seed=0, repeat=False)]
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure: record it
     rows = []
     for max_batch in [int(b) for b in args.max_batch.split(",")]:
         with ServerProcess(run, args.model, str(device), ("--max-batch", str(max_batch))) as srv:
@@ -142,6 +143,7 @@ def main() -> None:
     meta = {"model": args.model, "run": str(run), "device": str(device), "device_name": device_name(device),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "requests_per_client": args.requests, "image_bytes_median": int(np.median([len(b) for b in bodies])),
+            "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
