@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +179,9 @@ def report_markdown(comparison, recommendations: list[Recommendation]) -> str:
     keep = {"model", "framework", "status", "accuracy", "train_time", "rel_accuracy", "rel_training"}
     shown = [c for c in cols if c.key in keep or c.key.startswith(("latency:", "rel_inference:"))]
     if rel:
-        shown.append(next(c for c in cols if c.key == f"pareto:{next(iter(rel))}"))
+        first = next(iter(rel))
+        pareto = next(c for c in cols if c.key == f"pareto:{first}")
+        shown.append(replace(pareto, header=f"Pareto front ({LATENCY_SHORT[first]})") if len(rel) > 1 else pareto)
     lines += ["", "## Results", "", "| " + " | ".join(_md(c.header) for c in shown) + " |",
               "|" + "|".join("---" if c.key in ("model", "framework", "status") else "---:" for c in shown) + "|"]
     for row in rows:
