@@ -40,6 +40,11 @@ ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "den
          "inception_v3"]
 
 
+def _side(arch) -> int:
+    spec = resolve(f"torchvision/{arch}")
+    return cache_side(spec.input_size, spec.crop_pct)
+
+
 def bakeoff_rate(arch, images, labels, train_idx, val_idx, steps, cuda_graphs, device) -> dict:
     """images/s of bakeoff's own training loop (fit) over ``steps`` batches of 16."""
     spec = resolve(f"torchvision/{arch}")
@@ -48,7 +53,7 @@ def bakeoff_rate(arch, images, labels, train_idx, val_idx, steps, cuda_graphs, d
     model = model.to(device).to(memory_format=torch.channels_last)
     sub = train_idx[: steps * proto.batch_size]
     batcher = Batcher.create(images, np.concatenate([sub, val_idx[:256]]), spec.input_size, spec.mean, spec.std,
-                             device, channels_last=True)
+                             device, channels_last=True, side=_side(arch))
     out = fit(model, batcher, sub, labels, val_idx[:256], proto, device)
     return {"images_per_s": len(sub) / out["train_time_s"], "capture_s": out["capture_time_s"],
             "mode": out["step_mode"], "capture_error": out.get("capture_error")}
@@ -60,7 +65,8 @@ def floor_rate(arch, images, idx, device, batch=128, steps=30) -> float:
     model, _ = build_model(spec, 10, False)
     model = model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batcher = Batcher.create(images, idx[: batch * 4], spec.input_size, spec.mean, spec.std, device, True)
+    batcher = Batcher.create(images, idx[: batch * 4], spec.input_size, spec.mean, spec.std, device, True,
+                             side=_side(arch))
     xs = [batcher.eval_batch(idx[i * batch:(i + 1) * batch]) for i in range(4)]
     y = torch.randint(0, 10, (batch,), device=device)
     proto = Protocol()
@@ -106,10 +112,12 @@ def main() -> None:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--models", default=",".join(ARCHS))
     ap.add_argument("--textbook-steps", type=int, default=150)
-    ap.add_argument("--bakeoff-steps", type=int, default=600)
+    ap.add_argument("--bakeoff-steps", type=int, default=300)
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
     ap.add_argument("--accuracy-model", default="resnet34")
     ap.add_argument("--accuracy-epochs", type=int, default=1)
+    ap.add_argument("--eager-models", default="resnet34,mobilenet_v2,alexnet",
+                    help="models also timed with the eager step, to show what the graph buys")
     ap.add_argument("--pack", type=int, default=4, help="trials per GPU for the packing comparison (0: skip)")
     ap.add_argument("--epochs", type=int, default=5, help="epochs of the projected totals")
     a = ap.parse_args()
@@ -119,27 +127,29 @@ def main() -> None:
               "models": {}}
 
     t0 = time.perf_counter()
-    data = prepare_data(a.data, cache_dir=a.cache or Path(a.out).parent / "cache", first_side=(256, "bilinear"))
-    sides = {arch: cache_side(resolve(f"torchvision/{arch}").input_size, resolve(f"torchvision/{arch}").crop_pct)
-             for arch in archs}
-    for side in sorted(set(sides.values())):
-        data.cache_for(side, "bilinear")
+    sides = {arch: _side(arch) for arch in archs}
+    from bakeoff.data.prepare import storage_side
+    from bakeoff.data.scan import scan_folder
+
+    folder = scan_folder(a.data)
+    store = storage_side(list(sides.values()), [str(folder.root / p) for p in folder.paths])
+    data = prepare_data(a.data, cache_dir=a.cache or Path(a.out).parent / "cache", first_side=(store, "bilinear"))
     report["prepare_s"] = time.perf_counter() - t0
+    report["cache_side"] = store
     n_train, n_val = len(data.train_idx), len(data.val_idx)
     report.update(n_train=n_train, n_val=n_val, n_images=len(data.files))
-    print(f"data prepared (decode once, {len(set(sides.values()))} resolutions): {report['prepare_s']:.1f}s, "
+    print(f"data prepared (decode once at {store}px): {report['prepare_s']:.1f}s, "
           f"{n_train} train / {n_val} val", flush=True)
     train_files = {data.files[i] for i in data.train_idx}
 
     for arch in archs:
-        cache = data.caches[(sides[arch], "bilinear")]
-        images = cache.array()
+        images = data.caches[(store, "bilinear")].array()
         r = {}
         tl, _ = textbook.loaders(a.data, train_files, resolve(f"torchvision/{arch}").input_size, 16, a.workers)
         m = textbook.build(arch, len(data.classes), device)
         r["textbook"] = textbook.train(m, tl, device, max_steps=a.textbook_steps, warmup_steps=20)["images_per_s"]
         del m, tl
-        for graphs in (True, False):
+        for graphs in (True, False) if arch in a.eager_models.split(",") else (True,):
             key = "bakeoff_graph" if graphs else "bakeoff_eager"
             b = bakeoff_rate(arch, images, data.labels, data.train_idx, data.val_idx, a.bakeoff_steps, graphs, device)
             r[key] = b["images_per_s"]
@@ -147,24 +157,26 @@ def main() -> None:
                 r["graph_mode"], r["capture_s"], r["capture_error"] = b["mode"], b["capture_s"], b["capture_error"]
         r["floor"] = floor_rate(arch, images, data.train_idx, device)
         torch.cuda.empty_cache()
-        best = max(r["bakeoff_graph"], r["bakeoff_eager"])
+        best = max(r["bakeoff_graph"], r.get("bakeoff_eager", 0.0))
         r["textbook_total_s"] = a.epochs * n_train / r["textbook"]
         r["bakeoff_total_s"] = a.epochs * n_train / best
         r["floor_total_s"] = a.epochs * n_train / r["floor"]
         report["models"][arch] = r
         print(f"{arch:14s} textbook {r['textbook']:8.0f}  graph {r['bakeoff_graph']:8.0f} ({r['graph_mode']})  "
-              f"eager {r['bakeoff_eager']:8.0f}  floor {r['floor']:8.0f} img/s", flush=True)
+              f"eager {r.get('bakeoff_eager', float('nan')):8.0f}  floor {r['floor']:8.0f} img/s", flush=True)
+        Path(a.out).write_text(json.dumps(report, indent=2))
 
     if a.pack:
         report["packing"] = {}
         for arch in [x for x in ("resnet34", "mobilenet_v2") if x in archs]:
-            cache_path = str(data.caches[(sides[arch], "bilinear")].path)
+            cache_path = str(data.caches[(store, "bilinear")].path)
             pk = {f"eager_x{a.pack}": packed_rate(arch, cache_path, data.labels, data.train_idx, data.val_idx,
                                                   a.bakeoff_steps, False, a.pack),
                   f"graph_x{a.pack}": packed_rate(arch, cache_path, data.labels, data.train_idx, data.val_idx,
                                                   a.bakeoff_steps, True, a.pack)}
             report["packing"][arch] = pk
             print(f"packing {arch}: {pk}", flush=True)
+            Path(a.out).write_text(json.dumps(report, indent=2))
 
     if a.accuracy_model:
         arch = a.accuracy_model
@@ -180,9 +192,9 @@ def main() -> None:
         proto = Protocol(epochs=a.accuracy_epochs, pretrained=False)
         model, _ = build_model(spec, len(data.classes), False)
         model = model.to(device).to(memory_format=torch.channels_last)
-        images = data.caches[(sides[arch], "bilinear")].array()
+        images = data.caches[(store, "bilinear")].array()
         batcher = Batcher.create(images, np.concatenate([data.train_idx, data.val_idx]), spec.input_size, spec.mean,
-                                 spec.std, device, True)
+                                 spec.std, device, True, side=_side(arch))
         out = fit(model, batcher, data.train_idx, data.labels, data.val_idx, proto, device)
         metrics = classification_metrics(data.labels[data.val_idx], out["final_val_probs"], data.classes)
         acc.update(bakeoff_train_s=out["train_time_s"], bakeoff_accuracy=metrics["accuracy"],

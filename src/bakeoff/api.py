@@ -18,7 +18,7 @@ import pandas as pd
 
 from bakeoff.compare.outputs import Comparison, write_outputs
 from bakeoff.data.cache import cache_side
-from bakeoff.data.prepare import prepare_data, write_class_map
+from bakeoff.data.prepare import prepare_data, storage_side, write_class_map
 from bakeoff.data.scan import scan_folder
 from bakeoff.errors import BakeoffError
 from bakeoff.progress import NullProgress, RunProgress
@@ -142,20 +142,23 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         sides.append((size, cache_side(size, s.crop_pct), s.interpolation))
     display = RunProgress(len(specs)) if progress else NullProgress()
     with display:
+        # Decode once: every image is decoded a single time, at one size that serves all models.
+        files = [str(train_folder.root / p) for p in train_folder.paths]
+        store_side = storage_side([side for _, side, _ in sides], files)
+        interp = sides[0][2]
         data = prepare_data(data_dir, val_dir, val_fraction, seed, cache_dir or out / "cache",
-                            first_side=sides[0][1:], progress=display.decode(f"{sides[0][1]}px"))
-        for _, side, interp in sides:
-            data.cache_for(side, interp, progress=display.decode(f"{side}px"))
+                            first_side=(store_side, interp), progress=display.decode(f"{store_side}px"))
         write_class_map(data.classes, out)
         summary = data.summary()
         (out / "dataset.json").write_text(json.dumps(summary, indent=2))
         (out / "split.json").write_text(json.dumps({
             "train": [data.files[i] for i in data.train_idx], "val": [data.files[i] for i in data.val_idx]}))
         jobs = []
-        for s, (size, side, interp) in zip(specs, sides):
+        for s, (size, side, _) in zip(specs, sides):
             key = hashlib.sha256(f"{s.id}|{protocol.key()}|{data.fingerprint}|{dev.type}".encode()).hexdigest()[:20]
             jobs.append(TrialJob(spec=s.to_dict(), protocol=protocol.to_dict(),
-                                 cache_path=str(data.caches[(side, interp)].path), input_size=size,
+                                 cache_path=str(data.caches[(store_side, interp)].path), input_size=size,
+                                 side=side,
                                  labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
                                  classes=data.classes, out_dir=str(out), device=str(dev),
                                  weights_dir=str(weights_dir) if weights_dir else None, key=key))
@@ -169,7 +172,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
 
                 counts = run_ray(jobs, store, run_id, display.on_event, ray_address)
             else:
-                devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data)
+                devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides)
                 counts = run_local(jobs, store, run_id, display.on_event, devices, per_device)
             status = "finished"
         finally:
@@ -187,7 +190,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     return comparison
 
 
-def _gpu_slots(device: str, dev, trials_per_gpu, data) -> tuple[list[str] | None, int]:
+def _gpu_slots(device: str, dev, trials_per_gpu, data, sides) -> tuple[list[str] | None, int]:
     """Which GPUs trials run on and how many share each: every GPU of the machine unless one
     was named; ``trials_per_gpu`` "auto" packs as many as the smallest GPU's memory allows."""
     if dev.type != "cuda":
@@ -206,8 +209,8 @@ def _gpu_slots(device: str, dev, trials_per_gpu, data) -> tuple[list[str] | None
     free = min(torch.cuda.mem_get_info(i)[0] for i in range(len(gpus)))
     # a trial holds its images (uint8) on the GPU plus weights, gradients, optimizer state and
     # activations; budget 8 GB for the model side, which covers the study's models at batch 16
-    largest = max(data.caches.values(), key=lambda c: c.path.stat().st_size)
-    per_trial = largest.path.stat().st_size + 8 * 2**30
+    side = max(side for _, side, _ in sides)
+    per_trial = len(data.files) * side * side * 3 + 8 * 2**30
     return gpus, max(1, min(8, int(free * 0.9 // per_trial)))
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bakeoff.errors import BakeoffError
@@ -18,7 +19,8 @@ app = typer.Typer(
          "measure accuracy, training time and inference time, compare them to a baseline.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _fmt(v, spec: str) -> str:
@@ -46,9 +48,9 @@ def print_comparison(comparison) -> None:
                       "*" if r.get("pareto") is True else "")
     console.print(table)
     for _, r in df[df["status"] != "ok"].iterrows():
-        console.print(f"[red]{r['model']} failed:[/] {r['error']}")
+        console.print(f"[red]{escape(r['model'])} failed:[/] {escape(str(r['error']))}")
     if comparison.warning:
-        console.print(f"[yellow]warning:[/] {comparison.warning}")
+        console.print(f"[yellow]warning:[/] {escape(comparison.warning)}")
     skipped = comparison.run.get("dataset", {}).get("n_skipped", 0)
     if skipped:
         console.print(f"[yellow]{skipped} files skipped[/] (unreadable or not images; listed in dataset.json)")
@@ -94,6 +96,8 @@ def run_cmd(
     preset: Optional[str] = typer.Option(None, help="Named protocol and models, e.g. jumpstart-blog."),
     precision: str = typer.Option("auto", help="auto (bf16 + channels-last on CUDA), fp32 or bf16."),
     image_size: Optional[int] = typer.Option(None, help="Override every model's input size (quick runs)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where decoded images are kept (default: OUT/cache); "
+                                                       "runs on the same data share it."),
     trials_per_gpu: str = typer.Option("1", help="Trials sharing each GPU at once (a number or auto)."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
@@ -111,7 +115,7 @@ def run_cmd(
         data_dir, models, out=out, baseline=baseline, epochs=epochs, lr=lr, batch_size=batch_size,
         optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,
         seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
-        precision=precision, image_size=image_size, trials_per_gpu=trials_per_gpu, cuda_graphs=cuda_graphs,
+        precision=precision, image_size=image_size, trials_per_gpu=trials_per_gpu, cuda_graphs=cuda_graphs, cache_dir=cache_dir,
         progress=sys.stderr.isatty(), executor=executor,
         ray_address=ray_address, mlflow_uri=mlflow_uri, endpoint_latency=endpoint_latency)
     print_comparison(comparison)
@@ -173,7 +177,7 @@ def main() -> None:
                                    "run the same command again to resume", highlight=False, soft_wrap=True)
         sys.exit(130)
     except BakeoffError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
@@ -68,6 +69,6 @@ class RunProgress(NullProgress):
             if kind == "done":
                 extra = f" acc {payload['accuracy']:.3f}, train {payload['train_time_s']:.1f}s"
             elif kind == "failed":
-                extra = f": {payload['error']}"
+                extra = f": {escape(str(payload['error']))}"
             self.console.print(f"{model}: {word}{extra}")
             self.progress.advance(self.run_task)

@@ -29,6 +29,7 @@ class TrialJob:
     device: str = "auto"
     weights_dir: str | None = None
     key: str = ""
+    side: int | None = None  # the model's resize size; the cache may be stored at another
     extra: dict = field(default_factory=dict)
 
 

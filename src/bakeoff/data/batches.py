@@ -32,6 +32,7 @@ class Batcher:
     channels_last: bool = False
     resident: torch.Tensor | None = None  # the images as one tensor, on ``device`` when it fits
     resident_index: np.ndarray | None = None
+    side: int | None = None  # the stored square this model wants; the cache may hold another size
 
     def __post_init__(self) -> None:
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -39,17 +40,32 @@ class Batcher:
 
     @classmethod
     def create(cls, images, needed: np.ndarray, input_size, mean, std, device, channels_last=False,
-               max_resident_bytes: int | None = None) -> "Batcher":
+               max_resident_bytes: int | None = None, side: int | None = None) -> "Batcher":
         """Keep the ``needed`` images as one tensor on ``device`` when they fit in
-        ``max_resident_bytes``; otherwise read each batch from the memory-mapped file."""
-        b = cls(images, input_size, tuple(mean), tuple(std), device, channels_last)
-        nbytes = len(needed) * int(np.prod(images.shape[1:]))
+        ``max_resident_bytes``; otherwise read each batch from the memory-mapped file.
+
+        ``side``: the square each image should be before cropping (the model's resize size);
+        images cached at another size are resized once on the device, not decoded again.
+        """
+        side = side or images.shape[1]
+        b = cls(images, input_size, tuple(mean), tuple(std), device, channels_last, side=side)
+        nbytes = len(needed) * side * side * 3
         if max_resident_bytes is None or nbytes <= max_resident_bytes:
             order = np.sort(needed)
-            b.resident = torch.from_numpy(np.ascontiguousarray(images[order])).to(device)
+            chunks = [b._resize(torch.from_numpy(np.ascontiguousarray(images[order[i:i + 1024]])).to(device))
+                      for i in range(0, len(order), 1024)]
+            b.resident = torch.cat(chunks) if chunks else torch.empty(0, side, side, 3, dtype=torch.uint8)
             b.resident_index = np.full(len(images), -1, dtype=np.int64)
             b.resident_index[order] = np.arange(len(order))
         return b
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        """N x S0 x S0 x 3 uint8 -> N x side x side x 3 uint8 (antialiased when shrinking)."""
+        if x.shape[1] == self.side:
+            return x
+        y = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(self.side, self.side), mode="bilinear",
+                          antialias=True, align_corners=False)
+        return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
     def _fetch(self, idx: np.ndarray) -> torch.Tensor:
         if self.resident is not None:
@@ -58,7 +74,7 @@ class Batcher:
         order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped file
         arr = np.empty((len(idx),) + self.images.shape[1:], dtype=np.uint8)
         arr[order] = self.images[idx[order]]
-        return torch.from_numpy(arr).to(self.device, non_blocking=True)
+        return self._resize(torch.from_numpy(arr).to(self.device, non_blocking=True))
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self._mean) / self._std

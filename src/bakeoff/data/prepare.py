@@ -98,6 +98,29 @@ def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 
     return data
 
 
+def typical_side(files: list[str], sample: int = 64, seed: int = 0) -> int:
+    """The median shorter side of a sample of the images (headers only, nothing decoded)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sides = []
+    for i in rng.choice(len(files), size=min(sample, len(files)), replace=False):
+        try:
+            with Image.open(files[i]) as img:
+                sides.append(min(img.size))
+        except Exception:
+            continue
+    return int(np.median(sides)) if sides else 0
+
+
+def storage_side(needed: list[int], files: list[str]) -> int:
+    """One cache size serves every model of a run: the largest size any model resizes to, but
+    no larger than the images themselves (upsampling adds bytes, not information), and no
+    smaller than the smallest size a model needs. Models resize from it on the device."""
+    native = typical_side(files)
+    return max(min(needed), min(max(needed), native or max(needed)))
+
+
 def write_class_map(classes: list[str], out_dir: Path) -> Path:
     path = Path(out_dir) / CLASS_MAP_FILE
     path.write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=2))

@@ -49,6 +49,8 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
     np.random.seed(protocol.seed)
     device = resolve_device(job.device)
     if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.empty(1, device=device)  # the allocator must exist before its statistics can be reset
         torch.cuda.reset_peak_memory_stats(device)
         torch.backends.cudnn.benchmark = True
     bf16 = uses_bf16(protocol, device)
@@ -69,7 +71,8 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
     else:
         budget = int(available_memory_bytes() * 0.4)
     t_load = time.perf_counter()
-    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, channels_last, budget)
+    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, channels_last, budget,
+                             side=job.side)
     load_s = time.perf_counter() - t_load
 
     fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step)
