@@ -120,7 +120,7 @@ def create_app(predictor: Predictor, max_body_bytes: int = 10 * 2**20, max_batch
 
     @app.get("/ping")
     async def ping():
-        return {"status": "ok", "model": predictor.model_id}
+        return {"status": "ok", "model": predictor.model_id, "device": predictor.device}
 
     @app.get("/execution-parameters")
     async def execution_parameters():

@@ -57,6 +57,7 @@ def measure_endpoint_latency(out_dir, model_id: str, n: int, device: str = "cpu"
     samples = []
     with ServerProcess(out_dir, model_id, device) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
         url = "/invocations"
+        served_on = client.get("/ping").json().get("device", device)
         for body in bodies[:WARMUP]:
             client.post(url, content=body, headers=headers).raise_for_status()
         for body in bodies:
@@ -68,7 +69,7 @@ def measure_endpoint_latency(out_dir, model_id: str, n: int, device: str = "cpu"
     s = summarize_ms(samples)
     return {"endpoint_latency_ms_p50": s["p50"], "endpoint_latency_ms_p95": s["p95"],
             "endpoint_latency_ms_min": s["min"], "endpoint_latency_n": s["n"], "endpoint_latency_warmup": WARMUP,
-            "endpoint_latency_device": device,
+            "endpoint_latency_device": served_on,
             "endpoint_latency_kind": "client-side HTTP POST /invocations over loopback, one image per request"}
 
 

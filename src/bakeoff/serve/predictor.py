@@ -41,7 +41,7 @@ def find_model_dir(out_dir, model_id: str) -> Path:
     if not models.is_dir():
         raise BakeoffError(f"{models} does not exist: pass the --out folder of a `bakeoff run` that saved models")
     for name in (model_id.strip(), safe_name(model_id.strip())):
-        if (models / name).is_dir():
+        if name and (models / name).is_dir():
             return models / name
     try:  # an alias (e.g. the study's "-FT" ids); only now, as the zoo imports the model libraries
         from bakeoff.zoo.registry import resolve
