@@ -162,8 +162,9 @@ def test_weights_dir_file_loads_and_caffe_models_take_rgb(keras, tmp_path):
     source.save_weights(tmp_path / "VGG16.weights.h5")
     _, backbone, weights, _ = build_model(keras, spec, 4, 32, pretrained=True, weights_dir=tmp_path)
     assert weights == "imagenet (file VGG16.weights.h5)"
-    for layer in source.layers:
-        for want, got in zip(layer.weights, backbone.get_layer(layer.name).weights):
+    assert len(source.layers) == len(backbone.layers)
+    for layer, twin in zip(source.layers, backbone.layers):
+        for want, got in zip(layer.weights, twin.weights, strict=True):
             want, got = keras_numpy(want), keras_numpy(got)
             if layer.name == "block1_conv1" and want.ndim == 4:
                 want = want[:, :, ::-1, :]  # BGR-trained weights now read RGB
