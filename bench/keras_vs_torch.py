@@ -183,7 +183,7 @@ def torch_worker(name: str, args: dict, queue) -> None:
         queue.put({"framework": f"torch {torch.__version__} (eager)", "device": name_dev,
                    "train_images_per_s": args["steps"] * args["batch"] / train_s, "compile_s": first_s,
                    "latency": _summary(lat), "params": int(sum(p.numel() for p in model.parameters())),
-                   "final_loss": float(loss), "precision": "bf16-autocast" if args["bf16"] else "fp32"})
+                   "final_loss": float(loss.detach()), "precision": "bf16-autocast" if args["bf16"] else "fp32"})
     except Exception as exc:
         queue.put({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]})
 
