@@ -11,6 +11,7 @@ mlflow = pytest.importorskip("mlflow")
 
 from bakeoff.api import run_comparison  # noqa: E402
 from bakeoff.errors import BakeoffError  # noqa: E402
+from bakeoff.store import Store  # noqa: E402
 from bakeoff.tracking import experiment_name, log_run  # noqa: E402
 from conftest import make_colour_folder  # noqa: E402
 
@@ -33,7 +34,7 @@ def _result(model: str, acc: float, out_dir: str) -> dict:
             "model_dir": str(folder.relative_to(out_dir))}
 
 
-def fake_runner(jobs, store, run_id, on_event=None):
+def fake_runner(jobs, store, run_id, *args, **kwargs):
     """Stands in for training: the first model succeeds, the second fails."""
     ok, failed = jobs
     store.save_trial(ok.key, run_id, ok.spec["id"], "pytorch", "ok", 1_700_000_000.0,
@@ -61,7 +62,7 @@ def logged(tmp_path_factory):
 def test_one_mlflow_run_per_trial_with_metrics_curves_params_and_artifacts(logged):
     uri, out, comparison = logged
     name = comparison.run["mlflow_experiment"]
-    assert name == experiment_name(out, 1)
+    assert name == experiment_name(out, Store(out / "bakeoff.db").latest_run())
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=[name])
     assert sorted(runs["tags.mlflow.runName"]) == sorted(MODELS)

@@ -52,8 +52,11 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, logging_level="warning", log_to_driver=True)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        # Ray sends its token to an address given by hand only when told to (RAY_AUTH_MODE=token).
+        hint = "" if os.environ.get("RAY_AUTH_MODE") else \
+            "; if the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
         raise BakeoffError(f"could not join the Ray cluster at {address or 'auto'} ({first}): start one with "
-                           f"`ray start --head` and pass its address with --ray-address HOST:6379") from None
+                           f"`ray start --head` and pass its address with --ray-address HOST:6379{hint}") from None
 
 
 def _check_reachable(address: str | None) -> None:
@@ -227,7 +230,8 @@ def run_ray(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable 
     ``cache_via``: how the decoded images reach a worker. ``"path"``: the cache file must be
     readable at the same path on every node (a shared file system). ``"object-store"``: each
     cache file is put in Ray's object store once, and a worker that cannot read the path fetches
-    it from there. ``"auto"``: the object store when the cluster has more than one node.
+    it from there. ``"auto"``: the object store when the cluster has more than one node or the
+    driver joined through Ray Client (``ray://``).
 
     ``entry(job, queue)`` is what a worker runs for one trial (default ``trial_process_main``).
     Returns counts: trained, resumed (skipped because finished before), failed.
@@ -244,13 +248,15 @@ def run_ray(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable 
         if job.key in done:
             counts["resumed"] += 1
             on_event("resumed", job, None)
-        else:
-            todo.append(job)
+        else:  # absolute paths: a worker's current folder is not the driver's
+            todo.append(replace(job, cache_path=str(Path(job.cache_path).resolve()),
+                                out_dir=str(Path(job.out_dir).resolve())))
     if not todo:
         return counts
 
-    if cache_via == "auto":
-        cache_via = "object-store" if sum(1 for n in ray.nodes() if n.get("Alive")) > 1 else "path"
+    if cache_via == "auto":  # a Ray Client driver (ray://) is on no node of the cluster
+        remote = (address or os.environ.get("RAY_ADDRESS") or "").startswith("ray://")
+        cache_via = "object-store" if remote or sum(1 for n in ray.nodes() if n.get("Alive")) > 1 else "path"
     on_gpu = any(j.device.startswith("cuda") for j in todo)
     task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False,
                       num_cpus=_cpus_per_trial(ray, on_gpu))(_trial_task)

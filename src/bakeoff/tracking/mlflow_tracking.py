@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -30,9 +31,11 @@ def require_mlflow():
     return mlflow
 
 
-def experiment_name(out_dir, run_id: int) -> str:
-    """``bakeoff <absolute output folder> run <id>``: unique per bakeoff run, readable in the UI."""
-    return f"bakeoff {Path(out_dir).expanduser().resolve()} run {run_id}"
+def experiment_name(out_dir, run: dict) -> str:
+    """``bakeoff <absolute output folder> run <id> <start time>``: one per bakeoff run, even when the
+    output folder is deleted and its run ids start again at 1."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"]))
+    return f"bakeoff {Path(out_dir).expanduser().resolve()} run {run['id']} {started}"
 
 
 def _metric_name(name: str) -> str:
@@ -51,7 +54,7 @@ def _artifact_root(uri: str, name: str) -> str | None:
     parsed = urlparse(uri)
     if parsed.scheme != "sqlite":
         return None
-    db = Path(unquote(parsed.path))
+    db = Path(unquote(parsed.path)[1:]).resolve()  # sqlite:///rel.db is relative, sqlite:////abs.db absolute
     return (db.parent / "mlartifacts" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")).as_uri()
 
 
@@ -104,11 +107,16 @@ def _trial_entities(trial: dict, run: dict):
     return params, metrics, tags
 
 
+def _logged_id(trial: dict) -> str:
+    """Which outcome of a trial a run holds: a trial that failed and later succeeded is logged twice."""
+    return f"{trial['key']}@{trial['finished']!r}"
+
+
 def _log_trial(client, experiment_id: str, trial: dict, run: dict, out_dir: Path) -> str:
     from mlflow.entities import RunTag
 
     params, metrics, tags = _trial_entities(trial, run)
-    tags |= {"bakeoff.model": trial["model"], "bakeoff.trial_key": trial["key"],
+    tags |= {"bakeoff.model": trial["model"], "bakeoff.trial_key": trial["key"], "bakeoff.logged": _logged_id(trial),
              "bakeoff.status": trial["status"], "bakeoff.framework": trial["framework"] or ""}
     tags |= {f"bakeoff.provenance.{k}": str(v) for k, v in _flatten("", run["provenance"]).items()}
     if trial["error"]:
@@ -141,11 +149,11 @@ def _log_trial(client, experiment_id: str, trial: dict, run: dict, out_dir: Path
 def log_run(out_dir, uri: str) -> str:
     """Log the latest run of ``out_dir/bakeoff.db`` to the MLflow tracking server or store at ``uri``.
 
-    Returns the experiment name. Logging the same run twice adds nothing: a trial already
-    logged in the experiment (same trial key) is skipped.
+    Returns the experiment name. Logging the same run twice adds nothing: a trial outcome
+    already logged in the experiment is skipped.
 
     >>> log_run("runs/leaves", "sqlite:///mlflow.db")  # doctest: +SKIP
-    'bakeoff /home/me/runs/leaves run 1'
+    'bakeoff /home/me/runs/leaves run 1 2026-01-31 09:15:02'
     """
     require_mlflow()
     from mlflow.tracking import MlflowClient
@@ -154,7 +162,7 @@ def log_run(out_dir, uri: str) -> str:
     run = Store(out_dir / "bakeoff.db").latest_run()
     if run is None:
         raise BakeoffError(f"{out_dir / 'bakeoff.db'} holds no run to log: start one with `bakeoff run`")
-    name = experiment_name(out_dir, run["id"])
+    name = experiment_name(out_dir, run)
     trials = Store(out_dir / "bakeoff.db").trials(keys=list(run["trial_keys"].values()))
     try:
         client = MlflowClient(tracking_uri=uri)
@@ -163,9 +171,9 @@ def log_run(out_dir, uri: str) -> str:
             name, artifact_location=_artifact_root(uri, name),
             tags={"bakeoff.out": str(out_dir.resolve()), "bakeoff.run_id": str(run["id"]),
                   "bakeoff.command": (run["command"] or "")[:TAG_LIMIT], "bakeoff.baseline": run["baseline"] or ""})
-        logged = {r.data.tags.get("bakeoff.trial_key") for r in client.search_runs([exp_id], max_results=10_000)}
+        logged = {r.data.tags.get("bakeoff.logged") for r in client.search_runs([exp_id], max_results=10_000)}
         for trial in trials:
-            if trial["key"] not in logged:
+            if _logged_id(trial) not in logged:
                 _log_trial(client, exp_id, trial, run, out_dir)
     except BakeoffError:
         raise
