@@ -102,7 +102,7 @@ def run_cmd(
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
     endpoint_latency: int = typer.Option(0, help="Serve each model locally and time N one-image HTTP requests."),
-    executor: str = typer.Option("local", help="local (one process after another) or ray (tasks on a Ray cluster)."),
+    executor: str = typer.Option("local", help="local (child processes on this machine) or ray (tasks on a Ray cluster)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, "
                                               "the cluster started on this machine, else a private one)."),
     mlflow_uri: Optional[str] = typer.Option(None, help="Log every trial as an MLflow run here, e.g. sqlite:///mlflow.db "
