@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -178,7 +179,10 @@ def test_ctrl_c_cancels_outstanding_trials_and_keeps_finished(cluster, tmp_path)
         pytest.fail("the hanging trial's worker was not cancelled")
 
 
-def test_worker_off_the_shared_disk_gets_cache_from_object_store_and_ships_model_back(cluster, tmp_path):
+def test_worker_off_the_shared_disk_gets_cache_from_object_store_and_ships_model_back(cluster, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))  # the "node's" disk
+    (tmp_path / "node-tmp").mkdir()
     job = _fake_jobs(tmp_path / "driver", ["m"])[0]
     expected = np.load(job.cache_path)
     ref = ray.put(expected)
@@ -196,6 +200,7 @@ def test_worker_off_the_shared_disk_gets_cache_from_object_store_and_ships_model
 
     out = _trial_task(entry, job, ([ref], size), "not-the-driver-token", None)
     np.testing.assert_array_equal(seen["cache"], expected)
+    assert list((tmp_path / "node-tmp" / "bakeoff-cache").rglob("*.npy"))  # kept for the node's next trials
     assert seen["out_dir"] != job.out_dir and not Path(seen["out_dir"]).exists()  # scratch, cleaned up
     assert out["kind"] == "result" and out["files"] == {"models/m/weights.pt": b"weights"}
     _write_files(job.out_dir, out["files"])
