@@ -148,7 +148,7 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
     needed = np.concatenate([job.train_idx, job.val_idx])
     t_load = time.perf_counter()
     batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, torch.device("cpu"), False,
-                             int(available_memory_bytes() * 0.4))
+                             int(available_memory_bytes() * 0.4), side=job.side)
     load_s = time.perf_counter() - t_load
 
     fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
