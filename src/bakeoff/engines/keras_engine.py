@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from bakeoff.data.scan import CLASS_MAP_FILE
+from bakeoff.engines.saved import save_model_dir
 from bakeoff.errors import BakeoffError
 from bakeoff.protocol import Protocol
 from bakeoff.trial import TrialJob, available_memory_bytes, device_name
-from bakeoff.zoo.spec import ModelSpec, safe_name
+from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_keras_trial", "load_saved", "import_keras", "choose_backend"]
 
@@ -100,17 +101,9 @@ def _peak_memory(keras, on_gpu: bool) -> tuple[float, str]:
 def _save(model, spec: ModelSpec, classes: list[str], protocol: Protocol, out_dir: Path, input_size: int,
           weights: str, backend: str) -> Path:
     """OUT/models/<model>/: model.keras, spec.json, the class map, protocol.json (the PyTorch layout)."""
-    folder = out_dir / "models" / safe_name(spec.id)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "model.tmp.keras"  # Keras insists on the suffix
-    model.save(tmp)
-    os.replace(tmp, folder / "model.keras")
-    meta = spec.to_dict() | {"input_size": input_size, "num_classes": len(classes), "start_weights": weights,
-                             "backend": backend, "input_layout": "NHWC", "output": "logits"}
-    (folder / "spec.json").write_text(json.dumps(meta, indent=2))
-    (folder / CLASS_MAP_FILE).write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=2))
-    (folder / "protocol.json").write_text(json.dumps(protocol.to_dict(), indent=2))
-    return folder / "model.keras"
+    return save_model_dir(spec, classes, protocol, out_dir, "model.keras", lambda tmp: model.save(tmp),
+                          {"input_size": input_size, "start_weights": weights, "backend": backend,
+                           "input_layout": "NHWC", "output": "logits"})
 
 
 def run_keras_trial(job: TrialJob, on_step=None) -> dict:

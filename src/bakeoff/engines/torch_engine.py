@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -11,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from bakeoff.data.scan import CLASS_MAP_FILE
+from bakeoff.engines.saved import save_model_dir
 from bakeoff.protocol import Protocol
 from bakeoff.trial import TrialJob, available_memory_bytes, device_name
-from bakeoff.zoo.spec import ModelSpec, safe_name
+from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_torch_trial", "save_model", "load_saved"]
 
@@ -23,16 +23,9 @@ def save_model(model, spec: ModelSpec, classes: list[str], protocol: Protocol, o
     """OUT/models/<model>/: weights.pt (state dict), spec.json, the class map, protocol.json."""
     import torch
 
-    folder = out_dir / "models" / safe_name(spec.id)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "weights.pt.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, folder / "weights.pt")
-    meta = spec.to_dict() | {"input_size": input_size, "num_classes": len(classes), "start_weights": weights}
-    (folder / "spec.json").write_text(json.dumps(meta, indent=2))
-    (folder / CLASS_MAP_FILE).write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=2))
-    (folder / "protocol.json").write_text(json.dumps(protocol.to_dict(), indent=2))
-    return folder / "weights.pt"
+    return save_model_dir(spec, classes, protocol, out_dir, "weights.pt",
+                          lambda tmp: torch.save(model.state_dict(), tmp),
+                          {"input_size": input_size, "start_weights": weights})
 
 
 def run_torch_trial(job: TrialJob, on_step=None) -> dict:
