@@ -56,6 +56,12 @@ def print_comparison(comparison) -> None:
         console.print(f"[yellow]{skipped} files skipped[/] (unreadable or not images; listed in dataset.json)")
 
 
+def _written(out: Path) -> str:
+    """The outputs that exist, the page to open first."""
+    names = ["report.html", "report.md", "results.csv", "relative.csv", "plots/", "models/", "bakeoff.db"]
+    return ", ".join(n for n in names if (Path(out) / n.rstrip("/")).exists())
+
+
 @app.command("models")
 def models_cmd(
     pattern: Optional[str] = typer.Argument(None, help="Substring or glob of the model id, e.g. resnet or 'timm/*lite*'."),
@@ -123,7 +129,7 @@ def run_cmd(
         console.print(f"MLflow experiment: {comparison.run['mlflow_experiment']}")
     counts = comparison.run.get("counts", {})
     console.print(f"trained {counts.get('trained', 0)}, already done {counts.get('resumed', 0)}, "
-                  f"failed {counts.get('failed', 0)}; results in {out}/ (results.csv, relative.csv, plots/, models/)")
+                  f"failed {counts.get('failed', 0)}; results in {out}/ ({_written(out)})")
 
 
 @app.command("report")
@@ -138,7 +144,7 @@ def report_cmd(
 
     comparison = write_outputs(out_dir, resolve(baseline).id if baseline else None, inference=inference)
     print_comparison(comparison)
-    console.print(f"written: {out_dir}/results.csv, relative.csv, plots/")
+    console.print(f"written in {out_dir}/: {_written(out_dir)}")
 
 
 @app.command("demo")
@@ -151,7 +157,7 @@ def demo_cmd(out: Path = typer.Option(Path("bakeoff-demo"), "--out", "-o", help=
     console.print(f"demo data: {data} (10 classes of handwritten digits); models: {', '.join(DEMO_MODELS)}")
     comparison = run_comparison(data, DEMO_MODELS, out=out, **DEMO_SETTINGS, progress=sys.stderr.isatty())
     print_comparison(comparison)
-    console.print(f"results in {out}/ (results.csv, relative.csv, plots/, models/, bakeoff.db)")
+    console.print(f"results in {out}/ ({_written(out)})")
 
 
 app.command("serve")(serve_cmd)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from bakeoff.compare.plots import plot_tradeoffs
+from bakeoff.compare.recommend import LATENCIES
 from bakeoff.compare.report_html import write_reports
 from bakeoff.compare.tables import relative_frame, results_frame
 from bakeoff.errors import BakeoffError
@@ -15,8 +16,7 @@ from bakeoff.store import Store
 __all__ = ["write_outputs", "Comparison", "INFERENCE_COLUMNS"]
 
 # `report --inference`: which latency is the inference time (relative_inference_time, plots, Pareto).
-INFERENCE_COLUMNS = {"in-process": "latency_ms_p50", "endpoint": "endpoint_latency_ms_p50",
-                     "onnx-cpu": "onnx_cpu_latency_ms_p50"}
+INFERENCE_COLUMNS = {kind: cols[0] for kind, cols in LATENCIES.items()}
 _MEASURE_HINT = {"endpoint": "run `bakeoff run ... --endpoint-latency 100`",
                  "onnx-cpu": "run `bakeoff export OUT --model ID --format onnx`"}
 
