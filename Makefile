@@ -1,4 +1,5 @@
-# Two commands set everything up on a fresh machine:
+# Two commands set everything up on a fresh machine (tests run in two processes, one file each,
+# so the 2-core CI machine overlaps one test's process start-up with another's training):
 #   make demo   -> virtual environment + bakeoff, then `bakeoff demo`
 #   make test   -> the same environment plus every extra and test tool, then the test suite
 PYTHON ?= python3
@@ -32,7 +33,7 @@ browser:
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 
 test: $(FULL) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) bakeoff-demo
