@@ -149,7 +149,7 @@ def report_cmd(
 
 @app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("bakeoff-demo"), "--out", "-o", help="Output folder.")) -> None:
-    """Run a small real comparison offline (handwritten digits, 4 models, a few minutes on CPU)."""
+    """Run a small real comparison offline (handwritten digits, 3 models, a few minutes on CPU)."""
     from bakeoff.api import run_comparison
     from bakeoff.demo import DEMO_MODELS, DEMO_SETTINGS, make_digits_folder
 

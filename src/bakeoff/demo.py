@@ -14,7 +14,7 @@ from PIL import Image
 
 __all__ = ["make_digits_folder", "DEMO_MODELS", "DEMO_SETTINGS"]
 
-DEMO_MODELS = ["timm/tf_efficientnet_lite0", "pytorch-ic-mobilenet-v2", "pytorch-ic-resnet34", "timm/resnet18"]
+DEMO_MODELS = ["timm/tf_efficientnet_lite0", "pytorch-ic-mobilenet-v2", "timm/resnet18"]
 # Small images and few epochs so the whole demo stays within minutes on two CPU cores.
 DEMO_SETTINGS = dict(epochs=3, lr=0.001, batch_size=16, optimizer="adam", image_size=96, pretrained="offline")
 
