@@ -57,6 +57,39 @@ def device_name(device) -> str:
     return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+def result_row(spec, job: TrialJob, protocol, metrics: dict, fitted: dict, timing: dict, *, build_s: float,
+               load_s: float, params: int, model_path: Path, peak: tuple[float, str], weights: str,
+               **engine_fields) -> dict:
+    """The stored row of a finished trial, the same keys whatever the engine; ``engine_fields``
+    adds what only one engine knows (precision, device, step mode, backend, ...)."""
+    train_s = fitted["train_time_s"]
+    return {
+        "model": spec.id,
+        "framework": spec.framework,
+        "source": spec.source,
+        "status": "ok",
+        **metrics,
+        "train_time_s": train_s,
+        "data_time_s": fitted["data_time_s"],
+        # Share of the trial's data + training time spent getting images ready (cache load included).
+        "data_fraction": (load_s + fitted["data_time_s"]) / (load_s + train_s) if train_s else None,
+        "eval_time_s": fitted["eval_time_s"],
+        "build_time_s": build_s,
+        "load_time_s": load_s,
+        "train_images_per_s": len(job.train_idx) * protocol.epochs / train_s if train_s else None,
+        **timing,
+        "params": int(params),
+        "size_mb": model_path.stat().st_size / 2**20,
+        "peak_memory_mb": peak[0],
+        "peak_memory_kind": peak[1],
+        "history": fitted["history"],
+        "weights": weights,
+        "input_size": job.input_size,
+        "model_dir": str(model_path.parent.relative_to(job.out_dir)),
+        **engine_fields,
+    }
+
+
 def run_trial(job: TrialJob, on_step=None) -> dict:
     """Train and measure one model with the engine of its framework; returns the result row."""
     framework = job.spec["framework"]

@@ -17,7 +17,7 @@ from bakeoff.data.scan import CLASS_MAP_FILE
 from bakeoff.engines.saved import save_model_dir
 from bakeoff.errors import BakeoffError
 from bakeoff.protocol import Protocol
-from bakeoff.trial import TrialJob, available_memory_bytes, device_name
+from bakeoff.trial import TrialJob, available_memory_bytes, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_keras_trial", "load_saved", "import_keras", "choose_backend"]
@@ -150,38 +150,15 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
     steps.finish()
     path = _save(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights, backend)
     peak_mb, peak_kind = _peak_memory(keras, accel is not None)
-    train_s = fitted["train_time_s"]
-    return {
-        "model": spec.id,
-        "framework": spec.framework,
-        "source": spec.source,
-        "status": "ok",
-        **metrics,
-        "train_time_s": train_s,
-        "data_time_s": fitted["data_time_s"],
-        "data_fraction": fitted["data_time_s"] / train_s if train_s else None,
-        "eval_time_s": fitted["eval_time_s"],
-        "compile_time_s": fitted["compile_time_s"],
-        "build_time_s": build_s,
-        "load_time_s": load_s,
-        "train_images_per_s": len(job.train_idx) * protocol.epochs / train_s if train_s else None,
-        **timing,
-        "params": int(model.count_params()),
-        "size_mb": path.stat().st_size / 2**20,
-        "peak_memory_mb": peak_mb,
-        "peak_memory_kind": peak_kind,
-        "history": fitted["history"],
-        "weights": weights,
-        "input_size": job.input_size,
-        "input_upsampled_to": upsampled,
-        "precision": "bf16-mixed" if bf16 else "fp32",
-        "channels_last": True,  # Keras computes NHWC
-        "device": "cuda" if accel else "cpu",
-        "device_name": accel[1] if accel else device_name(torch.device("cpu")),
-        "data_resident": "ram" if batcher.resident is not None else "memory-mapped file",
-        "model_dir": str(path.parent.relative_to(job.out_dir)),
-        "backend": backend,
-    }
+    return result_row(
+        spec, job, protocol, metrics, fitted, timing, build_s=build_s, load_s=load_s,
+        params=model.count_params(), model_path=path, peak=(peak_mb, peak_kind), weights=weights,
+        compile_time_s=fitted["compile_time_s"], input_upsampled_to=upsampled,
+        precision="bf16-mixed" if bf16 else "fp32", channels_last=True,  # Keras computes NHWC
+        device="cuda" if accel else "cpu",
+        device_name=accel[1] if accel else device_name(torch.device("cpu")),
+        data_resident="ram" if batcher.resident is not None else "memory-mapped file", backend=backend,
+    )
 
 
 def load_saved(model_dir, device: str = "auto"):

@@ -12,7 +12,7 @@ import numpy as np
 from bakeoff.data.scan import CLASS_MAP_FILE
 from bakeoff.engines.saved import save_model_dir
 from bakeoff.protocol import Protocol
-from bakeoff.trial import TrialJob, available_memory_bytes, device_name
+from bakeoff.trial import TrialJob, available_memory_bytes, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_torch_trial", "save_model", "load_saved"]
@@ -77,41 +77,16 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         peak_mb, peak_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
     else:
         peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
-    train_s = fitted["train_time_s"]
-    return {
-        "model": spec.id,
-        "framework": spec.framework,
-        "source": spec.source,
-        "status": "ok",
-        **{k: v for k, v in metrics.items()},
-        "train_time_s": train_s,
-        "data_time_s": fitted["data_time_s"],
-        # Share of the trial's data + training time spent getting images ready (cache load included).
-        "data_fraction": (load_s + fitted["data_time_s"]) / (load_s + train_s) if train_s else None,
-        "step_mode": fitted.get("step_mode"),
-        "capture_time_s": fitted.get("capture_time_s"),
-        "capture_error": fitted.get("capture_error"),
-        "feature_time_s": fitted.get("feature_time_s"),
-        "eval_time_s": fitted["eval_time_s"],
-        "build_time_s": build_s,
-        "load_time_s": load_s,
-        "train_images_per_s": len(job.train_idx) * protocol.epochs / train_s if train_s else None,
-        **timing,
-        "params": int(sum(p.numel() for p in model.parameters())),
-        "size_mb": weights_path.stat().st_size / 2**20,
-        "peak_memory_mb": peak_mb,
-        "peak_memory_kind": peak_kind,
-        "history": fitted["history"],
-        "weights": weights,
-        "input_size": job.input_size,
-        "precision": "bf16-autocast" if bf16 else "fp32",
-        "channels_last": channels_last,
-        "device": device.type,
-        "device_name": device_name(device),
-        "data_resident": "device" if batcher.resident is not None and device.type == "cuda"
+    return result_row(
+        spec, job, protocol, metrics, fitted, timing, build_s=build_s, load_s=load_s,
+        params=sum(p.numel() for p in model.parameters()), model_path=weights_path, peak=(peak_mb, peak_kind),
+        weights=weights, step_mode=fitted.get("step_mode"), capture_time_s=fitted.get("capture_time_s"),
+        capture_error=fitted.get("capture_error"), feature_time_s=fitted.get("feature_time_s"),
+        precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,
+        device_name=device_name(device),
+        data_resident="device" if batcher.resident is not None and device.type == "cuda"
         else ("ram" if batcher.resident is not None else "memory-mapped file"),
-        "model_dir": str(weights_path.parent.relative_to(job.out_dir)),
-    }
+    )
 
 
 def load_saved(model_dir, device: str = "cpu"):
