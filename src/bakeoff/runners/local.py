@@ -10,6 +10,7 @@ import signal
 import time
 from typing import Callable
 
+from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
 from bakeoff.trial import TrialJob, trial_process_main
 
@@ -77,15 +78,7 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     (finished before, skipped), failed.
     """
     ctx = mp.get_context("spawn")
-    done = store.finished_keys()
-    counts = {"trained": 0, "resumed": 0, "failed": 0}
-    pending = []
-    for job in jobs:
-        if job.key in done:
-            counts["resumed"] += 1
-            on_event("resumed", job, None)
-        else:
-            pending.append(job)
+    pending, counts = split_finished(jobs, store, on_event)
     slots = [d for d in (devices or [None]) for _ in range(max(1, per_device))]
     concurrent = len(slots) if devices else 1
     running: dict[int, _Running] = {}
@@ -105,17 +98,9 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                 r.stop()
                 del running[slot]
                 status, payload = r.outcome
-                spec = r.job.spec
                 if status == "ok":
                     payload = payload | {"concurrent_trials": r.job.extra.get("concurrent_trials", 1)}
-                    store.save_trial(r.job.key, run_id, spec["id"], spec["framework"], "ok", r.started, result=payload)
-                    counts["trained"] += 1
-                    on_event("done", r.job, payload)
-                else:
-                    store.save_trial(r.job.key, run_id, spec["id"], spec["framework"], "failed", r.started,
-                                     error=payload["error"], traceback=payload.get("traceback"))
-                    counts["failed"] += 1
-                    on_event("failed", r.job, payload)
+                record_outcome(store, run_id, r.job, r.started, status == "ok", payload, counts, on_event)
             time.sleep(0.05)
     finally:
         for r in running.values():

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from bakeoff.errors import BakeoffError
+from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
 from bakeoff.trial import TrialJob, trial_process_main
 
@@ -241,16 +242,10 @@ def run_ray(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable 
     ray = _ray()
     connect(address)
     entry = entry or trial_process_main
-    done = store.finished_keys()
-    counts = {"trained": 0, "resumed": 0, "failed": 0}
-    todo = []
-    for job in jobs:
-        if job.key in done:
-            counts["resumed"] += 1
-            on_event("resumed", job, None)
-        else:  # absolute paths: a worker's current folder is not the driver's
-            todo.append(replace(job, cache_path=str(Path(job.cache_path).resolve()),
-                                out_dir=str(Path(job.out_dir).resolve())))
+    todo, counts = split_finished(jobs, store, on_event)
+    # absolute paths: a worker's current folder is not the driver's
+    todo = [replace(job, cache_path=str(Path(job.cache_path).resolve()), out_dir=str(Path(job.out_dir).resolve()))
+            for job in todo]
     if not todo:
         return counts
 
@@ -312,16 +307,7 @@ def run_ray(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable 
 
 
 def _store(out: dict, job: TrialJob, store: Store, run_id: int, counts: dict, on_event: Callable) -> None:
-    model, framework = job.spec["id"], job.spec["framework"]
-    payload = out["payload"]
-    if out["kind"] == "result":
-        if out["files"]:
-            _write_files(job.out_dir, out["files"])
-        store.save_trial(job.key, run_id, model, framework, "ok", out["started"], result=payload)
-        counts["trained"] += 1
-        on_event("done", job, payload)
-    else:
-        store.save_trial(job.key, run_id, model, framework, "failed", out["started"],
-                         error=payload["error"], traceback=payload.get("traceback"))
-        counts["failed"] += 1
-        on_event("failed", job, payload)
+    ok = out["kind"] == "result"
+    if ok and out["files"]:
+        _write_files(job.out_dir, out["files"])
+    record_outcome(store, run_id, job, out["started"], ok, out["payload"], counts, on_event)
