@@ -1,6 +1,6 @@
 """Keras (on JAX) against PyTorch, same architecture, same device: training images/s and batch-1 latency.
 
-Claim measured: for MobileNetV2, ResNet152 (both libraries have the same v1 network), ResNet152V2
+Claim measured: for MobileNetV2, ResNet50, ResNet152 (both libraries have the same v1 network), ResNet152V2
 (the study's TF model) against torchvision's resnet152, and InceptionV3, how fast each framework
 trains (batch 16, Adam, one compiled/eager step per batch, after warm-up, device-synchronised)
 and predicts one image (median and p95 of >= 50 synchronised runs after warm-up), on synthetic
@@ -27,6 +27,7 @@ import numpy as np
 # name: (Keras application, its kwargs, torchvision model, input size)
 PAIRS = {
     "mobilenet_v2": ("MobileNetV2", {}, "mobilenet_v2", 224),
+    "resnet50": ("ResNet50", {}, "resnet50", 224),
     "resnet152": ("ResNet152", {}, "resnet152", 224),
     "resnet152v2_vs_resnet152": ("ResNet152V2", {}, "resnet152", 224),
     "inception_v3": ("InceptionV3", {}, "inception_v3", 299),

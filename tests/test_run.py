@@ -27,7 +27,7 @@ REQUIRED = ["model", "framework", "status", "accuracy", "accuracy_ci_low", "accu
 def finished_run(tmp_path_factory, shared_colour_folder):
     out = tmp_path_factory.mktemp("run") / "out"
     comparison = run_comparison(shared_colour_folder, ["timm/test_resnet", "timm/test_efficientnet",
-                                                       "torchvision/inception_v3"],
+                                                       "torchvision/inception_v3", "timm/test_convnext"],
                                 out=out, **(TINY | {"epochs": 3}))
     return out, comparison
 
@@ -45,7 +45,7 @@ def test_learns_a_learnable_task_and_writes_every_output(finished_run):
                  "plots/accuracy_vs_inference_time.png", "class_label_to_prediction_index.json", "dataset.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "class_label_to_prediction_index.json").read_text()) == {"blue": 0, "green": 1, "red": 2}
-    assert comparison.run["counts"] == {"trained": 2, "resumed": 0, "failed": 1}
+    assert comparison.run["counts"] == {"trained": 3, "resumed": 0, "failed": 1}
 
 
 def test_baseline_row_is_one_and_default_baseline_is_first(finished_run):
@@ -61,12 +61,16 @@ def test_a_failing_trial_is_a_row_and_the_run_goes_on(finished_run):
     results = pd.read_csv(out / "results.csv").set_index("model")
     assert results.loc["torchvision/inception_v3", "status"] == "failed"
     assert "Kernel size can't be greater" in results.loc["torchvision/inception_v3", "error"]
-    assert results.loc["timm/test_efficientnet", "status"] == "ok"  # listed after... and before the failure
+    assert results.loc["timm/test_convnext", "status"] == "ok"  # listed after the failure
     with sqlite3.connect(out / "bakeoff.db") as db:
         rows = db.execute("SELECT model, status, result FROM trials").fetchall()
-    assert sorted((m, s) for m, s, _ in rows) == [("timm/test_efficientnet", "ok"), ("timm/test_resnet", "ok"),
-                                                  ("torchvision/inception_v3", "failed")]
+    assert sorted((m, s) for m, s, _ in rows) == [("timm/test_convnext", "ok"), ("timm/test_efficientnet", "ok"),
+                                                  ("timm/test_resnet", "ok"), ("torchvision/inception_v3", "failed")]
     result = json.loads(next(r for m, _, r in rows if m == "timm/test_resnet"))
+    # One worker ran the first two trials and kept the decoded images between them; the failed
+    # trial ended it, so the trial after the failure started a fresh process and loaded them again.
+    reused = {m: json.loads(r)["data_reused"] for m, s, r in rows if s == "ok"}
+    assert reused == {"timm/test_resnet": False, "timm/test_efficientnet": True, "timm/test_convnext": False}
     assert len(result["history"]) == 3 and result["weights"] == "random-init"
     assert len(result["confusion_matrix"]) == 3 and set(result["per_class_accuracy"]) == {"blue", "green", "red"}
     assert result["latency_runs"] >= 50
@@ -160,3 +164,24 @@ def test_cli_run_prints_the_table_and_interrupt_keeps_finished_work(tmp_path, co
     assert done.returncode == 0, done.stderr
     assert "trained 1, already done 1, failed 0" in done.stdout.replace("\n", " ")
     assert "timm/test_resnet" in done.stdout and "relative to" in done.stdout
+
+
+def test_train_only_top_layer_trains_the_head_on_features_computed_once(shared_colour_folder, tmp_path):
+    import torch
+
+    from bakeoff.engines.torch_build import build_model
+    from bakeoff.zoo import resolve
+
+    out = tmp_path / "top"
+    run_comparison(shared_colour_folder, ["timm/test_resnet"], out=out,
+                   **(TINY | {"epochs": 4, "lr": 0.01, "train_only_top_layer": True}))
+    row = pd.read_csv(out / "results.csv").iloc[0]
+    assert row["status"] == "ok" and row["step_mode"].startswith("cached-features")
+    assert row["accuracy"] > 0.5  # chance is 1/3: the head learnt from the frozen features
+    # The backbone is exactly its seeded initial state; only the classifier moved.
+    torch.manual_seed(0)
+    start, _ = build_model(resolve("timm/test_resnet"), 3, pretrained=False)
+    model, _, _ = load_saved(next((out / "models").iterdir()))
+    before, after = start.state_dict(), model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"fc.weight", "fc.bias"}

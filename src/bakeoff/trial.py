@@ -1,4 +1,5 @@
-"""One trial = one model trained and measured with the run's protocol, in a fresh process."""
+"""One trial = one model trained and measured with the run's protocol, in a process of its own
+(a fresh one, or a worker that runs one PyTorch trial after another on the same data)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TrialJob", "run_trial", "trial_process_main", "available_memory_bytes", "device_name"]
+__all__ = ["TrialJob", "run_trial", "trial_process_main", "worker_main", "available_memory_bytes", "device_name"]
 
 
 @dataclass
@@ -104,8 +105,9 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
     raise ValueError(f"no engine for framework {framework!r}")
 
 
-def trial_process_main(job: TrialJob, queue) -> None:
-    """Entry point of the trial's own process: results and progress go back through ``queue``."""
+def trial_process_main(job: TrialJob, queue) -> bool:
+    """Entry point of the trial's own process: results and progress go back through ``queue``.
+    Returns True when the trial finished."""
     try:
         import torch
 
@@ -115,6 +117,7 @@ def trial_process_main(job: TrialJob, queue) -> None:
             queue.put(("step", job.key, epoch, step, steps, elapsed))
 
         queue.put(("result", job.key, run_trial(job, on_step)))
+        return True
     except KeyboardInterrupt:
         queue.put(("interrupted", job.key, None))
     except BaseException as exc:  # any failure becomes a failed row, never a crashed sweep
@@ -124,3 +127,28 @@ def trial_process_main(job: TrialJob, queue) -> None:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
         detail = "" if isinstance(exc, BakeoffError) else traceback.format_exc()
         queue.put(("error", job.key, {"error": f"{kind}: {message}"[:1000], "traceback": detail}))
+    return False
+
+
+def reusable_after(job: TrialJob) -> bool:
+    """Whether a worker may run another trial after this one. PyTorch trials clean up after
+    themselves; a Keras trial leaves its backend's memory and compiled state behind."""
+    return job.spec["framework"] == "pytorch"
+
+
+def worker_main(jobs, queue) -> None:
+    """A long-lived trial process: runs the jobs it is given one after another, keeping the
+    decoded images resident between trials on the same data. It ends after ``None``, after a
+    failed trial (whose state may be broken, e.g. a CUDA error) and after a trial that cannot
+    share a process; the runner then starts a fresh one."""
+    import gc
+
+    while (job := jobs.get()) is not None:
+        finished = trial_process_main(job, queue)
+        if not (finished and reusable_after(job)):
+            return
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -58,14 +58,15 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
 
     images = np.load(job.cache_path, mmap_mode="r")
     needed = np.concatenate([job.train_idx, job.val_idx])
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * 0.4)
-    else:
-        budget = int(available_memory_bytes() * 0.4)
+
+    def budget() -> int:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0] * 0.4)
+        return int(available_memory_bytes() * 0.4)
+
     t_load = time.perf_counter()
     batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, channels_last, budget,
-                             side=job.side)
+                             side=job.side, keep=bool(job.extra.get("keep_data")))
     load_s = time.perf_counter() - t_load
 
     fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step)
@@ -86,6 +87,7 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         device_name=device_name(device),
         data_resident="device" if batcher.resident is not None and device.type == "cuda"
         else ("ram" if batcher.resident is not None else "memory-mapped file"),
+        data_reused=batcher.reused,
     )
 
 

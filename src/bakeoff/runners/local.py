@@ -1,5 +1,7 @@
-"""Run trials in fresh local processes, one or several at a time per GPU; store each result
-as it lands, so an interrupt or a crash loses nothing that had finished."""
+"""Run trials in local worker processes, one or several at a time per GPU; store each result
+as it lands, so an interrupt or a crash loses nothing that had finished. A worker runs one
+PyTorch trial after another and keeps the decoded images resident between them; after a
+failure or a Keras trial it ends, and the next trial gets a fresh process."""
 
 from __future__ import annotations
 
@@ -12,17 +14,19 @@ from typing import Callable
 
 from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
-from bakeoff.trial import TrialJob, trial_process_main
+from bakeoff.trial import TrialJob, reusable_after, worker_main
 
 __all__ = ["run_local"]
 
 
-class _Running:
-    def __init__(self, job: TrialJob, ctx) -> None:
-        self.job, self.queue, self.started = job, ctx.Queue(), time.time()
-        self.proc = ctx.Process(target=trial_process_main, args=(job, self.queue), daemon=True)
-        self.outcome: tuple[str, dict] | None = None
-        self.dead_since: float | None = None
+class _Worker:
+    """A trial process that runs one job after another: later trials on the same data reuse
+    the images it keeps resident, and skip the process start and the data load."""
+
+    def __init__(self, ctx) -> None:
+        self.jobs, self.queue = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=worker_main, args=(self.jobs, self.queue), daemon=True)
+        self.job: TrialJob | None = None
         # The child starts with Ctrl-C ignored: the parent alone handles it and stops the child,
         # so an interrupt prints one message, not a traceback from every process of the group.
         try:
@@ -35,13 +39,19 @@ class _Running:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
 
+    def give(self, job: TrialJob) -> None:
+        self.job, self.started, self.outcome, self.dead_since = job, time.time(), None, None
+        self.jobs.put(job)
+
     def poll(self, on_event: Callable) -> bool:
-        """Handle pending messages; True once the trial has an outcome."""
+        """Handle pending messages; True once the current trial has an outcome."""
         while self.outcome is None:
             try:
                 msg = self.queue.get_nowait()
             except queue_mod.Empty:
                 break
+            if msg[1] != self.job.key:
+                continue
             if msg[0] == "step":
                 on_event("step", self.job, msg[2:])
             elif msg[0] == "result":
@@ -60,8 +70,18 @@ class _Running:
                 self.outcome = ("error", {"error": f"trial process died with {why}{hint}", "traceback": ""})
         return self.outcome is not None
 
-    def stop(self) -> None:
-        self.proc.join(timeout=5 if self.outcome else 0)
+    def reusable(self) -> bool:
+        """Whether the worker takes another job (it ends itself after failures and Keras trials)."""
+        return self.outcome is not None and self.outcome[0] == "ok" and reusable_after(self.job) \
+            and self.proc.is_alive()
+
+    def stop(self, wait: float = 5.0) -> None:
+        if self.proc.is_alive():
+            try:
+                self.jobs.put(None)
+            except (OSError, ValueError):
+                pass
+        self.proc.join(timeout=wait)
         if self.proc.is_alive():
             self.proc.terminate()
             self.proc.join(timeout=10)
@@ -81,28 +101,37 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     pending, counts = split_finished(jobs, store, on_event)
     slots = [d for d in (devices or [None]) for _ in range(max(1, per_device))]
     concurrent = len(slots) if devices else 1
-    running: dict[int, _Running] = {}
+    workers: dict[int, _Worker] = {}
+    busy: set[int] = set()
     try:
-        while pending or running:
+        while pending or busy:
             for slot in range(concurrent):
-                if slot not in running and pending:
+                if slot not in busy and pending:
                     job = pending.pop(0)
+                    extra = job.extra | {"keep_data": True}
                     if slots[slot] is not None:
-                        job = dataclasses.replace(job, device=slots[slot],
-                                                  extra=job.extra | {"concurrent_trials": concurrent})
+                        extra |= {"concurrent_trials": concurrent}
+                        job = dataclasses.replace(job, device=slots[slot])
+                    job = dataclasses.replace(job, extra=extra)
                     on_event("start", job, None)
-                    running[slot] = _Running(job, ctx)
-            for slot, r in list(running.items()):
-                if not r.poll(on_event):
+                    if slot not in workers:
+                        workers[slot] = _Worker(ctx)
+                    workers[slot].give(job)
+                    busy.add(slot)
+            for slot in list(busy):
+                w = workers[slot]
+                if not w.poll(on_event):
                     continue
-                r.stop()
-                del running[slot]
-                status, payload = r.outcome
+                busy.discard(slot)
+                if not w.reusable():
+                    w.stop(wait=5.0 if w.outcome[0] == "ok" else 0.0)
+                    del workers[slot]
+                status, payload = w.outcome
                 if status == "ok":
-                    payload = payload | {"concurrent_trials": r.job.extra.get("concurrent_trials", 1)}
-                record_outcome(store, run_id, r.job, r.started, status == "ok", payload, counts, on_event)
+                    payload = payload | {"concurrent_trials": w.job.extra.get("concurrent_trials", 1)}
+                record_outcome(store, run_id, w.job, w.started, status == "ok", payload, counts, on_event)
             time.sleep(0.05)
     finally:
-        for r in running.values():
-            r.stop()
+        for w in workers.values():
+            w.stop(wait=5.0 if not busy else 0.0)
     return counts
