@@ -130,3 +130,20 @@ def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "_decode_one", lambda *a: pytest.fail("decoded a second time"))
     again = build_cache(files, tmp_path / "cache", "fp", 24)
     assert np.array_equal(again.array(), arr)
+
+
+def test_process_pool_decoding_writes_the_same_cache_as_threads(tmp_path, monkeypatch):
+    import bakeoff.data.cache as cache_mod
+
+    data = make_colour_folder(tmp_path / "d", 4, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    files = [str(p) for p in sorted(data.rglob("*.png"))]
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    files.insert(3, str(tmp_path / "broken.jpg"))
+    threads = build_cache(files, tmp_path / "c1", "fp", 24, workers=2)
+    monkeypatch.setattr(cache_mod, "PROCESS_POOL_MIN_FILES", 0)
+    seen = []
+    procs = build_cache(files, tmp_path / "c2", "fp", 24, workers=2, progress=lambda d, n: seen.append((d, n)))
+    assert np.array_equal(procs.array(), threads.array())
+    assert list(procs.errors) == [3] == list(threads.errors) and not procs.ok[3] and procs.ok.sum() == 8
+    assert seen[-1] == (9, 9)
+

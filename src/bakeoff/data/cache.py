@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,6 +43,25 @@ def _decode_one(path: str, side: int, interpolation: str):
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
+def _decode_into(npy_path: str, start: int, paths: list[str], side: int, interpolation: str) -> dict[int, str]:
+    """Decode ``paths`` into rows ``start...`` of the memory-mapped ``.npy`` (run in a worker
+    process: decoding is CPU-bound Python and C that threads of one process do not scale)."""
+    out = np.load(npy_path, mmap_mode="r+")
+    errors = {}
+    for i, p in enumerate(paths):
+        arr, err = _decode_one(p, side, interpolation)
+        if err is None:
+            out[start + i] = arr
+        else:
+            errors[start + i] = err
+    out.flush()
+    return errors
+
+
+# Below this many files a process pool costs more to start than it saves.
+PROCESS_POOL_MIN_FILES = 4096
+
+
 def build_cache(
     files: list[str],
     cache_dir: Path,
@@ -72,18 +92,33 @@ def build_cache(
     tmp = folder / f".{stem}.{os.getpid()}.npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), side, side, 3))
     errors: dict[int, str] = {}
-    workers = workers or min(16, os.cpu_count() or 1)
-    chunk = 256
-    with ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(files), chunk):
-            batch = files[start:start + chunk]
-            for i, (arr, err) in enumerate(pool.map(lambda p: _decode_one(p, side, interpolation), batch)):
-                if err is None:
-                    out[start + i] = arr
-                else:
-                    errors[start + i] = err
-            if progress:
-                progress(min(start + chunk, len(files)), len(files))
+    workers = workers or min(32, os.cpu_count() or 1)
+    if workers > 1 and len(files) >= PROCESS_POOL_MIN_FILES:
+        out.flush()
+        del out
+        chunk = 512
+        done = 0
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_decode_into, str(tmp), start, files[start:start + chunk], side, interpolation):
+                       len(files[start:start + chunk]) for start in range(0, len(files), chunk)}
+            for fut in as_completed(futures):
+                errors.update(fut.result())
+                done += futures[fut]
+                if progress:
+                    progress(done, len(files))
+        out = np.load(tmp, mmap_mode="r+")
+    else:
+        chunk = 256
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(files), chunk):
+                batch = files[start:start + chunk]
+                for i, (arr, err) in enumerate(pool.map(lambda p: _decode_one(p, side, interpolation), batch)):
+                    if err is None:
+                        out[start + i] = arr
+                    else:
+                        errors[start + i] = err
+                if progress:
+                    progress(min(start + chunk, len(files)), len(files))
     out.flush()
     del out
     os.replace(tmp, npy)
