@@ -67,10 +67,15 @@ def test_a_failing_trial_is_a_row_and_the_run_goes_on(finished_run):
     assert sorted((m, s) for m, s, _ in rows) == [("timm/test_convnext", "ok"), ("timm/test_efficientnet", "ok"),
                                                   ("timm/test_resnet", "ok"), ("torchvision/inception_v3", "failed")]
     result = json.loads(next(r for m, _, r in rows if m == "timm/test_resnet"))
-    # One worker ran the first two trials and kept the decoded images between them; the failed
-    # trial ended it, so the trial after the failure started a fresh process and loaded them again.
+    # A worker runs trial after trial and keeps the decoded images between them (trials that want
+    # the same image size run one after another); a failed trial ends its worker, so the trial
+    # after a failure starts a fresh process and loads the images again.
+    with sqlite3.connect(out / "bakeoff.db") as db:
+        order = [m for m, in db.execute("SELECT model FROM trials ORDER BY started")]
     reused = {m: json.loads(r)["data_reused"] for m, s, r in rows if s == "ok"}
-    assert reused == {"timm/test_resnet": False, "timm/test_efficientnet": True, "timm/test_convnext": False}
+    after_failure = order[order.index("torchvision/inception_v3") + 1:order.index("torchvision/inception_v3") + 2]
+    assert reused[order[0]] is False and all(reused[m] is (m not in after_failure) for m in order[1:] if m in reused)
+    assert sum(reused.values()) >= 1
     assert len(result["history"]) == 3 and result["weights"] == "random-init"
     assert len(result["confusion_matrix"]) == 3 and set(result["per_class_accuracy"]) == {"blue", "green", "red"}
     assert result["latency_runs"] >= 50
@@ -185,3 +190,16 @@ def test_train_only_top_layer_trains_the_head_on_features_computed_once(shared_c
     before, after = start.state_dict(), model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved == {"fc.weight", "fc.bias"}
+
+
+
+def test_which_trials_a_worker_runs_after_another():
+    from bakeoff.trial import TrialJob, reusable_after
+
+    def job(framework="pytorch", device="cpu", top=False):
+        return TrialJob(spec={"framework": framework}, protocol={"train_only_top_layer": top}, cache_path="",
+                        input_size=8, labels=None, train_idx=None, val_idx=None, classes=[], out_dir="",
+                        device=device)
+
+    assert reusable_after(job()) and reusable_after(job(device="cuda:0", top=True))
+    assert not reusable_after(job(device="cuda:0")) and not reusable_after(job("tensorflow"))

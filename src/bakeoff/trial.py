@@ -131,9 +131,12 @@ def trial_process_main(job: TrialJob, queue) -> bool:
 
 
 def reusable_after(job: TrialJob) -> bool:
-    """Whether a worker may run another trial after this one. PyTorch trials clean up after
-    themselves; a Keras trial leaves its backend's memory and compiled state behind."""
-    return job.spec["framework"] == "pytorch"
+    """Whether a worker may run another trial after this one: after PyTorch trials on the CPU
+    and top-only trials, whose data load is a large share of the trial. A full fine-tune on a
+    GPU ends its worker (a fresh process per graph-captured trial; its load is small beside its
+    training), and so does a Keras trial, which leaves its backend's memory behind."""
+    return job.spec["framework"] == "pytorch" and (
+        job.device == "cpu" or bool(job.protocol.get("train_only_top_layer")))
 
 
 def worker_main(jobs, queue) -> None:

@@ -98,9 +98,17 @@ class Batcher:
                           antialias=True, align_corners=False)
         return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
-    def _fetch(self, idx: np.ndarray) -> torch.Tensor:
+    def positions(self, idx: np.ndarray) -> torch.Tensor | None:
+        """Where ``idx`` sit in the resident tensor, as one device tensor (None when the images
+        are read from the file): fetched once per epoch, so a step needs no host-to-device copy."""
+        if self.resident is None:
+            return None
+        return torch.from_numpy(self.resident_index[idx]).to(self.device)
+
+    def _fetch(self, idx: np.ndarray, pos: torch.Tensor | None = None) -> torch.Tensor:
         if self.resident is not None:
-            pos = torch.from_numpy(self.resident_index[idx]).to(self.device)
+            if pos is None:
+                pos = torch.from_numpy(self.resident_index[idx]).to(self.device)
             return self.resident.index_select(0, pos)
         order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped file
         arr = np.empty((len(idx),) + self.images.shape[1:], dtype=np.uint8)
@@ -130,9 +138,10 @@ class Batcher:
         return theta
 
     def train_batch(self, idx: np.ndarray, gen: torch.Generator | None = None, augment: str = "rrc-flip",
-                    theta: torch.Tensor | None = None) -> torch.Tensor:
-        """An augmented, normalised batch; ``theta`` (on the device) are precomputed crops."""
-        x = self._fetch(idx).permute(0, 3, 1, 2).float()
+                    theta: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """An augmented, normalised batch; ``theta`` (on the device) are precomputed crops and
+        ``pos`` the images' resident positions (see ``positions``)."""
+        x = self._fetch(idx, pos).permute(0, 3, 1, 2).float()
         if augment == "none":
             return self._finish(self._center(x))
         if theta is None:

@@ -45,7 +45,9 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         torch.cuda.set_device(device)
         torch.empty(1, device=device)  # the allocator must exist before its statistics can be reset
         torch.cuda.reset_peak_memory_stats(device)
-        torch.backends.cudnn.benchmark = True
+        # Autotuning pays off over thousands of training steps; a top-only trial runs each
+        # shape a few times (one feature pass), where it cost more than the pass itself.
+        torch.backends.cudnn.benchmark = not protocol.train_only_top_layer
     bf16 = uses_bf16(protocol, device)
     channels_last = device.type == "cuda" and bf16
 

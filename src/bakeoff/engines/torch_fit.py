@@ -157,13 +157,15 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
         t_epoch = time.perf_counter()
         theta = batcher.crop_params(len(order), gen).to(device, non_blocking=True)
         order_dev = torch.from_numpy(order).to(device, non_blocking=True)
+        pos = batcher.positions(order)
         seen = 0
         for i in range(steps_per_epoch):
             lo, hi = i * bs, min((i + 1) * bs, len(order))
             if hi - lo < 2 < len(order):
                 continue  # a lone last image breaks batch-norm in training mode
             t_data = time.perf_counter()
-            x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi])
+            x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
+                                    pos=None if pos is None else pos[lo:hi])
             y = y_all[order_dev[lo:hi]]
             data_time += time.perf_counter() - t_data  # on CUDA: the host's share (launches) only
             step(x, y)

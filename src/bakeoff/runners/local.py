@@ -99,6 +99,9 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     """
     ctx = mp.get_context("spawn")
     pending, counts = split_finished(jobs, store, on_event)
+    # Trials wanting the same stored image size run one after another, so a worker's resident
+    # images serve the next trial too; Keras trials (a fresh process each) come last.
+    pending.sort(key=lambda j: (j.spec["framework"] != "pytorch", j.side or 0))
     slots = [d for d in (devices or [None]) for _ in range(max(1, per_device))]
     concurrent = len(slots) if devices else 1
     workers: dict[int, _Worker] = {}
