@@ -3,11 +3,13 @@ and load a saved model back. Keras runs on TensorFlow where it is installed, els
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,17 +58,48 @@ def import_keras(device: str = "auto"):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # measured peak memory, room for others
         if device == "cpu":
             os.environ["JAX_PLATFORMS"] = "cpu"
-    import keras
+    with _native_stderr_filtered():
+        import keras
 
-    if backend == "tensorflow":
-        import tensorflow as tf
+        if backend == "tensorflow":
+            import tensorflow as tf
 
-        gpus = tf.config.list_physical_devices("GPU")
-        if device == "cpu" and gpus:
-            tf.config.set_visible_devices([], "GPU")
-        for gpu in gpus if device != "cpu" else []:
-            tf.config.experimental.set_memory_growth(gpu, True)
+            gpus = tf.config.list_physical_devices("GPU")
+            if device == "cpu" and gpus:
+                tf.config.set_visible_devices([], "GPU")
+            for gpu in gpus if device != "cpu" else []:
+                tf.config.experimental.set_memory_growth(gpu, True)
     return keras
+
+
+# Start-up notices TensorFlow's C++ layer writes to the process's stderr whatever
+# TF_CPP_MIN_LOG_LEVEL says; they would land between a run's progress bars.
+NATIVE_NOISE = ("absl::InitializeLog", "oneDNN custom operations", "Unable to register cu", "TF-TRT Warning",
+                "This TensorFlow binary is optimized", "rebuild TensorFlow with the appropriate compiler flags",
+                "computation placer already registered")
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered():
+    """Catch what native code writes to file descriptor 2 meanwhile; pass on all but NATIVE_NOISE."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if line.strip() and not any(n in line for n in NATIVE_NOISE):
+                    sys.stderr.write(line)
 
 
 def _accelerator(keras) -> tuple[str, str] | None:
