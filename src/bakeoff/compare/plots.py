@@ -3,11 +3,21 @@ against relative inference time, coloured by framework, baseline marked, Pareto 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["plot_tradeoffs", "FRAMEWORK_COLORS"]
+__all__ = ["plot_tradeoffs", "short_label", "FRAMEWORK_COLORS"]
+
+# The study's ids carry their hub's naming; on a crowded plot the architecture is what reads.
+_ID_NOISE = re.compile(r"^(pytorch|tensorflow)-ic-|imagenet-|-ilsvrc2012|-classification-\d+$")
+
+
+def short_label(model: str) -> str:
+    """``tensorflow-ic-imagenet-mobilenet-v2-050-224-classification-4`` -> ``mobilenet-v2-050-224``
+    (the colour says the framework)."""
+    return _ID_NOISE.sub("", model) or model
 
 FRAMEWORK_COLORS = {"pytorch": "#d62728", "tensorflow": "#1f77b4"}  # red and blue, as in the study
 
@@ -31,9 +41,8 @@ def _plot(rel: pd.DataFrame, x: str, front: str, xlabel: str, title: str, path: 
     base = rel[rel["baseline"]]
     ax.scatter(base[x], base["relative_accuracy"], s=260, facecolors="none", edgecolors="black", lw=1.5,
                label=f"baseline ({base['model'].iloc[0]})", zorder=5)
-    for _, r in rel.iterrows():
-        ax.annotate(r["model"], (r[x], r["relative_accuracy"]), xytext=(5, 5), textcoords="offset points",
-                    fontsize=8)
+    texts = [ax.text(r[x], r["relative_accuracy"], short_label(r["model"]), fontsize=8)
+             for _, r in rel.iterrows()]
     ax.axhline(1.0, color="grey", lw=0.6)
     ax.axvline(1.0, color="grey", lw=0.6)
     if rel[x].max() / max(rel[x].min(), 1e-12) > 20:
@@ -44,9 +53,20 @@ def _plot(rel: pd.DataFrame, x: str, front: str, xlabel: str, title: str, path: 
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    _spread_labels(ax, texts)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _spread_labels(ax, texts) -> None:
+    """Move labels off each other and off the points, with a thin leader line where moved."""
+    try:
+        from adjustText import adjust_text
+    except ImportError:  # labels stay where they are: readable unless points crowd
+        return
+    adjust_text(texts, ax=ax, expand=(1.3, 1.8), force_text=(0.6, 1.0), max_move=(40, 60),
+                arrowprops={"arrowstyle": "-", "color": "#888888", "lw": 0.5})
 
 
 def plot_tradeoffs(rel: pd.DataFrame, out_dir: Path, inference_label: str = "batch-1 latency p50") -> list[Path]:
