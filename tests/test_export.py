@@ -51,6 +51,14 @@ def test_onnx_export_agrees_and_its_cpu_latency_is_reported(run_dir):
     assert row["onnx_cpu_latency_ms_p50"] == pytest.approx(r.latency_ms_p50)
     assert row["onnx_cpu_latency_ms_p95"] == pytest.approx(r.latency_ms_p95)
     assert comparison.relative["relative_inference_time"].tolist() == [1.0]
+    # The printed table shows the latency the relative figures use, and says which it is.
+    from typer.testing import CliRunner
+
+    from bakeoff.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--inference", "onnx-cpu"])
+    assert result.exit_code == 0, result.output
+    assert "(onnx-cpu)" in result.output and f"{r.latency_ms_p50:.2f}" in result.output
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bakeoff.compare.recommend import LATENCIES
 from bakeoff.errors import BakeoffError
 from bakeoff.serve.commands import export_cmd, serve_cmd
 
@@ -34,15 +35,18 @@ def _fmt(v, spec: str) -> str:
 
 def print_comparison(comparison) -> None:
     df = comparison.frame()
+    kind = getattr(comparison, "inference", "in-process")
+    latency = LATENCIES[kind][0]  # the latency the relative figures use
     table = Table(title=f"bakeoff: relative to {comparison.baseline or '-'}", show_lines=False)
-    for col in ("model", "status", "accuracy (95% CI)", "train s", "latency ms p50", "img/s", "rel acc",
+    for col in ("model", "status", "accuracy (95% CI)", "train s",
+                "latency ms p50" + ("" if kind == "in-process" else f" ({kind})"), "img/s", "rel acc",
                 "rel train", "rel infer", "pareto"):
         table.add_column(col, justify="left" if col in ("model", "status") else "right")
     for _, r in df.iterrows():
         acc = "-" if r["status"] != "ok" else \
             f"{r['accuracy']:.3f} ({r['accuracy_ci_low']:.3f}-{r['accuracy_ci_high']:.3f})"
         status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
-        table.add_row(r["model"], status, acc, _fmt(r["train_time_s"], ".1f"), _fmt(r["latency_ms_p50"], ".2f"),
+        table.add_row(r["model"], status, acc, _fmt(r["train_time_s"], ".1f"), _fmt(r.get(latency), ".2f"),
                       _fmt(r["throughput_img_s"], ",.0f"), _fmt(r.get("relative_accuracy"), ".3f"),
                       _fmt(r.get("relative_training_time"), ".2f"), _fmt(r.get("relative_inference_time"), ".2f"),
                       "*" if r.get("pareto") is True else "")

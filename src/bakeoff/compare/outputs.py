@@ -25,8 +25,9 @@ class Comparison:
     """The figures of one run: ``results`` (absolute), ``relative`` (to ``baseline``)."""
 
     def __init__(self, results: pd.DataFrame, relative: pd.DataFrame | None, baseline: str | None,
-                 run: dict, warning: str | None = None) -> None:
+                 run: dict, warning: str | None = None, inference: str = "in-process") -> None:
         self.results, self.relative, self.baseline, self.run, self.warning = results, relative, baseline, run, warning
+        self.inference = inference  # which latency is the inference time (a key of LATENCIES)
 
     def frame(self) -> pd.DataFrame:
         """results joined with the relative columns, one row per model."""
@@ -72,9 +73,9 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, infe
                     "relative_inference_time", "pareto", "pareto_training", "pareto_inference", "baseline"]
         relative[out_cols].to_csv(out_dir / "relative.csv", index=False)
         if plots:
-            plot_tradeoffs(relative, out_dir)
+            plot_tradeoffs(relative, out_dir, f"{LATENCIES[inference][2]} p50")
     else:
         warning = "no model finished successfully: nothing to compare (see the error column of results.csv)"
-    comparison = Comparison(results, relative, used, run, warning)
+    comparison = Comparison(results, relative, used, run, warning, inference)
     write_reports(out_dir, comparison)  # report.md, and report.html where plotly is installed
     return comparison
