@@ -147,6 +147,16 @@ def test_process_pool_decoding_writes_the_same_cache_as_threads(tmp_path, monkey
     assert list(procs.errors) == [3] == list(threads.errors) and not procs.ok[3] and procs.ok.sum() == 8
     assert seen[-1] == (9, 9)
 
+    class NoProcesses:  # e.g. a script fed on stdin: spawned workers cannot import its main module
+        def __init__(self, *a, **k):
+            from concurrent.futures.process import BrokenProcessPool
+
+            raise BrokenProcessPool("a worker died while starting")
+
+    monkeypatch.setattr(cache_mod, "ProcessPoolExecutor", NoProcesses)
+    fallback = build_cache(files, tmp_path / "c3", "fp", 24, workers=2)
+    assert np.array_equal(fallback.array(), threads.array()) and list(fallback.errors) == [3]
+
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_available_memory_respects_the_control_group_limit(tmp_path, version):

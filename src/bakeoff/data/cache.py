@@ -7,6 +7,7 @@ import json
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -58,6 +59,20 @@ def _decode_into(npy_path: str, start: int, paths: list[str], side: int, interpo
     return errors
 
 
+def _decode_in_processes(tmp: Path, files: list[str], side: int, interpolation: str, workers: int,
+                         progress: Callable[[int, int], None] | None) -> dict[int, str]:
+    chunk, done, errors = 512, 0, {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_decode_into, str(tmp), start, files[start:start + chunk], side, interpolation):
+                   len(files[start:start + chunk]) for start in range(0, len(files), chunk)}
+        for fut in as_completed(futures):
+            errors.update(fut.result())
+            done += futures[fut]
+            if progress:
+                progress(done, len(files))
+    return errors
+
+
 # Below this many files a process pool costs more to start than it saves.
 PROCESS_POOL_MIN_FILES = 4096
 
@@ -93,21 +108,19 @@ def build_cache(
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), side, side, 3))
     errors: dict[int, str] = {}
     workers = workers or min(32, os.cpu_count() or 1)
+    done_by_processes = False
     if workers > 1 and len(files) >= PROCESS_POOL_MIN_FILES:
         out.flush()
         del out
-        chunk = 512
-        done = 0
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_decode_into, str(tmp), start, files[start:start + chunk], side, interpolation):
-                       len(files[start:start + chunk]) for start in range(0, len(files), chunk)}
-            for fut in as_completed(futures):
-                errors.update(fut.result())
-                done += futures[fut]
-                if progress:
-                    progress(done, len(files))
+        try:
+            errors = _decode_in_processes(tmp, files, side, interpolation, workers, progress)
+            done_by_processes = True
+        except (BrokenProcessPool, OSError, RuntimeError):
+            # Worker processes could not start (e.g. a script run from stdin, whose main module a
+            # fresh interpreter cannot import again): decode with threads instead.
+            errors = {}
         out = np.load(tmp, mmap_mode="r+")
-    else:
+    if not done_by_processes:
         chunk = 256
         with ThreadPoolExecutor(workers) as pool:
             for start in range(0, len(files), chunk):
