@@ -76,6 +76,7 @@ def test_a_failing_trial_is_a_row_and_the_run_goes_on(finished_run):
     after_failure = order[order.index("torchvision/inception_v3") + 1:order.index("torchvision/inception_v3") + 2]
     assert reused[order[0]] is False and all(reused[m] is (m not in after_failure) for m in order[1:] if m in reused)
     assert sum(reused.values()) >= 1
+    assert results.loc[order[0], "data_resident"] == "ram" and not results.loc[order[0], "data_reused"]
     assert len(result["history"]) == 3 and result["weights"] == "random-init"
     assert len(result["confusion_matrix"]) == 3 and set(result["per_class_accuracy"]) == {"blue", "green", "red"}
     assert result["latency_runs"] >= 50

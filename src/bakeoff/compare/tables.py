@@ -12,9 +12,9 @@ __all__ = ["results_frame", "relative_frame", "pareto_mask", "RESULT_COLUMNS"]
 RESULT_COLUMNS = [
     "model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "top5", "macro_f1",
     "train_time_s", "latency_ms_p50", "latency_ms_p95", "throughput_img_s", "params", "size_mb",
-    "peak_memory_mb", "train_images_per_s", "data_fraction", "weights", "input_size", "precision", "device_name",
-    "latency_kind", "latency_cudagraph_ms_p50", "latency_cudagraph_ms_p95", "step_mode",
-    "concurrent_trials",
+    "peak_memory_mb", "train_images_per_s", "data_fraction", "data_resident", "data_reused", "weights",
+    "input_size", "precision", "device_name", "latency_kind", "latency_cudagraph_ms_p50",
+    "latency_cudagraph_ms_p95", "step_mode", "concurrent_trials",
     "endpoint_latency_ms_p50", "endpoint_latency_ms_p95", "onnx_cpu_latency_ms_p50",
     "onnx_cpu_latency_ms_p95", "backend", "error",
 ]
