@@ -35,7 +35,7 @@ def _fmt(v, spec: str) -> str:
 
 def print_comparison(comparison) -> None:
     df = comparison.frame()
-    kind = getattr(comparison, "inference", "in-process")
+    kind = comparison.inference
     latency = LATENCIES[kind][0]  # the latency the relative figures use
     table = Table(title=f"bakeoff: relative to {comparison.baseline or '-'}", show_lines=False)
     for col in ("model", "status", "accuracy (95% CI)", "train s",

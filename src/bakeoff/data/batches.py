@@ -30,6 +30,19 @@ def _kept_key(images, needed: np.ndarray, side: int, device) -> tuple:
     return (str(getattr(images, "filename", id(images))), images.shape, side, str(device), digest)
 
 
+# Share of the free memory (GPU memory, or RAM under any container limit) the images may take;
+# the rest is the model's, its activations' and the other processes'.
+RESIDENT_SHARE = 0.4
+
+
+def resident_budget(device) -> int:
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * RESIDENT_SHARE)
+    from bakeoff.trial import available_memory_bytes
+
+    return int(available_memory_bytes() * RESIDENT_SHARE)
+
+
 def release_kept() -> None:
     """Drop the images kept between trials (and give their device memory back)."""
     held = _KEPT.pop("tensor", None)
@@ -62,8 +75,8 @@ class Batcher:
     def create(cls, images, needed: np.ndarray, input_size, mean, std, device, channels_last=False,
                max_resident_bytes=None, side: int | None = None, keep: bool = False) -> "Batcher":
         """Keep the ``needed`` images as one tensor on ``device`` when they fit in
-        ``max_resident_bytes`` (a number, or a function called once memory is freed);
-        otherwise read each batch from the memory-mapped file.
+        ``max_resident_bytes`` (a number, or "auto": a share of the device's free memory, taken
+        once kept images are released); otherwise read each batch from the memory-mapped file.
 
         ``side``: the square each image should be before cropping (the model's resize size);
         images cached at another size are resized once on the device, not decoded again.
@@ -76,8 +89,8 @@ class Batcher:
             b.resident, b.resident_index, b.reused = _KEPT["tensor"], _KEPT["index"], True
             return b
         release_kept()
-        if callable(max_resident_bytes):
-            max_resident_bytes = max_resident_bytes()
+        if max_resident_bytes == "auto":
+            max_resident_bytes = resident_budget(device)
         nbytes = len(needed) * side * side * 3
         if max_resident_bytes is None or nbytes <= max_resident_bytes:
             order = np.sort(needed)
@@ -89,6 +102,13 @@ class Batcher:
             if key is not None:
                 _KEPT.update(key=key, tensor=b.resident, index=b.resident_index)
         return b
+
+    @property
+    def residence(self) -> str:
+        """Where batches come from: "device" (GPU memory), "ram" or "memory-mapped file"."""
+        if self.resident is None:
+            return "memory-mapped file"
+        return "ram" if self.resident.device.type == "cpu" else "device"
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """N x S0 x S0 x 3 uint8 -> N x side x side x 3 uint8 (antialiased when shrinking)."""

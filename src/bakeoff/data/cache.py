@@ -73,6 +73,23 @@ def _decode_in_processes(tmp: Path, files: list[str], side: int, interpolation: 
     return errors
 
 
+def _decode_in_threads(out: np.ndarray, files: list[str], side: int, interpolation: str, workers: int,
+                       progress: Callable[[int, int], None] | None) -> dict[int, str]:
+    chunk, errors = 256, {}
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(files), chunk):
+            batch = files[start:start + chunk]
+            for i, (arr, err) in enumerate(pool.map(lambda p: _decode_one(p, side, interpolation), batch)):
+                if err is None:
+                    out[start + i] = arr
+                else:
+                    errors[start + i] = err
+            if progress:
+                progress(min(start + chunk, len(files)), len(files))
+    out.flush()
+    return errors
+
+
 # Below this many files a process pool costs more to start than it saves.
 PROCESS_POOL_MIN_FILES = 4096
 
@@ -105,35 +122,18 @@ def build_cache(
                 progress(len(files), len(files))
             return DecodedImages(npy, side, ok, errors)
     tmp = folder / f".{stem}.{os.getpid()}.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), side, side, 3))
-    errors: dict[int, str] = {}
+    # The file with its .npy header; the decoders fill its rows in place.
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), side, side, 3)).flush()
     workers = workers or min(32, os.cpu_count() or 1)
-    done_by_processes = False
+    errors = None
     if workers > 1 and len(files) >= PROCESS_POOL_MIN_FILES:
-        out.flush()
-        del out
         try:
             errors = _decode_in_processes(tmp, files, side, interpolation, workers, progress)
-            done_by_processes = True
         except (BrokenProcessPool, OSError, RuntimeError):
-            # Worker processes could not start (e.g. a script run from stdin, whose main module a
-            # fresh interpreter cannot import again): decode with threads instead.
-            errors = {}
-        out = np.load(tmp, mmap_mode="r+")
-    if not done_by_processes:
-        chunk = 256
-        with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(files), chunk):
-                batch = files[start:start + chunk]
-                for i, (arr, err) in enumerate(pool.map(lambda p: _decode_one(p, side, interpolation), batch)):
-                    if err is None:
-                        out[start + i] = arr
-                    else:
-                        errors[start + i] = err
-                if progress:
-                    progress(min(start + chunk, len(files)), len(files))
-    out.flush()
-    del out
+            pass  # workers could not start (e.g. a script fed on stdin, whose main module a fresh
+            # interpreter cannot import again): decode with threads instead
+    if errors is None:
+        errors = _decode_in_threads(np.load(tmp, mmap_mode="r+"), files, side, interpolation, workers, progress)
     os.replace(tmp, npy)
     meta.write_text(json.dumps({"n": len(files), "side": side, "interpolation": interpolation,
                                 "errors": {str(k): v for k, v in errors.items()}}))

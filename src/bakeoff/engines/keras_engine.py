@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import resource
 import sys
@@ -15,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bakeoff.data.scan import CLASS_MAP_FILE
-from bakeoff.engines.saved import save_model_dir
+from bakeoff.engines.saved import read_model_dir, save_model_dir
 from bakeoff.errors import BakeoffError
 from bakeoff.protocol import Protocol
-from bakeoff.trial import TrialJob, available_memory_bytes, device_name, result_row
+from bakeoff.trial import TrialJob, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_keras_trial", "load_saved", "import_keras", "choose_backend"]
@@ -174,7 +172,7 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
     needed = np.concatenate([job.train_idx, job.val_idx])
     t_load = time.perf_counter()
     batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, torch.device("cpu"), False,
-                             int(available_memory_bytes() * 0.4), side=job.side)
+                             "auto", side=job.side)
     load_s = time.perf_counter() - t_load
 
     fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
@@ -190,7 +188,7 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
         precision="bf16-mixed" if bf16 else "fp32", channels_last=True,  # Keras computes NHWC
         device="cuda" if accel else "cpu",
         device_name=accel[1] if accel else device_name(torch.device("cpu")),
-        data_resident="ram" if batcher.resident is not None else "memory-mapped file", backend=backend,
+        data_resident=batcher.residence, backend=backend,
     )
 
 
@@ -202,16 +200,9 @@ def load_saved(model_dir, device: str = "auto"):
 
     >>> model, meta, classes = load_saved("bakeoff-out/models/keras__MobileNetV2")  # doctest: +SKIP
     """
-    folder = Path(model_dir)
-    missing = [n for n in ("model.keras", "spec.json", CLASS_MAP_FILE) if not (folder / n).is_file()]
-    if missing:
-        raise BakeoffError(f"saved model {folder} lacks {', '.join(missing)}: pass a folder under OUT/models/ "
-                           f"written by `bakeoff run` for a Keras model")
+    folder, meta, classes = read_model_dir(model_dir, "model.keras", " for a Keras model")
     keras = import_keras(device)
     import bakeoff.engines.keras_bit  # noqa: F401 - registers BiT's layer for deserialisation
 
-    meta = json.loads((folder / "spec.json").read_text())
-    class_map = json.loads((folder / CLASS_MAP_FILE).read_text())
-    classes = [c for c, _ in sorted(class_map.items(), key=lambda kv: kv[1])]
     model = keras.saving.load_model(folder / "model.keras", compile=False)
     return model, meta, classes

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Callable
 
 from bakeoff.data.scan import CLASS_MAP_FILE
+from bakeoff.errors import BakeoffError
 from bakeoff.protocol import Protocol
 from bakeoff.zoo.spec import ModelSpec, safe_name
 
-__all__ = ["save_model_dir"]
+__all__ = ["save_model_dir", "read_model_dir"]
 
 
 def save_model_dir(spec: ModelSpec, classes: list[str], protocol: Protocol, out_dir: Path, filename: str,
@@ -28,3 +29,16 @@ def save_model_dir(spec: ModelSpec, classes: list[str], protocol: Protocol, out_
     (folder / CLASS_MAP_FILE).write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=2))
     (folder / "protocol.json").write_text(json.dumps(protocol.to_dict(), indent=2))
     return folder / filename
+
+
+def read_model_dir(model_dir, filename: str, written_by: str = "") -> tuple[Path, dict, list[str]]:
+    """The folder ``save_model_dir`` wrote: (folder, spec.json as a dict, class names in
+    prediction order); a one-line error when a file is missing."""
+    folder = Path(model_dir)
+    missing = [n for n in (filename, "spec.json", CLASS_MAP_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise BakeoffError(f"saved model {folder} lacks {', '.join(missing)}: pass a folder under OUT/models/ "
+                           f"written by `bakeoff run`{written_by}")
+    meta = json.loads((folder / "spec.json").read_text())
+    class_map = json.loads((folder / CLASS_MAP_FILE).read_text())
+    return folder, meta, [c for c, _ in sorted(class_map.items(), key=lambda kv: kv[1])]

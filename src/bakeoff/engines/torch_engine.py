@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bakeoff.data.scan import CLASS_MAP_FILE
-from bakeoff.engines.saved import save_model_dir
+from bakeoff.engines.saved import read_model_dir, save_model_dir
 from bakeoff.protocol import Protocol
-from bakeoff.trial import TrialJob, available_memory_bytes, device_name, result_row
+from bakeoff.trial import TrialJob, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_torch_trial", "save_model", "load_saved"]
@@ -60,14 +58,8 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
 
     images = np.load(job.cache_path, mmap_mode="r")
     needed = np.concatenate([job.train_idx, job.val_idx])
-
-    def budget() -> int:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0] * 0.4)
-        return int(available_memory_bytes() * 0.4)
-
     t_load = time.perf_counter()
-    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, channels_last, budget,
+    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, channels_last, "auto",
                              side=job.side, keep=bool(job.extra.get("keep_data")))
     load_s = time.perf_counter() - t_load
 
@@ -87,9 +79,7 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         capture_error=fitted.get("capture_error"), feature_time_s=fitted.get("feature_time_s"),
         precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,
         device_name=device_name(device),
-        data_resident="device" if batcher.resident is not None and device.type == "cuda"
-        else ("ram" if batcher.resident is not None else "memory-mapped file"),
-        data_reused=batcher.reused,
+        data_resident=batcher.residence, data_reused=batcher.reused,
     )
 
 
@@ -101,16 +91,8 @@ def load_saved(model_dir, device: str = "cpu"):
     import torch
 
     from bakeoff.engines.torch_build import _create
-    from bakeoff.errors import BakeoffError
 
-    folder = Path(model_dir)
-    missing = [n for n in ("weights.pt", "spec.json", CLASS_MAP_FILE) if not (folder / n).is_file()]
-    if missing:
-        raise BakeoffError(f"saved model {folder} lacks {', '.join(missing)}: pass a folder under OUT/models/ "
-                           f"written by `bakeoff run`")
-    meta = json.loads((folder / "spec.json").read_text())
-    class_map = json.loads((folder / CLASS_MAP_FILE).read_text())
-    classes = [c for c, _ in sorted(class_map.items(), key=lambda kv: kv[1])]
+    folder, meta, classes = read_model_dir(model_dir, "weights.pt")
     spec = ModelSpec.from_dict({k: v for k, v in meta.items() if k in ModelSpec.__dataclass_fields__})
     model = _create(spec, len(classes))
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))

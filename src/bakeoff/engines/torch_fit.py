@@ -68,6 +68,7 @@ class _Step:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.graph = None
         self.mode = "eager"
+        self.capture_error: str | None = None
         if device.type == "cuda" and protocol.cuda_graphs:
             try:
                 self._capture(batch_shape, channels_last)
@@ -182,7 +183,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                                      labels[val_idx], epoch_time, seen))
     return {"history": history, "train_time_s": train_time, "eval_time_s": eval_time, "final_val_probs": val_probs,
             "data_time_s": data_time, "step_mode": step.mode, "capture_time_s": capture_s,
-            "capture_error": getattr(step, "capture_error", None)}
+            "capture_error": step.capture_error}
 
 
 def _epoch_record(epoch, train_loss, train_acc, val_probs, val_y, epoch_time, seen) -> dict:
@@ -247,17 +248,16 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
             step(f_train[sel], y_train[sel])
             if on_step is not None and (i % 200 == 0 or i == steps - 1):
                 on_step(epoch, i + 1, steps, time.perf_counter() - t_epoch)
-        loss_sum, correct = step.loss_sum, step.correct
         sync()
         epoch_time = time.perf_counter() - t_epoch
         train_time += epoch_time
         with torch.no_grad():
             val_probs = torch.softmax(head(f_val.to(head.weight.dtype)).float(), 1).cpu().numpy()
-        history.append(_epoch_record(epoch, float(loss_sum) / n, float(correct) / n, val_probs, labels[val_idx],
-                                     epoch_time, n))
+        history.append(_epoch_record(epoch, float(step.loss_sum) / n, float(step.correct) / n, val_probs,
+                                     labels[val_idx], epoch_time, n))
     return {"history": history, "train_time_s": train_time, "eval_time_s": 0.0, "final_val_probs": val_probs,
             "data_time_s": 0.0, "step_mode": f"cached-features, {step.mode}", "feature_time_s": feature_s,
-            "capture_time_s": 0.0, "capture_error": getattr(step, "capture_error", None)}
+            "capture_time_s": 0.0, "capture_error": step.capture_error}
 
 
 @torch.no_grad()
