@@ -57,3 +57,24 @@ def test_random_crops_flip_and_stay_in_range():
     same = b.train_batch(np.array([0]), theta=full)
     mirrored = b.train_batch(np.array([0]), theta=full * torch.tensor([[[-1.0], [1.0]]]))
     assert same[0, 0, 16, 2] > 0.9 and mirrored[0, 0, 16, 2] < 0.1  # white on the left, then on the right
+
+
+def test_a_second_size_is_resized_from_kept_images_not_read_again(tmp_path, monkeypatch):
+    import bakeoff.data.batches as batches
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "c.npy", rng.integers(0, 256, (6, 28, 28, 3), dtype=np.uint8))
+    mm = np.load(tmp_path / "c.npy", mmap_mode="r")
+    direct = Batcher.create(mm, np.arange(6), 20, (0, 0, 0), (1, 1, 1), torch.device("cpu"), side=24)
+    monkeypatch.setattr(batches, "DERIVE_ON", {"cpu"})
+    try:
+        first = Batcher.create(mm, np.arange(6), 24, (0, 0, 0), (1, 1, 1), torch.device("cpu"), side=28, keep=True)
+        first.close()
+        derived = Batcher.create(mm, np.arange(6), 20, (0, 0, 0), (1, 1, 1), torch.device("cpu"), side=24, keep=True)
+        assert derived.resident.shape == (6, 24, 24, 3)
+        assert len(batches._KEPT) == 2  # the stored size stays for the next size
+        assert torch.equal(derived.eval_batch(np.array([3, 1])), direct.eval_batch(np.array([3, 1])))
+        derived.close()
+    finally:
+        batches.release_kept()
+    assert not batches._KEPT

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bakeoff.engines.saved import read_model_dir, save_model_dir
+from bakeoff.gpu_share import share
 from bakeoff.protocol import Protocol
 from bakeoff.trial import TrialJob, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_torch_trial", "save_model", "load_saved"]
+
+# Building draws the initial weights from the process's global generator: trials building at
+# the same time in one process would interleave their draws and lose the seed's meaning.
+_BUILD_LOCK = threading.Lock()
 
 
 def save_model(model, spec: ModelSpec, classes: list[str], protocol: Protocol, out_dir: Path,
@@ -36,13 +42,13 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
     from bakeoff.measure import classification_metrics
 
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
-    torch.manual_seed(protocol.seed)
-    np.random.seed(protocol.seed)
     device = resolve_device(job.device)
+    gate = share()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.empty(1, device=device)  # the allocator must exist before its statistics can be reset
-        torch.cuda.reset_peak_memory_stats(device)
+        if not gate.concurrent:  # one process-wide peak: per trial only when the trial is alone
+            torch.cuda.reset_peak_memory_stats(device)
         # Autotuning pays off over thousands of training steps; a top-only trial runs each
         # shape a few times (one feature pass), where it cost more than the pass itself.
         torch.backends.cudnn.benchmark = not protocol.train_only_top_layer
@@ -50,10 +56,16 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
     channels_last = device.type == "cuda" and bf16
 
     t_build = time.perf_counter()
-    model, weights = build_model(spec, len(job.classes), protocol.pretrained, job.weights_dir)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # Every stretch of work runs inside the gate (CPU work too: a neighbour building a model
+    # would hold the interpreter while a trial times its eager latency); the lock comes first,
+    # so a trial waiting for it holds no place in the gate.
+    with _BUILD_LOCK, gate.shared():
+        torch.manual_seed(protocol.seed)
+        np.random.seed(protocol.seed)
+        model, weights = build_model(spec, len(job.classes), protocol.pretrained, job.weights_dir)
+        model = model.to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
     build_s = time.perf_counter() - t_build
 
     images = np.load(job.cache_path, mmap_mode="r")
@@ -63,13 +75,20 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
                              side=job.side, keep=bool(job.extra.get("keep_data")))
     load_s = time.perf_counter() - t_load
 
-    fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step)
-    metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
-    timing = time_inference(model, batcher, job.val_idx, protocol, device)
-    weights_path = save_model(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights)
+    try:
+        fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step)
+        with gate.shared():
+            metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
+        timing = time_inference(model, batcher, job.val_idx, protocol, device)
+    finally:
+        batcher.close()
+    with gate.shared():
+        weights_path = save_model(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights)
 
     if device.type == "cuda":
         peak_mb, peak_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+        if gate.concurrent:
+            peak_kind += f" (one process, {gate.trials} trials at once: not this model's alone)"
     else:
         peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
     return result_row(
@@ -77,6 +96,8 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         params=sum(p.numel() for p in model.parameters()), model_path=weights_path, peak=(peak_mb, peak_kind),
         weights=weights, step_mode=fitted.get("step_mode"), capture_time_s=fitted.get("capture_time_s"),
         capture_error=fitted.get("capture_error"), feature_time_s=fitted.get("feature_time_s"),
+        train_time_kind=fitted.get("train_time_kind"), train_wall_s=fitted.get("train_wall_s"),
+        shared_gpu_error=job.extra.get("shared_gpu_error"),
         precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,
         device_name=device_name(device),
         data_resident=batcher.residence, data_reused=batcher.reused,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bakeoff.data.batches import Batcher
+from bakeoff.gpu_share import NeedsGpuAlone, share, stream_sync
 from bakeoff.engines.torch_build import find_head
 from bakeoff.measure import summarize_ms, time_calls
 from bakeoff.protocol import Protocol
@@ -29,8 +30,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def sync_fn(device: torch.device) -> Callable[[], None]:
+    """Wait for this trial's own GPU work (its thread's stream), not for its neighbours'."""
     if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
+        return lambda: stream_sync(device)
     return lambda: None
 
 
@@ -46,10 +48,14 @@ def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool =
 
 
 def _optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
+    params = list(params)
+    # On a GPU, the fused Adam updates every parameter in one kernel instead of a dozen
+    # per-tensor-group launches: the same update, and at batch 16 a visible share of the step.
+    fused = bool(params) and all(p.is_cuda for p in params)
     if protocol.optimizer == "adam":
-        return torch.optim.Adam(params, lr=protocol.lr, capturable=capturable)
+        return torch.optim.Adam(params, lr=protocol.lr, capturable=capturable, fused=fused or None)
     if protocol.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=protocol.lr, capturable=capturable)
+        return torch.optim.AdamW(params, lr=protocol.lr, capturable=capturable, fused=fused or None)
     return torch.optim.SGD(params, lr=protocol.lr, momentum=0.9)
 
 
@@ -59,23 +65,38 @@ class _Step:
     At batch 16 a big GPU spends most of an eager step launching kernels; replaying the whole
     step (forward, backward, optimizer) as one graph removes that overhead without changing
     the arithmetic. Capture needs static input buffers and a capturable optimizer.
+
+    With ``source`` = (inputs, labels) already on the device, a call takes the indices of
+    ``steps`` batches and runs them all: one replay then stands for many tiny steps (a
+    classifier head on cached features), which is where launching each step costs most.
     """
 
-    def __init__(self, model, opt, protocol, device, batch_shape, channels_last):
+    def __init__(self, model, opt, protocol, device, batch_shape, channels_last, source=None, steps: int = 1):
         self.model, self.opt, self.protocol, self.device = model, opt, protocol, device
         self.loss_fn = nn.CrossEntropyLoss()
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.source, self.steps, self.batch = source, steps if source is not None else 1, batch_shape[0]
         self.graph = None
         self.mode = "eager"
         self.capture_error: str | None = None
         if device.type == "cuda" and protocol.cuda_graphs:
-            try:
-                self._capture(batch_shape, channels_last)
-                self.mode = "cuda-graph"
-            except Exception as exc:  # some models cannot be captured: train them eagerly
-                self.graph = None
-                self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            failed = []
+            with share().exclusive(device):  # warm-up and capture alone: cuDNN autotuning times kernels
+                for way in capture_ways(share().concurrent):
+                    try:
+                        self._capture(batch_shape, channels_last, way)
+                        self.mode = f"cuda-graph ({way})" if failed else "cuda-graph"
+                        break
+                    except Exception as exc:  # some models cannot be captured: try the next way, or eager
+                        self.graph = None
+                        failed.append(f"{way}: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''}")
+            self.capture_error = "; ".join(failed) or None
+            if self.graph is None and share().concurrent:
+                # Eager steps beside graphed neighbours would crawl (one autograd thread, one
+                # interpreter for all); the same capture succeeds in a process of its own.
+                raise NeedsGpuAlone(self.capture_error)
 
     def _body(self, x, y):
         with autocast_for(self.protocol, self.device, cache_enabled=not self.protocol.cuda_graphs):
@@ -86,10 +107,26 @@ class _Step:
         self.loss_sum.add_(loss.detach() * y.shape[0])
         self.correct.add_((out.argmax(1) == y).sum())
 
-    def _capture(self, batch_shape, channels_last):
+    def _gathered(self, idx):
+        xs, ys = self.source
+        for lo in range(0, len(idx), self.batch):
+            sel = idx[lo:lo + self.batch]
+            self.opt.zero_grad(set_to_none=True)  # in a graph of several steps: each assigns its gradient
+            self._body(xs.index_select(0, sel), ys.index_select(0, sel))
+
+    def _run_static(self):
+        if self.source is not None:
+            self._gathered(self.static_idx)
+        else:
+            self._body(self.static_x, self.static_y)
+
+    def _capture(self, batch_shape, channels_last, way: str):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.static_x = torch.randn(batch_shape, device=self.device).contiguous(memory_format=fmt)
-        self.static_y = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
+        if self.source is not None:
+            self.static_idx = torch.randint(0, len(self.source[1]), (self.steps * self.batch,), device=self.device)
+        else:
+            self.static_x = torch.randn(batch_shape, device=self.device).contiguous(memory_format=fmt)
+            self.static_y = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
         # Warm-up steps change weights and optimizer state: snapshot both and restore in place
         # (same addresses) so the captured graph starts from the untouched model.
         params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -98,7 +135,7 @@ class _Step:
         with torch.cuda.stream(side):
             for _ in range(3):
                 self.opt.zero_grad(set_to_none=True)
-                self._body(self.static_x, self.static_y)
+                self._run_static()
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
@@ -109,8 +146,10 @@ class _Step:
                         t.zero_()
         self.opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body(self.static_x, self.static_y)
+        own = way.startswith("own stream")
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device) if own else None,
+                              capture_error_mode="thread_local" if way.endswith("thread-local") else "global"):
+            self._run_static()
         self.loss_sum.zero_()
         self.correct.zero_()
 
@@ -123,6 +162,25 @@ class _Step:
             self.opt.zero_grad(set_to_none=self.graph is None)
             self._body(x, y)
 
+    def gathered(self, idx: torch.Tensor) -> None:
+        """One step per ``batch`` indices of ``idx`` into ``source``, in order; replayed from the
+        graph when ``idx`` holds exactly ``steps`` full batches."""
+        if self.graph is not None and len(idx) == len(self.static_idx):
+            self.static_idx.copy_(idx)
+            self.graph.replay()
+        else:
+            self._gathered(idx)
+
+
+def capture_ways(concurrent: bool) -> list[str]:
+    """How to capture a training step, in order of preference. Each graph wants a capture
+    stream of its own: library workspaces (cuBLAS) are kept per stream and baked into the
+    graph, so graphs captured on one shared stream share scratch memory and corrupt each other
+    when replayed at once on different streams; the shared stream is only a fallback for a
+    trial alone on its GPU. "thread-local": neighbours' threads may call CUDA meanwhile."""
+    ways = ["own stream, thread-local", "own stream, global"]
+    return ways if concurrent else ways + ["shared stream, global"]
+
 
 def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
         protocol: Protocol, device: torch.device, on_step: Callable[[int, int, int, float], None] | None = None
@@ -131,15 +189,20 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
 
     Training time counts only the training loop, synchronised at each epoch's ends; the
     per-epoch validation pass (for the training curve) and graph capture are timed apart.
+    When other trials share the GPU (``gpu_share``), the wall time depends on them, so each
+    epoch also runs a window of steps alone; the training time is then projected from those
+    solo windows (``train_time_kind``) and the shared wall time is kept beside it.
     """
     if protocol.train_only_top_layer:
         return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step)
+    gate = share()
     sync = sync_fn(device)
     graphs = device.type == "cuda" and protocol.cuda_graphs
     opt = _optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=graphs)
     gen = torch.Generator().manual_seed(protocol.seed)
     rng = np.random.default_rng(protocol.seed)
-    y_all = torch.from_numpy(labels).to(device)
+    with gate.shared():
+        y_all = torch.from_numpy(labels).to(device)
     bs = protocol.batch_size
     model.train()
     t_capture = time.perf_counter()
@@ -148,42 +211,81 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     sync()
     capture_s = time.perf_counter() - t_capture
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
-    history, train_time, eval_time, data_time = [], 0.0, 0.0, 0.0
+    window = solo_window(steps_per_epoch) if gate.concurrent else None
+    history, train_time, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0, 0.0
     for epoch in range(protocol.epochs):
         model.train()
         order = rng.permutation(train_idx)
-        step.loss_sum.zero_()
-        step.correct.zero_()
+        with gate.shared():
+            step.loss_sum.zero_()
+            step.correct.zero_()
+            theta = batcher.crop_params(len(order), gen).to(device, non_blocking=True)
+            order_dev = torch.from_numpy(order).to(device, non_blocking=True)
+            pos = batcher.positions(order)
         sync()
         t_epoch = time.perf_counter()
-        theta = batcher.crop_params(len(order), gen).to(device, non_blocking=True)
-        order_dev = torch.from_numpy(order).to(device, non_blocking=True)
-        pos = batcher.positions(order)
-        seen = 0
-        for i in range(steps_per_epoch):
-            lo, hi = i * bs, min((i + 1) * bs, len(order))
-            if hi - lo < 2 < len(order):
-                continue  # a lone last image breaks batch-norm in training mode
-            t_data = time.perf_counter()
-            x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
-                                    pos=None if pos is None else pos[lo:hi])
-            y = y_all[order_dev[lo:hi]]
-            data_time += time.perf_counter() - t_data  # on CUDA: the host's share (launches) only
-            step(x, y)
-            seen += hi - lo
-            if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
-                on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
+        seen, ran, solo = 0, 0, None
+        alone = contextlib.ExitStack()
+        try:
+            for i in range(steps_per_epoch):
+                lo, hi = i * bs, min((i + 1) * bs, len(order))
+                if hi - lo < 2 < len(order):
+                    continue  # a lone last image breaks batch-norm in training mode
+                if window is not None and i == window[0]:
+                    alone.enter_context(gate.exclusive(device))
+                    sync()
+                    t_solo, ran_before = time.perf_counter(), ran
+                with gate.shared():
+                    t_data = time.perf_counter()
+                    x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
+                                            pos=None if pos is None else pos[lo:hi])
+                    y = y_all[order_dev[lo:hi]]
+                    data_time += time.perf_counter() - t_data  # on CUDA: the host's share (launches) only
+                    step(x, y)
+                seen += hi - lo
+                ran += 1
+                if window is not None and i == window[1] - 1:
+                    solo = _close_window(alone, sync, t_solo, ran - ran_before)
+                if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
+                    on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
+            if window is not None and solo is None:  # the window's last step was a skipped lone image
+                solo = _close_window(alone, sync, t_solo, ran - ran_before)
+        finally:
+            alone.close()
         sync()
-        epoch_time = time.perf_counter() - t_epoch
+        epoch_wall = time.perf_counter() - t_epoch
+        epoch_time = solo * ran if solo is not None else epoch_wall
         train_time += epoch_time
+        wall_time += epoch_wall
         t_eval = time.perf_counter()
         val_probs = predict_probs(model, batcher, val_idx, protocol, device)
         eval_time += time.perf_counter() - t_eval
         history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen, val_probs,
-                                     labels[val_idx], epoch_time, seen))
+                                     labels[val_idx], epoch_time, seen) | {"epoch_wall_s": epoch_wall})
+    kind = "measured"
+    if window is not None:
+        kind = (f"projected from {window[1] - window[0]} of {steps_per_epoch} steps per epoch run alone; "
+                f"{gate.trials} trials shared the GPU")
     return {"history": history, "train_time_s": train_time, "eval_time_s": eval_time, "final_val_probs": val_probs,
             "data_time_s": data_time, "step_mode": step.mode, "capture_time_s": capture_s,
-            "capture_error": step.capture_error}
+            "capture_error": step.capture_error, "train_time_kind": kind, "train_wall_s": wall_time}
+
+
+def _close_window(alone: contextlib.ExitStack, sync, t_start: float, steps: int) -> float:
+    """End a solo window: seconds per step, measured before the neighbours resume."""
+    sync()
+    per_step = (time.perf_counter() - t_start) / max(1, steps)
+    alone.close()
+    return per_step
+
+
+def solo_window(steps: int, length: int = 48, skip: int = 8) -> tuple[int, int]:
+    """Which steps of an epoch run alone to time it while other trials share the GPU: a stretch
+    after the epoch's first few steps (whose launches start the stream), or the whole epoch
+    when it is short."""
+    if steps <= skip + length:
+        return (0, steps)
+    return (skip, skip + length)
 
 
 def _epoch_record(epoch, train_loss, train_acc, val_probs, val_y, epoch_time, seen) -> dict:
@@ -209,55 +311,74 @@ def _features(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Pro
     return torch.cat(captured)
 
 
+# Steps per head-graph replay: 5 epochs at batch 16 of a PlantVillage-sized set are 14k steps of
+# a few microseconds of arithmetic each, so one replay per step would be all launch overhead.
+HEAD_STEPS_PER_REPLAY = 64
+
+
 def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step=None) -> dict:
     """--train-only-top-layer: run the frozen backbone once over every image, then train the
     classifier on the cached features (the backbone's output cannot change, so computing it
-    every epoch would be waste). Features come from centre crops: no augmentation."""
+    every epoch would be waste). Features come from centre crops: no augmentation.
+
+    Both parts run alone on the GPU even when other trials share it: the feature pass already
+    fills the GPU and the head is short, so their times stay measured, not projected; what the
+    neighbours overlap is the rest of the trial (building, loading, saving)."""
+    gate = share()
     sync = sync_fn(device)
     head = find_head(model)
     if not isinstance(head, nn.Linear):
         raise ValueError(f"--train-only-top-layer needs a linear classifier, found {type(head).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
-    sync()
-    t0 = time.perf_counter()
-    feats = _features(model, batcher, np.concatenate([train_idx, val_idx]), protocol, device, head)
-    sync()
-    feature_s = time.perf_counter() - t0
+    with gate.exclusive(device):
+        t0 = time.perf_counter()
+        feats = _features(model, batcher, np.concatenate([train_idx, val_idx]), protocol, device, head)
+        sync()
+        feature_s = time.perf_counter() - t0
     f_train, f_val = feats[:len(train_idx)], feats[len(train_idx):]
     for p in head.parameters():
         p.requires_grad_(True)
     graphs = device.type == "cuda" and protocol.cuda_graphs
     opt = _optimizer(protocol, list(head.parameters()), capturable=graphs)
     gen = torch.Generator().manual_seed(protocol.seed)
-    y_train = torch.from_numpy(labels[train_idx]).to(device)
     bs, n = protocol.batch_size, len(train_idx)
+    with gate.shared():
+        y_train = torch.from_numpy(labels[train_idx]).to(device)
+    full = n // bs
+    k = max(1, min(HEAD_STEPS_PER_REPLAY, full))
+    shape = (min(bs, n), f_train.shape[1])
+    many = _Step(head, opt, protocol, device, shape, False, source=(f_train, y_train), steps=k)
+    one = _Step(head, opt, protocol, device, shape, False, source=(f_train, y_train), steps=1)
     steps = int(np.ceil(n / bs))
-    # 5 epochs at batch 16 are thousands of tiny steps: replayed from a graph, each costs a few
-    # microseconds of launch instead of a dozen eager kernel launches.
-    step = _Step(head, opt, protocol, device, (min(bs, n), f_train.shape[1]), channels_last=False)
     history, train_time = [], feature_s
     for epoch in range(protocol.epochs):
-        step.loss_sum.zero_()
-        step.correct.zero_()
-        sync()
-        t_epoch = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(device)
-        for i in range(steps):
-            sel = perm[i * bs:(i + 1) * bs]
-            step(f_train[sel], y_train[sel])
-            if on_step is not None and (i % 200 == 0 or i == steps - 1):
-                on_step(epoch, i + 1, steps, time.perf_counter() - t_epoch)
-        sync()
-        epoch_time = time.perf_counter() - t_epoch
+        with gate.exclusive(device):
+            for st in (many, one):
+                st.loss_sum.zero_()
+                st.correct.zero_()
+            sync()
+            t_epoch = time.perf_counter()
+            perm = torch.randperm(n, generator=gen).to(device)
+            for start in range(0, full - full % k, k):  # whole replays of k steps
+                many.gathered(perm[start * bs:(start + k) * bs])
+                if on_step is not None and start % 512 < k:
+                    on_step(epoch, start + k, steps, time.perf_counter() - t_epoch)
+            for start in range(full - full % k, steps):  # the rest, one step at a time
+                one.gathered(perm[start * bs:(start + 1) * bs])
+            sync()
+            epoch_time = time.perf_counter() - t_epoch
+        if on_step is not None:
+            on_step(epoch, steps, steps, epoch_time)
         train_time += epoch_time
-        with torch.no_grad():
+        with torch.no_grad(), gate.shared():
             val_probs = torch.softmax(head(f_val.to(head.weight.dtype)).float(), 1).cpu().numpy()
-        history.append(_epoch_record(epoch, float(step.loss_sum) / n, float(step.correct) / n, val_probs,
-                                     labels[val_idx], epoch_time, n))
+            loss_sum, correct = float(many.loss_sum + one.loss_sum), float(many.correct + one.correct)
+        history.append(_epoch_record(epoch, loss_sum / n, correct / n, val_probs, labels[val_idx], epoch_time, n))
     return {"history": history, "train_time_s": train_time, "eval_time_s": 0.0, "final_val_probs": val_probs,
-            "data_time_s": 0.0, "step_mode": f"cached-features, {step.mode}", "feature_time_s": feature_s,
-            "capture_time_s": 0.0, "capture_error": step.capture_error}
+            "data_time_s": 0.0, "step_mode": f"cached-features, {many.mode}, {k} steps per replay",
+            "feature_time_s": feature_s, "capture_time_s": 0.0, "capture_error": many.capture_error,
+            "train_time_kind": "measured", "train_wall_s": train_time}
 
 
 @torch.no_grad()
@@ -265,10 +386,11 @@ def predict_probs(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol:
                   device: torch.device, batch_size: int = 128) -> np.ndarray:
     model.eval()
     out = []
-    for _, x in batcher.eval_batches(idx, batch_size):
-        with autocast_for(protocol, device):
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    gate = share()
+    for start in range(0, len(idx), batch_size):
+        with gate.shared(), autocast_for(protocol, device):
+            logits = model(batcher.eval_batch(idx[start:start + batch_size]))
+            out.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(out).numpy()
 
 
@@ -276,20 +398,22 @@ def predict_probs(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol:
 def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Protocol,
                    device: torch.device) -> dict:
     """Batch-1 latency (median, p95 of >= 50 synchronised runs after warm-up) on a real
-    validation image, and throughput at ``protocol.throughput_batch`` on real images."""
+    validation image, and throughput at ``protocol.throughput_batch`` on real images. Timed
+    with the GPU to itself: trials sharing it wait meanwhile."""
     model.eval()
     sync = sync_fn(device)
-    one = batcher.eval_batch(idx[:1])
-    reps = int(np.ceil(protocol.throughput_batch / len(idx)))
-    big = batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch])
 
     def run(x):
         with autocast_for(protocol, device):
             model(x)
 
-    lat = summarize_ms(time_calls(lambda: run(one), sync, protocol.latency_warmup, protocol.latency_runs))
-    thr_ms = time_calls(lambda: run(big), sync, 2, 7)
-    graphed = _graphed_latency(model, one, protocol, device) if device.type == "cuda" else {}
+    with share().exclusive(device):
+        one = batcher.eval_batch(idx[:1])
+        reps = int(np.ceil(protocol.throughput_batch / len(idx)))
+        big = batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch])
+        lat = summarize_ms(time_calls(lambda: run(one), sync, protocol.latency_warmup, protocol.latency_runs))
+        thr_ms = time_calls(lambda: run(big), sync, 2, 7)
+        graphed = _graphed_latency(model, one, protocol, device) if device.type == "cuda" else {}
     return graphed | {
         "latency_ms_p50": lat["p50"], "latency_ms_p95": lat["p95"], "latency_ms_min": lat["min"],
         "latency_runs": lat["n"],
@@ -311,7 +435,8 @@ def _graphed_latency(model, one, protocol, device) -> dict:
                 model(static)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), autocast_for(protocol, device, cache_enabled=False):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"), \
+                autocast_for(protocol, device, cache_enabled=False):
             model(static)
         lat = summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup,
                                       protocol.latency_runs))
