@@ -204,3 +204,64 @@ def test_which_trials_a_worker_runs_after_another():
 
     assert reusable_after(job()) and reusable_after(job(device="cuda:0", top=True))
     assert not reusable_after(job(device="cuda:0")) and not reusable_after(job("tensorflow"))
+
+
+def test_trials_sharing_one_worker_train_as_they_would_alone(shared_colour_folder, tmp_path, monkeypatch):
+    import torch
+
+    import bakeoff.api
+
+    models = ["timm/test_resnet", "timm/test_efficientnet"]
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    run_comparison(shared_colour_folder, models, out=alone, **TINY)
+    # two trials at once in one worker process (on a GPU: one CUDA stream each)
+    monkeypatch.setattr(bakeoff.api, "_gpu_slots", lambda *a: (["cpu"], 2))
+    run_comparison(shared_colour_folder, models, out=shared, **TINY)
+    a = pd.read_csv(alone / "results.csv").set_index("model")
+    s = pd.read_csv(shared / "results.csv").set_index("model")
+    assert (s["status"] == "ok").all() and (s["concurrent_trials"] == 2).all()
+    assert s["train_time_kind"].str.startswith("projected from").all() and (s["train_wall_s"] > 0).all()
+    assert (a["train_time_kind"] == "measured").all()
+    assert s["data_reused"].sum() == 1  # the second trial used the images the first one loaded
+    # Each trial keeps its own seed while the other builds and trains beside it.
+    for m in models:
+        assert s.loc[m, "accuracy"] == a.loc[m, "accuracy"], m
+        folder = m.replace("/", "__")
+        w_alone = load_saved(alone / "models" / folder)[0].state_dict()
+        w_shared = load_saved(shared / "models" / folder)[0].state_dict()
+        assert all(torch.allclose(w_alone[k].float(), w_shared[k].float(), atol=1e-5) for k in w_alone), m
+
+
+def _worker_whose_steps_cannot_share(jobs, queue, capacity=1, prewarm=False):
+    """Stands in for the trial worker: beside neighbours every trial's step 'fails to capture'."""
+    while (job := jobs.get()) is not None:
+        if isinstance(job, tuple):
+            capacity = job[1]
+        elif capacity > 1:
+            queue.put(("alone", job.key, "own stream, thread-local: RuntimeError: capture failed"))
+        else:
+            queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
+                                           "concurrent_trials_seen": job.extra.get("concurrent_trials"),
+                                           "shared_gpu_error": job.extra.get("shared_gpu_error")}))
+
+
+def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
+    import numpy as np
+
+    from bakeoff.runners.local import run_local
+    from bakeoff.store import Store
+    from bakeoff.trial import TrialJob
+
+    jobs = [TrialJob(spec={"id": f"m{i}", "framework": "pytorch"}, protocol={}, cache_path="", input_size=8,
+                     labels=np.zeros(4, dtype=np.int64), train_idx=np.arange(2), val_idx=np.arange(2, 4),
+                     classes=["a"], out_dir=str(tmp_path), device="cpu", key=f"k{i}") for i in range(3)]
+    store = Store(tmp_path / "bakeoff.db")
+    run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_worker_whose_steps_cannot_share)
+    assert counts == {"trained": 3, "resumed": 0, "failed": 0}
+    rows = {t["model"]: t for t in store.trials()}
+    assert set(rows) == {"m0", "m1", "m2"}
+    for row in rows.values():
+        result = row["result"] if isinstance(row["result"], dict) else json.loads(row["result"])
+        assert result["concurrent_trials_seen"] == 1  # the second time, in a process of its own
+        assert "capture failed" in result["shared_gpu_error"]

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -141,7 +143,12 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         size = image_size or s.input_size
         sides.append((size, cache_side(size, s.crop_pct), s.interpolation))
     display = RunProgress(len(specs)) if progress else NullProgress()
-    with display:
+    warm = None
+    if executor != "ray" and dev.type == "cuda":  # on a CPU the decoders want every core
+        from bakeoff.runners.local import prestart
+
+        warm = prestart()  # starts torch and CUDA while the images decode
+    with display, _stopped_unless_used(warm):
         # Decode once: every image is decoded a single time, at one size that serves all models.
         files = [str(train_folder.root / p) for p in train_folder.paths]
         store_side = storage_side([side for _, side, _ in sides], files)
@@ -173,7 +180,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                 counts = run_ray(jobs, store, run_id, display.on_event, ray_address)
             else:
                 devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides)
-                counts = run_local(jobs, store, run_id, display.on_event, devices, per_device)
+                counts = run_local(jobs, store, run_id, display.on_event, devices, per_device, warm)
+                warm = None
             status = "finished"
         finally:
             store.finish_run(run_id, status)
@@ -188,6 +196,17 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     comparison.run["counts"] = counts
     comparison.run["wall_time_s"] = time.time() - t0
     return comparison
+
+
+@contextlib.contextmanager
+def _stopped_unless_used(warm):
+    """Stop a prestarted worker if the run ends before handing it to the runner."""
+    try:
+        yield
+    except BaseException:
+        if warm is not None and warm.proc.is_alive() and not warm.ran:
+            warm.stop(wait=0.0)
+        raise
 
 
 def _gpu_slots(device: str, dev, trials_per_gpu, data, sides) -> tuple[list[str] | None, int]:
@@ -207,11 +226,12 @@ def _gpu_slots(device: str, dev, trials_per_gpu, data, sides) -> tuple[list[str]
             raise BakeoffError(f"--trials-per-gpu must be at least 1, got {n}")
         return gpus, n
     free = min(torch.cuda.mem_get_info(i)[0] for i in range(len(gpus)))
-    # a trial holds its images (uint8) on the GPU plus weights, gradients, optimizer state and
-    # activations; budget 8 GB for the model side, which covers the study's models at batch 16
+    # The trials of one GPU share one copy of the images (uint8; at most two sizes at once: the
+    # stored one and a model's own); each trial adds weights, gradients, optimizer state and
+    # activations, budgeted at 8 GB, which covers the study's models at batch 16.
     side = max(side for _, side, _ in sides)
-    per_trial = len(data.files) * side * side * 3 + 8 * 2**30
-    return gpus, max(1, min(8, int(free * 0.9 // per_trial)))
+    images = 2 * len(data.files) * side * side * 3
+    return gpus, max(1, min(8, int((free * 0.9 - images) // (8 * 2**30))))
 
 
 def run(data_dir, models=None, **kwargs) -> pd.DataFrame:

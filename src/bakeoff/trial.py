@@ -151,6 +151,11 @@ def trial_process_main(job: TrialJob, queue) -> bool:
     except KeyboardInterrupt:
         queue.put(("interrupted", job.key, None))
     except BaseException as exc:  # any failure becomes a failed row, never a crashed sweep
+        from bakeoff.gpu_share import NeedsGpuAlone
+
+        if isinstance(exc, NeedsGpuAlone):
+            queue.put(("alone", job.key, str(exc)[:1000]))
+            return False
         from bakeoff.errors import BakeoffError
 
         kind = "out of memory" if "out of memory" in str(exc).lower() else type(exc).__name__
@@ -162,26 +167,67 @@ def trial_process_main(job: TrialJob, queue) -> bool:
 
 def reusable_after(job: TrialJob) -> bool:
     """Whether a worker may run another trial after this one: after PyTorch trials on the CPU
-    and top-only trials, whose data load is a large share of the trial. A full fine-tune on a
-    GPU ends its worker (a fresh process per graph-captured trial; its load is small beside its
-    training), and so does a Keras trial, which leaves its backend's memory behind."""
+    and top-only trials, whose data load is a large share of the trial, and after any PyTorch
+    trial in a worker that runs several at once (its neighbours keep it busy anyway). A lone
+    full fine-tune on a GPU ends its worker (a fresh process per graph-captured trial; its load
+    is small beside its training), and so does a Keras trial, which leaves its backend's memory
+    behind."""
     return job.spec["framework"] == "pytorch" and (
-        job.device == "cpu" or bool(job.protocol.get("train_only_top_layer")))
+        job.device == "cpu" or bool(job.protocol.get("train_only_top_layer"))
+        or job.extra.get("concurrent_trials", 1) > 1)
 
 
-def worker_main(jobs, queue) -> None:
-    """A long-lived trial process: runs the jobs it is given one after another, keeping the
-    decoded images resident between trials on the same data. It ends after ``None``, after a
-    failed trial (whose state may be broken, e.g. a CUDA error) and after a trial that cannot
-    share a process; the runner then starts a fresh one."""
+def _run_one(job: TrialJob, queue, own_stream: bool) -> None:
+    """One trial, then the worker's clean-up; with neighbours (in a thread of its own) on a CUDA
+    stream of its own, so its kernels can overlap theirs."""
+    import torch
+
+    if own_stream and str(job.device).startswith("cuda") and torch.cuda.is_available():
+        device = torch.device(job.device)
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            trial_process_main(job, queue)
+    else:
+        trial_process_main(job, queue)
     import gc
 
-    while (job := jobs.get()) is not None:
-        finished = trial_process_main(job, queue)
-        if not (finished and reusable_after(job)):
-            return
-        gc.collect()
+    gc.collect()
+    if not own_stream and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def worker_main(jobs, queue, capacity: int = 1, prewarm: bool = False) -> None:
+    """A long-lived trial process: runs the jobs it is given, up to ``capacity`` at once (one
+    thread and one CUDA stream each, sharing the GPU through ``bakeoff.gpu_share``), keeping
+    the decoded images resident between trials on the same data. The runner decides when it
+    ends (``None``): after a failed trial (whose state may be broken, e.g. a CUDA error) or a
+    trial that cannot share a process, it sends no more jobs.
+
+    ``prewarm``: a worker started while the parent still decodes the images imports torch and
+    starts CUDA meanwhile; it learns its capacity from a ("capacity", n) message."""
+    import threading
+
+    from bakeoff.gpu_share import GpuShare, set_share
+
+    if prewarm:
         import torch
 
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            torch.empty(1, device="cuda")  # creates the context and the allocator, not just the driver
+    threads: list[threading.Thread] = []
+    gated = False
+    while (job := jobs.get()) is not None:
+        if isinstance(job, tuple):  # ("capacity", n), before any job
+            capacity = job[1]
+            continue
+        if capacity == 1:  # one at a time: in this thread, on the default stream, as a lone trial always ran
+            _run_one(job, queue, own_stream=False)
+            continue
+        if not gated:
+            set_share(GpuShare(capacity))
+        gated = True
+        thread = threading.Thread(target=_run_one, args=(job, queue, capacity > 1), daemon=True,
+                                  name=f"trial-{job.spec['id']}")
+        thread.start()
+        threads = [t for t in threads if t.is_alive()] + [thread]
+    for thread in threads:
+        thread.join()

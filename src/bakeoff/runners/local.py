@@ -1,7 +1,8 @@
-"""Run trials in local worker processes, one or several at a time per GPU; store each result
-as it lands, so an interrupt or a crash loses nothing that had finished. A worker runs one
-PyTorch trial after another and keeps the decoded images resident between them; after a
-failure or a Keras trial it ends, and the next trial gets a fresh process."""
+"""Run trials in local worker processes, one per GPU (or one for the CPU); store each result
+as it lands, so an interrupt or a crash loses nothing that had finished. A worker runs PyTorch
+trials one after another, or several at once on their own CUDA streams, and keeps the decoded
+images resident between them; after a failure or a Keras trial it ends, and the next trial gets
+a fresh process."""
 
 from __future__ import annotations
 
@@ -16,17 +17,22 @@ from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
 from bakeoff.trial import TrialJob, reusable_after, worker_main
 
-__all__ = ["run_local"]
+__all__ = ["run_local", "prestart"]
 
 
 class _Worker:
-    """A trial process that runs one job after another: later trials on the same data reuse
-    the images it keeps resident, and skip the process start and the data load."""
+    """A trial process that runs up to ``capacity`` jobs at once, and job after job: later
+    trials on the same data reuse the images it keeps resident, and skip the process start and
+    the data load."""
 
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx, capacity: int = 1, prewarm: bool = False, target: Callable = worker_main) -> None:
+        self.capacity = capacity
         self.jobs, self.queue = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=worker_main, args=(self.jobs, self.queue), daemon=True)
-        self.job: TrialJob | None = None
+        self.proc = ctx.Process(target=target, args=(self.jobs, self.queue, capacity, prewarm), daemon=True)
+        self.running: dict[str, tuple[TrialJob, float]] = {}
+        self.ran = 0
+        self.closing = False  # takes no more jobs; stopped once its running ones finish
+        self.dead_since: float | None = None
         # The child starts with Ctrl-C ignored: the parent alone handles it and stops the child,
         # so an interrupt prints one message, not a traceback from every process of the group.
         try:
@@ -39,41 +45,52 @@ class _Worker:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
 
+    def adopt(self, capacity: int) -> "_Worker":
+        """Set the capacity of a worker started before it was known (see ``prestart``)."""
+        self.capacity = capacity
+        self.jobs.put(("capacity", capacity))
+        return self
+
+    def has_room(self) -> bool:
+        return not self.closing and len(self.running) < self.capacity and self.proc.is_alive()
+
     def give(self, job: TrialJob) -> None:
-        self.job, self.started, self.outcome, self.dead_since = job, time.time(), None, None
+        self.running[job.key] = (job, time.time())
+        self.ran += 1
         self.jobs.put(job)
 
-    def poll(self, on_event: Callable) -> bool:
-        """Handle pending messages; True once the current trial has an outcome."""
-        while self.outcome is None:
+    def poll(self, on_event: Callable) -> list[tuple[TrialJob, float, str, dict]]:
+        """Handle pending messages; returns the trials that ended: (job, started, status, payload)."""
+        ended = []
+        while self.running:
             try:
                 msg = self.queue.get_nowait()
             except queue_mod.Empty:
                 break
-            if msg[1] != self.job.key:
+            if msg[1] not in self.running:
                 continue
             if msg[0] == "step":
-                on_event("step", self.job, msg[2:])
-            elif msg[0] == "result":
-                self.outcome = ("ok", msg[2])
-            elif msg[0] == "error":
-                self.outcome = ("error", msg[2])
+                on_event("step", self.running[msg[1]][0], msg[2:])
             elif msg[0] == "interrupted":
                 raise KeyboardInterrupt
-        if self.outcome is None and not self.proc.is_alive():
-            # the last message may land just after the process ends: give it a moment
+            elif msg[0] in ("result", "error", "alone"):
+                job, started = self.running.pop(msg[1])
+                status = {"result": "ok", "error": "error"}.get(msg[0], "alone")
+                ended.append((job, started, status, msg[2]))
+                if status != "ok" or not reusable_after(job):
+                    self.closing = True
+        if self.running and not self.proc.is_alive():
+            # the last messages may land just after the process ends: give them a moment
             self.dead_since = self.dead_since or time.time()
             if time.time() - self.dead_since > 2.0:
                 code = self.proc.exitcode
                 why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 hint = " (killed: out of memory?)" if code in (-9, 137) else ""
-                self.outcome = ("error", {"error": f"trial process died with {why}{hint}", "traceback": ""})
-        return self.outcome is not None
-
-    def reusable(self) -> bool:
-        """Whether the worker takes another job (it ends itself after failures and Keras trials)."""
-        return self.outcome is not None and self.outcome[0] == "ok" and reusable_after(self.job) \
-            and self.proc.is_alive()
+                error = {"error": f"trial process died with {why}{hint}", "traceback": ""}
+                ended += [(job, started, "error", error) for job, started in self.running.values()]
+                self.running.clear()
+                self.closing = True
+        return ended
 
     def stop(self, wait: float = 5.0) -> None:
         if self.proc.is_alive():
@@ -89,52 +106,78 @@ class _Worker:
                 self.proc.kill()
 
 
+def prestart() -> _Worker:
+    """A worker started now, while the images are still being decoded: importing torch and
+    starting CUDA (seconds) then overlap that work instead of delaying the first trial. Hand it
+    to ``run_local(warm=...)``, which stops it if it goes unused."""
+    return _Worker(mp.get_context("spawn"), prewarm=True)
+
+
 def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable = lambda *a: None,
-              devices: list[str] | None = None, per_device: int = 1) -> dict:
+              devices: list[str] | None = None, per_device: int = 1, warm: _Worker | None = None,
+              target: Callable = worker_main) -> dict:
     """Train every job not already finished; a failure becomes a failed row and the run goes on.
 
-    ``devices`` (e.g. ["cuda:0", "cuda:1"]) with ``per_device`` trials each run concurrently;
-    by default one trial at a time on each job's own device. Returns counts: trained, resumed
-    (finished before, skipped), failed.
+    ``devices`` (e.g. ["cuda:0", "cuda:1"]): one worker each, running ``per_device`` PyTorch
+    trials at once on their own CUDA streams; by default one trial at a time on each job's own
+    device. Keras trials run one at a time in a fresh process, and so does a trial that could
+    not share its GPU (sent back by its worker; see ``gpu_share.NeedsGpuAlone``). Returns
+    counts: trained, resumed (finished before, skipped), failed. ``target``: the worker's main
+    function (tests stand in their own).
     """
     ctx = mp.get_context("spawn")
     pending, counts = split_finished(jobs, store, on_event)
     # Trials wanting the same stored image size run one after another, so a worker's resident
     # images serve the next trial too; Keras trials (a fresh process each) come last.
     pending.sort(key=lambda j: (j.spec["framework"] != "pytorch", j.side or 0))
-    slots = [d for d in (devices or [None]) for _ in range(max(1, per_device))]
-    concurrent = len(slots) if devices else 1
+    slots = devices or [None]
+    share = max(1, per_device) if devices else 1
     workers: dict[int, _Worker] = {}
-    busy: set[int] = set()
     try:
-        while pending or busy:
-            for slot in range(concurrent):
-                if slot not in busy and pending:
-                    job = pending.pop(0)
-                    extra = job.extra | {"keep_data": True}
-                    if slots[slot] is not None:
-                        extra |= {"concurrent_trials": concurrent}
-                        job = dataclasses.replace(job, device=slots[slot])
-                    job = dataclasses.replace(job, extra=extra)
-                    on_event("start", job, None)
-                    if slot not in workers:
-                        workers[slot] = _Worker(ctx)
-                    workers[slot].give(job)
-                    busy.add(slot)
-            for slot in list(busy):
-                w = workers[slot]
-                if not w.poll(on_event):
-                    continue
-                busy.discard(slot)
-                if not w.reusable():
-                    w.stop(wait=5.0 if w.outcome[0] == "ok" else 0.0)
+        while pending or any(w.running for w in workers.values()):
+            for slot, device in enumerate(slots):
+                w = workers.get(slot)
+                if w is not None and not w.running and (w.closing or not w.proc.is_alive()):
+                    w.stop(wait=5.0)  # the next job gets a fresh process
                     del workers[slot]
-                status, payload = w.outcome
-                if status == "ok":
-                    payload = payload | {"concurrent_trials": w.job.extra.get("concurrent_trials", 1)}
-                record_outcome(store, run_id, w.job, w.started, status == "ok", payload, counts, on_event)
+                    w = None
+                while pending:
+                    job = pending[0]
+                    keras = job.spec["framework"] != "pytorch"
+                    alone = keras or job.extra.get("alone", False)
+                    if alone and w is not None and (keras or w.capacity > 1):
+                        # a Keras trial, or one that could not share the GPU: a process of its own
+                        if w.running:
+                            break
+                        w.stop(wait=5.0)
+                        del workers[slot]
+                        w = None
+                    if w is None:
+                        if warm is not None and not alone:
+                            w, warm = warm.adopt(share), None
+                        else:
+                            w = _Worker(ctx, 1 if alone else share, target=target)
+                        workers[slot] = w
+                    if not w.has_room():
+                        break
+                    pending.pop(0)
+                    extra = job.extra | {"keep_data": True, "concurrent_trials": w.capacity}
+                    job = dataclasses.replace(job, extra=extra, device=device or job.device)
+                    on_event("start", job, None)
+                    w.give(job)
+                    if keras:
+                        w.closing = True
+            for w in workers.values():
+                for job, started, status, payload in w.poll(on_event):
+                    if status == "alone":  # first in line for a process of its own
+                        pending.insert(0, dataclasses.replace(
+                            job, extra=job.extra | {"alone": True, "shared_gpu_error": payload}))
+                        continue
+                    if status == "ok":
+                        payload = payload | {"concurrent_trials": job.extra.get("concurrent_trials", 1)}
+                    record_outcome(store, run_id, job, started, status == "ok", payload, counts, on_event)
             time.sleep(0.05)
     finally:
-        for w in workers.values():
-            w.stop(wait=5.0 if not busy else 0.0)
+        for w in [*workers.values(), *([warm] if warm is not None else [])]:
+            w.stop(wait=0.0 if w.running else 5.0)
     return counts
