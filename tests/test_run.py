@@ -242,19 +242,25 @@ def _worker_whose_steps_cannot_share(jobs, queue, capacity=1, prewarm=False):
         else:
             queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
                                            "concurrent_trials_seen": job.extra.get("concurrent_trials"),
-                                           "shared_gpu_error": job.extra.get("shared_gpu_error")}))
+                                           "shared_gpu_error": job.extra.get("shared_gpu_error"),
+                                           "pid": os.getpid(), "prewarm": prewarm}))
+
+
+def _fake_jobs(tmp_path, n=3):
+    import numpy as np
+
+    from bakeoff.trial import TrialJob
+
+    return [TrialJob(spec={"id": f"m{i}", "framework": "pytorch"}, protocol={}, cache_path="", input_size=8,
+                     labels=np.zeros(4, dtype=np.int64), train_idx=np.arange(2), val_idx=np.arange(2, 4),
+                     classes=["a"], out_dir=str(tmp_path), device="cpu", key=f"k{i}") for i in range(n)]
 
 
 def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
-    import numpy as np
-
     from bakeoff.runners.local import run_local
     from bakeoff.store import Store
-    from bakeoff.trial import TrialJob
 
-    jobs = [TrialJob(spec={"id": f"m{i}", "framework": "pytorch"}, protocol={}, cache_path="", input_size=8,
-                     labels=np.zeros(4, dtype=np.int64), train_idx=np.arange(2), val_idx=np.arange(2, 4),
-                     classes=["a"], out_dir=str(tmp_path), device="cpu", key=f"k{i}") for i in range(3)]
+    jobs = _fake_jobs(tmp_path)
     store = Store(tmp_path / "bakeoff.db")
     run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
     counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_worker_whose_steps_cannot_share)
@@ -265,3 +271,24 @@ def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
         result = row["result"] if isinstance(row["result"], dict) else json.loads(row["result"])
         assert result["concurrent_trials_seen"] == 1  # the second time, in a process of its own
         assert "capture failed" in result["shared_gpu_error"]
+
+
+def test_a_worker_started_early_runs_the_first_trials_or_is_stopped(tmp_path):
+    import multiprocessing as mp
+
+    from bakeoff.runners.local import _Worker, run_local
+    from bakeoff.store import Store
+
+    jobs = _fake_jobs(tmp_path)
+    store = Store(tmp_path / "bakeoff.db")
+    run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
+    warm = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_worker_whose_steps_cannot_share)
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=1, warm=warm,
+                       target=_worker_whose_steps_cannot_share)
+    assert counts["trained"] == 3
+    assert {t["result"]["pid"] for t in store.trials()} == {warm.proc.pid}  # all three in the early worker
+    assert not warm.proc.is_alive()
+    # Nothing left to train: the early worker is stopped, not left behind.
+    idle = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_worker_whose_steps_cannot_share)
+    assert run_local(jobs, store, run_id, devices=["cpu"], warm=idle)["resumed"] == 3
+    assert not idle.proc.is_alive()

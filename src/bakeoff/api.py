@@ -147,7 +147,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     if executor != "ray" and dev.type == "cuda":  # on a CPU the decoders want every core
         from bakeoff.runners.local import prestart
 
-        warm = prestart()  # starts torch and CUDA while the images decode
+        warm = prestart(str(dev) if dev.index is not None else "cuda:0")  # torch and CUDA start meanwhile
     with display, _stopped_unless_used(warm):
         # Decode once: every image is decoded a single time, at one size that serves all models.
         files = [str(train_folder.root / p) for p in train_folder.paths]

@@ -195,15 +195,16 @@ def _run_one(job: TrialJob, queue, own_stream: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def worker_main(jobs, queue, capacity: int = 1, prewarm: bool = False) -> None:
+def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> None:
     """A long-lived trial process: runs the jobs it is given, up to ``capacity`` at once (one
     thread and one CUDA stream each, sharing the GPU through ``bakeoff.gpu_share``), keeping
     the decoded images resident between trials on the same data. The runner decides when it
     ends (``None``): after a failed trial (whose state may be broken, e.g. a CUDA error) or a
     trial that cannot share a process, it sends no more jobs.
 
-    ``prewarm``: a worker started while the parent still decodes the images imports torch and
-    starts CUDA meanwhile; it learns its capacity from a ("capacity", n) message."""
+    ``prewarm`` (a CUDA device): a worker started while the parent still decodes the images
+    imports torch and starts CUDA there meanwhile; it learns its capacity from a
+    ("capacity", n) message."""
     import threading
 
     from bakeoff.gpu_share import GpuShare, set_share
@@ -212,7 +213,7 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: bool = False) -> None:
         import torch
 
         if torch.cuda.is_available():
-            torch.empty(1, device="cuda")  # creates the context and the allocator, not just the driver
+            torch.empty(1, device=prewarm)  # creates the context and the allocator, not just the driver
     threads: list[threading.Thread] = []
     gated = False
     while (job := jobs.get()) is not None:

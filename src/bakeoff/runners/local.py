@@ -25,7 +25,7 @@ class _Worker:
     trials on the same data reuse the images it keeps resident, and skip the process start and
     the data load."""
 
-    def __init__(self, ctx, capacity: int = 1, prewarm: bool = False, target: Callable = worker_main) -> None:
+    def __init__(self, ctx, capacity: int = 1, prewarm: str | None = None, target: Callable = worker_main) -> None:
         self.capacity = capacity
         self.jobs, self.queue = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=target, args=(self.jobs, self.queue, capacity, prewarm), daemon=True)
@@ -106,11 +106,11 @@ class _Worker:
                 self.proc.kill()
 
 
-def prestart() -> _Worker:
+def prestart(device: str) -> _Worker:
     """A worker started now, while the images are still being decoded: importing torch and
     starting CUDA (seconds) then overlap that work instead of delaying the first trial. Hand it
     to ``run_local(warm=...)``, which stops it if it goes unused."""
-    return _Worker(mp.get_context("spawn"), prewarm=True)
+    return _Worker(mp.get_context("spawn"), prewarm=device)
 
 
 def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable = lambda *a: None,
