@@ -102,11 +102,14 @@ def build_cache(
     interpolation: str = "bilinear",
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    decode_device=None,
 ) -> DecodedImages:
     """Decode ``files`` to ``cache_dir/<key>/s<side>-<interpolation>.npy`` unless it exists.
 
     ``key`` must identify the exact file list (the data set fingerprint). The file appears
     atomically, so a run killed while building leaves no half-written cache behind.
+    ``decode_device`` (a GPU): decode JPEGs there in batches (see ``gpu_decode``); anything
+    that goes wrong there falls back to decoding on the CPU.
     """
     folder = Path(cache_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,8 +128,17 @@ def build_cache(
     # The file with its .npy header; the decoders fill its rows in place.
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), side, side, 3)).flush()
     workers = workers or min(32, os.cpu_count() or 1)
-    errors = None
-    if workers > 1 and len(files) >= PROCESS_POOL_MIN_FILES:
+    errors, decoder = None, "pil"
+    if decode_device is not None:
+        try:
+            from bakeoff.data.gpu_decode import decode_batched
+
+            errors = decode_batched(np.load(tmp, mmap_mode="r+"), files, side, interpolation, decode_device,
+                                    lambda p: _decode_one(p, side, interpolation), progress)
+            decoder = f"torchvision ({decode_device})"
+        except Exception:  # no nvJPEG, out of memory, ...: the CPU path below does it all again
+            errors = None
+    if errors is None and workers > 1 and len(files) >= PROCESS_POOL_MIN_FILES:
         try:
             errors = _decode_in_processes(tmp, files, side, interpolation, workers, progress)
         except (BrokenProcessPool, OSError, RuntimeError):
@@ -135,7 +147,7 @@ def build_cache(
     if errors is None:
         errors = _decode_in_threads(np.load(tmp, mmap_mode="r+"), files, side, interpolation, workers, progress)
     os.replace(tmp, npy)
-    meta.write_text(json.dumps({"n": len(files), "side": side, "interpolation": interpolation,
+    meta.write_text(json.dumps({"n": len(files), "side": side, "interpolation": interpolation, "decoder": decoder,
                                 "errors": {str(k): v for k, v in errors.items()}}))
     ok = np.ones(len(files), dtype=bool)
     ok[list(errors)] = False

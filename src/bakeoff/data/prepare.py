@@ -29,13 +29,14 @@ class PreparedData:
     skipped: list[dict] = field(default_factory=list)
     caches: dict[tuple[int, str], DecodedImages] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    decode_device: str | None = None  # a GPU that decodes the JPEGs, or None for the CPU
 
     def cache_for(self, side: int, interpolation: str, progress: Callable | None = None) -> DecodedImages:
         """The decoded images at ``side`` (built on first use, then shared)."""
         k = (side, interpolation)
         if k not in self.caches:
             self.caches[k] = build_cache(self.files, self.cache_dir, self.fingerprint, side, interpolation,
-                                         progress=progress)
+                                         progress=progress, decode_device=self.decode_device)
         return self.caches[k]
 
     def summary(self) -> dict:
@@ -48,10 +49,11 @@ class PreparedData:
 
 
 def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 0, cache_dir=None,
-                 first_side: tuple[int, str] = (256, "bilinear"), progress: Callable | None = None
-                 ) -> PreparedData:
+                 first_side: tuple[int, str] = (256, "bilinear"), progress: Callable | None = None,
+                 decode_device: str | None = None) -> PreparedData:
     """Scan and validate the folders, decode every image once at ``first_side`` (which also finds
-    the unreadable files), drop those, and split. Every refusal is a one-line BakeoffError."""
+    the unreadable files), drop those, and split. Every refusal is a one-line BakeoffError.
+    ``decode_device``: a GPU to decode the JPEGs on."""
     train = scan_folder(data_dir, what="data folder")
     files = [str((train.root / p).resolve()) for p in train.paths]
     labels = list(train.labels)
@@ -73,7 +75,8 @@ def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 
                         fingerprint, cache_dir, skipped,
                         source={"data_dir": str(Path(data_dir).expanduser().resolve()),
                                 "val_dir": str(Path(val_dir).expanduser().resolve()) if val_dir else None,
-                                "val_fraction": None if val_dir else val_fraction, "split_seed": seed})
+                                "val_fraction": None if val_dir else val_fraction, "split_seed": seed},
+                        decode_device=decode_device)
     decoded = data.cache_for(*first_side, progress=progress)
     for i, err in sorted(decoded.errors.items()):
         skipped.append({"path": files[i], "reason": f"unreadable: {err}"})
