@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import os
@@ -143,19 +142,20 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         size = image_size or s.input_size
         sides.append((size, cache_side(size, s.crop_pct), s.interpolation))
     display = RunProgress(len(specs)) if progress else NullProgress()
+    gpu = _local_gpu(executor, dev)
     warm = None
-    if executor != "ray" and dev.type == "cuda":  # on a CPU the decoders want every core
+    if gpu is not None:  # on a CPU the decoders want every core
         from bakeoff.runners.local import prestart
 
-        warm = prestart(_decode_device(executor, dev))  # torch and CUDA start meanwhile
-    with display, _stopped_unless_used(warm):
+        warm = prestart(gpu)  # torch and CUDA start while the images decode
+    with display, _stopped_on_error(warm):
         # Decode once: every image is decoded a single time, at one size that serves all models.
         files = [str(train_folder.root / p) for p in train_folder.paths]
         store_side = storage_side([side for _, side, _ in sides], files)
         interp = sides[0][2]
         data = prepare_data(data_dir, val_dir, val_fraction, seed, cache_dir or out / "cache",
                             first_side=(store_side, interp), progress=display.decode(f"{store_side}px"),
-                            decode_device=_decode_device(executor, dev))
+                            decode_device=gpu)
         write_class_map(data.classes, out)
         summary = data.summary()
         (out / "dataset.json").write_text(json.dumps(summary, indent=2))
@@ -182,7 +182,6 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
             else:
                 devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides)
                 counts = run_local(jobs, store, run_id, display.on_event, devices, per_device, warm)
-                warm = None
             status = "finished"
         finally:
             store.finish_run(run_id, status)
@@ -199,21 +198,21 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     return comparison
 
 
-def _decode_device(executor: str, dev) -> str | None:
-    """The GPU that decodes the JPEGs into the cache: the run's own, when it trains locally on
-    one (nvJPEG decoded about 35k 256 x 256 JPEGs/s on an H200; PIL does about 1.6k per core)."""
+def _local_gpu(executor: str, dev) -> str | None:
+    """The GPU a local run trains on first, which also decodes the JPEGs into the cache (nvJPEG
+    decoded about 35k 256 x 256 JPEGs/s on an H200; PIL does about 1.6k per core)."""
     if executor == "ray" or dev.type != "cuda":
         return None
     return str(dev) if dev.index is not None else "cuda:0"
 
 
 @contextlib.contextmanager
-def _stopped_unless_used(warm):
-    """Stop a prestarted worker if the run ends before handing it to the runner."""
+def _stopped_on_error(warm):
+    """Stop a prestarted worker if the run fails, before or while the runner has it."""
     try:
         yield
     except BaseException:
-        if warm is not None and warm.proc.is_alive() and not warm.ran:
+        if warm is not None:
             warm.stop(wait=0.0)
         raise
 

@@ -135,9 +135,8 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
     raise ValueError(f"no engine for framework {framework!r}")
 
 
-def trial_process_main(job: TrialJob, queue) -> bool:
-    """Entry point of the trial's own process: results and progress go back through ``queue``.
-    Returns True when the trial finished."""
+def trial_process_main(job: TrialJob, queue) -> None:
+    """Entry point of the trial's own process: results and progress go back through ``queue``."""
     try:
         import torch
 
@@ -147,7 +146,6 @@ def trial_process_main(job: TrialJob, queue) -> bool:
             queue.put(("step", job.key, epoch, step, steps, elapsed))
 
         queue.put(("result", job.key, run_trial(job, on_step)))
-        return True
     except KeyboardInterrupt:
         queue.put(("interrupted", job.key, None))
     except BaseException as exc:  # any failure becomes a failed row, never a crashed sweep
@@ -155,14 +153,13 @@ def trial_process_main(job: TrialJob, queue) -> bool:
 
         if isinstance(exc, NeedsGpuAlone):
             queue.put(("alone", job.key, str(exc)[:1000]))
-            return False
+            return
         from bakeoff.errors import BakeoffError
 
         kind = "out of memory" if "out of memory" in str(exc).lower() else type(exc).__name__
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
         detail = "" if isinstance(exc, BakeoffError) else traceback.format_exc()
         queue.put(("error", job.key, {"error": f"{kind}: {message}"[:1000], "traceback": detail}))
-    return False
 
 
 def reusable_after(job: TrialJob) -> bool:
@@ -207,7 +204,7 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> N
     ("capacity", n) message."""
     import threading
 
-    from bakeoff.gpu_share import GpuShare, set_share
+    from bakeoff.gpu_share import GpuShare, set_share, share
 
     if prewarm:
         import torch
@@ -215,7 +212,6 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> N
         if torch.cuda.is_available():
             torch.empty(1, device=prewarm)  # creates the context and the allocator, not just the driver
     threads: list[threading.Thread] = []
-    gated = False
     while (job := jobs.get()) is not None:
         if isinstance(job, tuple):  # ("capacity", n), before any job
             capacity = job[1]
@@ -223,10 +219,9 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> N
         if capacity == 1:  # one at a time: in this thread, on the default stream, as a lone trial always ran
             _run_one(job, queue, own_stream=False)
             continue
-        if not gated:
+        if not share().concurrent:
             set_share(GpuShare(capacity))
-        gated = True
-        thread = threading.Thread(target=_run_one, args=(job, queue, capacity > 1), daemon=True,
+        thread = threading.Thread(target=_run_one, args=(job, queue, True), daemon=True,
                                   name=f"trial-{job.spec['id']}")
         thread.start()
         threads = [t for t in threads if t.is_alive()] + [thread]

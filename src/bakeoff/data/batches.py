@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bakeoff.data.images import square_resize_tensor
 from bakeoff.gpu_share import share, stream_sync
 
 __all__ = ["Batcher", "release_kept"]
@@ -69,6 +70,46 @@ def release_kept(unused_only: bool = False, spare=None) -> None:
             torch.cuda.empty_cache()
 
 
+def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    """N x S0 x S0 x 3 uint8 -> N x side x side x 3 uint8 (antialiased when shrinking)."""
+    return square_resize_tensor(x.permute(0, 3, 1, 2), side).contiguous()
+
+
+def _filled(n: int, side: int, device, part, budget) -> torch.Tensor | None:
+    """``n`` images at ``side`` as one uint8 tensor on ``device``, built 1,024 at a time from
+    ``part(slice)`` (N x S x S x 3 uint8, anywhere) and resized on the device; None when they
+    would not fit in ``budget`` (bytes, "auto" or None for no limit)."""
+    if budget == "auto":
+        budget = resident_budget(device)
+    if budget is not None and n * side * side * 3 > budget:
+        return None
+    with share().shared():
+        out = torch.empty((n, side, side, 3), dtype=torch.uint8, device=device)
+    for i in range(0, n, 1024):
+        with share().shared():
+            out[i:i + 1024] = _resize(part(slice(i, i + 1024)).to(device), side)
+    stream_sync(device)  # written before a trial on another stream may read it
+    return out
+
+
+def _from_file(images, needed: np.ndarray, side: int, device, budget) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The ``needed`` images read from the cache file: (tensor, position of each image in it)."""
+    order = np.sort(needed)
+    tensor = _filled(len(order), side, device, lambda s: torch.from_numpy(np.ascontiguousarray(images[order[s]])),
+                     budget)
+    if tensor is None:
+        return None
+    index = np.full(len(images), -1, dtype=np.int64)
+    index[order] = np.arange(len(order))
+    return tensor, index
+
+
+def _resized(kept: dict, side: int, device, budget) -> tuple[torch.Tensor, np.ndarray] | None:
+    """Kept images at another size, resized on the device (same positions)."""
+    tensor = _filled(len(kept["tensor"]), side, device, lambda s: kept["tensor"][s], budget)
+    return None if tensor is None else (tensor, kept["index"])
+
+
 @dataclass
 class Batcher:
     """Serves normalised batches of ``images[idx]`` (N x S x S x 3 uint8) for one model."""
@@ -102,76 +143,33 @@ class Batcher:
         side = side or images.shape[1]
         b = cls(images, input_size, tuple(mean), tuple(std), device, channels_last, side=side)
         if not keep:
-            b._load(needed, max_resident_bytes)
+            b.resident, b.resident_index = _from_file(images, needed, side, device, max_resident_bytes) or (None, None)
             return b
         key = _kept_key(images, needed, side, device)
         with _KEPT_LOCK:  # a trial loading these images makes the others that want them wait, then share
             if key in _KEPT:
-                entry = _KEPT[key]
-                b.resident, b.resident_index, b.reused = entry["tensor"], entry["index"], True
+                b.reused = True
             else:
-                stored = cls._kept_stored(images, needed, side, device, max_resident_bytes)
-                release_kept(unused_only=True, spare=stored and stored[0])
-                if not (stored and b._derive(stored[1], max_resident_bytes)) and not b._load(needed, max_resident_bytes):
+                stored = images.shape[1]
+                # On a GPU the images at their stored size are kept too when a model wants another
+                # size: every later size is a resize on the device, not another pass over the file
+                # (about 4 s for a 10 GB set).
+                via = _kept_key(images, needed, stored, device) \
+                    if side != stored and torch.device(device).type in DERIVE_ON else None
+                release_kept(unused_only=True, spare=via)
+                if via is not None and via not in _KEPT:
+                    held = _from_file(images, needed, stored, device, max_resident_bytes)
+                    if held is not None:
+                        _KEPT[via] = {"tensor": held[0], "index": held[1], "users": 0}
+                held = _resized(_KEPT[via], side, device, max_resident_bytes) if via in _KEPT else None
+                held = held or _from_file(images, needed, side, device, max_resident_bytes)
+                if held is None:
                     return b
-                entry = _KEPT[key] = {"tensor": b.resident, "index": b.resident_index, "users": 0}
+                _KEPT[key] = {"tensor": held[0], "index": held[1], "users": 0}
+            entry = _KEPT[key]
             entry["users"] += 1
-            b._kept_key = key
+            b.resident, b.resident_index, b._kept_key = entry["tensor"], entry["index"], key
         return b
-
-    @classmethod
-    def _kept_stored(cls, images, needed, side, device, max_resident_bytes):
-        """On a GPU, the images at their stored size, kept too when a model wants another size:
-        every later size is then a resize on the device, not another pass over the file (about
-        4 s for a 10 GB set). Returns (key, entry) or None."""
-        stored = images.shape[1]
-        if side == stored or torch.device(device).type not in DERIVE_ON:
-            return None
-        key = _kept_key(images, needed, stored, device)
-        if key not in _KEPT:
-            release_kept(unused_only=True)
-            raw = cls(images, 1, (0, 0, 0), (1, 1, 1), device, side=stored)
-            if not raw._load(needed, max_resident_bytes):
-                return None
-            _KEPT[key] = {"tensor": raw.resident, "index": raw.resident_index, "users": 0}
-        return key, _KEPT[key]
-
-    def _derive(self, stored: dict, max_resident_bytes) -> bool:
-        """Make the images resident by resizing kept ones already on the device."""
-        if max_resident_bytes == "auto":
-            max_resident_bytes = resident_budget(self.device)
-        source = stored["tensor"]
-        if max_resident_bytes is not None and len(source) * self.side * self.side * 3 > max_resident_bytes:
-            return False
-        with share().shared():
-            self.resident = torch.empty((len(source), self.side, self.side, 3), dtype=torch.uint8,
-                                        device=source.device)
-        for i in range(0, len(source), 1024):
-            with share().shared():
-                self.resident[i:i + 1024] = self._resize(source[i:i + 1024])
-        self.resident_index = stored["index"]
-        stream_sync(self.device)
-        return True
-
-    def _load(self, needed: np.ndarray, max_resident_bytes) -> bool:
-        """Make the images resident when they fit; returns whether they did."""
-        if max_resident_bytes == "auto":
-            max_resident_bytes = resident_budget(self.device)
-        nbytes = len(needed) * self.side * self.side * 3
-        if max_resident_bytes is not None and nbytes > max_resident_bytes:
-            return False
-        order = np.sort(needed)
-        chunks = []
-        for i in range(0, len(order), 1024):
-            with share().shared():
-                part = np.ascontiguousarray(self.images[order[i:i + 1024]])
-                chunks.append(self._resize(torch.from_numpy(part).to(self.device)))
-        with share().shared():
-            self.resident = torch.cat(chunks) if chunks else torch.empty(0, self.side, self.side, 3, dtype=torch.uint8)
-        self.resident_index = np.full(len(self.images), -1, dtype=np.int64)
-        self.resident_index[order] = np.arange(len(order))
-        stream_sync(self.device)  # written before a trial on another stream may read it
-        return True
 
     def close(self) -> None:
         """This trial is done with the images: kept ones stay for the next trial."""
@@ -189,14 +187,6 @@ class Batcher:
             return "memory-mapped file"
         return "ram" if self.resident.device.type == "cpu" else "device"
 
-    def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        """N x S0 x S0 x 3 uint8 -> N x side x side x 3 uint8 (antialiased when shrinking)."""
-        if x.shape[1] == self.side:
-            return x
-        y = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(self.side, self.side), mode="bilinear",
-                          antialias=True, align_corners=False)
-        return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
     def positions(self, idx: np.ndarray) -> torch.Tensor | None:
         """Where ``idx`` sit in the resident tensor, as one device tensor (None when the images
         are read from the file): fetched once per epoch, so a step needs no host-to-device copy."""
@@ -212,7 +202,7 @@ class Batcher:
         order = np.argsort(idx)  # sorted reads are kinder to a memory-mapped file
         arr = np.empty((len(idx),) + self.images.shape[1:], dtype=np.uint8)
         arr[order] = self.images[idx[order]]
-        return self._resize(torch.from_numpy(arr).to(self.device, non_blocking=True))
+        return _resize(torch.from_numpy(arr).to(self.device, non_blocking=True), self.side)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self._mean) / self._std

@@ -17,9 +17,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = ["decode_batched", "square_resize_tensor", "batchable"]
+from bakeoff.data.images import square_resize_tensor
+
+__all__ = ["decode_batched", "batchable"]
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -45,22 +46,6 @@ def _read(path: str) -> tuple[bytes | None, bool]:
     except OSError:
         return None, False  # the PIL path reports the error
     return data, batchable(data)
-
-
-def square_resize_tensor(images: torch.Tensor, side: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """N x 3 x H x W uint8 (one size) -> N x side x side x 3 uint8: the shorter side resized to
-    ``side``, then a centred square, as ``images.square_resize`` does with PIL."""
-    h, w = images.shape[-2:]
-    scale = side / min(h, w)
-    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
-    x = images
-    if (nh, nw) != (h, w):
-        mode = interpolation if interpolation in ("bilinear", "bicubic") else "nearest"
-        smooth = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
-        x = F.interpolate(images.float(), size=(nh, nw), mode=mode, **smooth).round_().clamp_(0, 255)
-        x = x.to(torch.uint8)
-    top, left = (nh - side) // 2, (nw - side) // 2
-    return x[:, :, top:top + side, left:left + side].permute(0, 2, 3, 1)
 
 
 def decode_batched(out: np.ndarray, files: list[str], side: int, interpolation: str, device,

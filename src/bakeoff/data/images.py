@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["load_rgb", "square_resize", "INTERPOLATION"]
+__all__ = ["load_rgb", "square_resize", "square_resize_tensor", "INTERPOLATION"]
 
 INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -59,3 +59,22 @@ def square_resize(img: Image.Image, size: int, interpolation: str = "bilinear") 
     img = img.resize((nw, nh), INTERPOLATION.get(interpolation, Image.Resampling.BILINEAR))
     left, top = (nw - size) // 2, (nh - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def square_resize_tensor(images, side: int, interpolation: str = "bilinear"):
+    """N x 3 x H x W uint8 (one size) -> N x side x side x 3 uint8: ``square_resize`` for a
+    batch of tensors, on their device."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = images.shape[-2:]
+    scale = side / min(h, w)
+    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
+    x = images
+    if (nh, nw) != (h, w):
+        mode = interpolation if interpolation in ("bilinear", "bicubic") else "nearest"
+        smooth = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+        x = F.interpolate(images.float(), size=(nh, nw), mode=mode, **smooth).round_().clamp_(0, 255)
+        x = x.to(torch.uint8)
+    top, left = (nh - side) // 2, (nw - side) // 2
+    return x[:, :, top:top + side, left:left + side].permute(0, 2, 3, 1)

@@ -90,8 +90,7 @@ class _Step:
                         break
                     except Exception as exc:  # some models cannot be captured: try the next way, or eager
                         self.graph = None
-                        failed.append(f"{way}: {type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''}")
+                        failed.append(_failure(way, exc))
             self.capture_error = "; ".join(failed) or None
             if self.graph is None and share().concurrent:
                 # Eager steps beside graphed neighbours would crawl (one autograd thread, one
@@ -146,9 +145,7 @@ class _Step:
                         t.zero_()
         self.opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        own = way.startswith("own stream")
-        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device) if own else None,
-                              capture_error_mode="thread_local" if way.endswith("thread-local") else "global"):
+        with _capturing(self.graph, way, self.device):
             self._run_static()
         self.loss_sum.zero_()
         self.correct.zero_()
@@ -180,6 +177,17 @@ def capture_ways(concurrent: bool) -> list[str]:
     trial alone on its GPU. "thread-local": neighbours' threads may call CUDA meanwhile."""
     ways = ["own stream, thread-local", "own stream, global"]
     return ways if concurrent else ways + ["shared stream, global"]
+
+
+def _capturing(graph: torch.cuda.CUDAGraph, way: str, device: torch.device):
+    """The capture context for one of ``capture_ways``."""
+    own = way.startswith("own stream")
+    return torch.cuda.graph(graph, stream=torch.cuda.Stream(device) if own else None,
+                            capture_error_mode="thread_local" if way.endswith("thread-local") else "global")
+
+
+def _failure(way: str, exc: Exception) -> str:
+    return f"{way}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
 
 
 def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
@@ -426,20 +434,22 @@ def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol
 def _graphed_latency(model, one, protocol, device) -> dict:
     """Batch-1 latency with the forward pass replayed from a CUDA graph: what a deployment
     that removes per-kernel launch cost (graphs, compilation) can reach on this GPU."""
-    try:
-        static = one.clone()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), autocast_for(protocol, device, cache_enabled=False):
-            for _ in range(3):
+    static = one.clone()
+    failed = []
+    for way in capture_ways(share().concurrent):
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), autocast_for(protocol, device, cache_enabled=False):
+                for _ in range(3):
+                    model(static)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with _capturing(graph, way, device), autocast_for(protocol, device, cache_enabled=False):
                 model(static)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"), \
-                autocast_for(protocol, device, cache_enabled=False):
-            model(static)
-        lat = summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup,
-                                      protocol.latency_runs))
-        return {"latency_cudagraph_ms_p50": lat["p50"], "latency_cudagraph_ms_p95": lat["p95"]}
-    except Exception as exc:
-        return {"latency_cudagraph_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            lat = summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup,
+                                          protocol.latency_runs))
+            return {"latency_cudagraph_ms_p50": lat["p50"], "latency_cudagraph_ms_p95": lat["p95"]}
+        except Exception as exc:
+            failed.append(_failure(way, exc))
+    return {"latency_cudagraph_error": "; ".join(failed)}

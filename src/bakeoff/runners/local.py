@@ -30,7 +30,6 @@ class _Worker:
         self.jobs, self.queue = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=target, args=(self.jobs, self.queue, capacity, prewarm), daemon=True)
         self.running: dict[str, tuple[TrialJob, float]] = {}
-        self.ran = 0
         self.closing = False  # takes no more jobs; stopped once its running ones finish
         self.dead_since: float | None = None
         # The child starts with Ctrl-C ignored: the parent alone handles it and stops the child,
@@ -56,7 +55,6 @@ class _Worker:
 
     def give(self, job: TrialJob) -> None:
         self.running[job.key] = (job, time.time())
-        self.ran += 1
         self.jobs.put(job)
 
     def poll(self, on_event: Callable) -> list[tuple[TrialJob, float, str, dict]]:
