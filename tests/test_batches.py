@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from bakeoff.data.batches import Batcher
@@ -78,3 +79,18 @@ def test_a_second_size_is_resized_from_kept_images_not_read_again(tmp_path, monk
     finally:
         batches.release_kept()
     assert not batches._KEPT
+
+
+def test_rows_read_from_the_cache_file_are_the_stored_rows(tmp_path):
+    from bakeoff.data.batches import _PinnedRows
+
+    rows = np.random.default_rng(0).integers(0, 256, (2500, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "c.npy", rows)
+    images = np.load(tmp_path / "c.npy", mmap_mode="r")
+    reader = _PinnedRows(images, 3, 2490, "cpu", rows=1024)
+    parts = [reader(slice(i, i + 1024)) for i in range(0, 2490, 1024)]
+    reader.close()
+    assert [len(p) for p in parts] == [1024, 1024, 442]  # the last chunk stops at the run's end
+    assert np.array_equal(torch.cat(parts).numpy(), rows[3:2493])
+    with pytest.raises(OSError, match="ends early"):
+        _PinnedRows(images, 2000, 1000, "cpu")(slice(0, 1000))

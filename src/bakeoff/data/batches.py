@@ -92,11 +92,68 @@ def _filled(n: int, side: int, device, part, budget) -> torch.Tensor | None:
     return out
 
 
+class _PinnedRows:
+    """Rows ``first...`` of the memory-mapped cache, read with plain file reads into two pinned
+    buffers in turn and copied to the GPU asynchronously: the next chunk is read while the last
+    one crosses to the device. (Gathering through the memory map faults every 4 KiB page in and
+    copies twice; a 10 GB set took about 5 s that way on an H200 host.)"""
+
+    def __init__(self, images: np.memmap, first: int, count: int, device, rows: int = 1024) -> None:
+        self.row_shape, self.row_bytes = images.shape[1:], int(np.prod(images.shape[1:]))
+        self.start, self.count, self.rows = images.offset + first * self.row_bytes, count, rows
+        self.filename, self.device = images.filename, torch.device(device)
+        self.pinned = self.device.type == "cuda"
+        self.file = None
+        self.buffers: list[torch.Tensor] = []
+        self.copied: list = [None, None]
+        self.turn = 0
+
+    def __call__(self, s: slice) -> torch.Tensor:
+        if self.file is None:  # opened on first use: nothing is held when the images do not fit
+            self.file = open(self.filename, "rb", buffering=0)
+            self.buffers = [torch.empty((self.rows, *self.row_shape), dtype=torch.uint8, pin_memory=self.pinned)
+                            for _ in range(2)]
+        k, self.turn = self.turn, 1 - self.turn
+        if self.copied[k] is not None:
+            self.copied[k].synchronize()  # its last chunk has reached the device
+        want = min(self.rows, s.stop - s.start, self.count - s.start)
+        buf = self.buffers[k][:want]
+        view = memoryview(buf.numpy()).cast("B")
+        self.file.seek(self.start + s.start * self.row_bytes)
+        n = 0
+        while n < len(view):
+            got = self.file.readinto(view[n:])
+            if not got:
+                raise OSError(f"{self.filename}: the cache file ends early")
+            n += got
+        if not self.pinned:
+            return buf.clone()
+        x = buf.to(self.device, non_blocking=True)
+        self.copied[k] = torch.cuda.Event()
+        self.copied[k].record()
+        return x
+
+    def close(self) -> None:
+        for event in self.copied:
+            if event is not None:
+                event.synchronize()
+        if self.file is not None:
+            self.file.close()
+
+
 def _from_file(images, needed: np.ndarray, side: int, device, budget) -> tuple[torch.Tensor, np.ndarray] | None:
     """The ``needed`` images read from the cache file: (tensor, position of each image in it)."""
     order = np.sort(needed)
-    tensor = _filled(len(order), side, device, lambda s: torch.from_numpy(np.ascontiguousarray(images[order[s]])),
-                     budget)
+    if (torch.device(device).type == "cuda" and isinstance(images, np.memmap) and len(order)
+            and order[-1] - order[0] == len(order) - 1):  # one run of rows: straight from the file
+        part = _PinnedRows(images, int(order[0]), len(order), device)
+    else:
+        part = lambda s: torch.from_numpy(np.ascontiguousarray(images[order[s]]))  # noqa: E731
+    try:
+        tensor = _filled(len(order), side, device, part, budget)
+    finally:
+        if isinstance(part, _PinnedRows):
+            part.close()
     if tensor is None:
         return None
     index = np.full(len(images), -1, dtype=np.int64)
