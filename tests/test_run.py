@@ -292,3 +292,22 @@ def test_a_worker_started_early_runs_the_first_trials_or_is_stopped(tmp_path):
     idle = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_worker_whose_steps_cannot_share)
     assert run_local(jobs, store, run_id, devices=["cpu"], warm=idle)["resumed"] == 3
     assert not idle.proc.is_alive()
+
+
+def test_the_next_gpu_trials_process_starts_while_one_trains(tmp_path):
+    import multiprocessing as mp
+
+    from bakeoff.runners.local import run_local
+    from bakeoff.store import Store
+
+    jobs = _fake_jobs(tmp_path)  # full fine-tunes: on a GPU, each ends its process
+    store = Store(tmp_path / "bakeoff.db")
+    run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
+    counts = run_local(jobs, store, run_id, devices=["cuda:0"], per_device=1, target=_worker_whose_steps_cannot_share)
+    assert counts["trained"] == 3
+    rows = sorted(store.trials(), key=lambda t: t["started"])
+    results = [r["result"] if isinstance(r["result"], dict) else json.loads(r["result"]) for r in rows]
+    assert len({r["pid"] for r in results}) == 3  # a fresh process for each trial
+    # the second and third were started (and warmed on their GPU) while the one before trained
+    assert [r["prewarm"] for r in results] == [None, "cuda:0", "cuda:0"]
+    assert not mp.active_children()  # no spare process is left behind

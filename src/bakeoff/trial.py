@@ -192,6 +192,28 @@ def _run_one(job: TrialJob, queue, own_stream: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def _warm_up(device: str) -> None:
+    """What the first trial of a fresh process would otherwise wait for (about 4 s on an H200
+    host): the CUDA context and allocator, the cuDNN and cuBLAS libraries (loaded on first use),
+    and the imports of the PyTorch engine and of torchvision."""
+    import torch
+
+    import bakeoff.engines.torch_engine  # noqa: F401
+    import bakeoff.engines.torch_fit  # noqa: F401
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    if not torch.cuda.is_available():
+        return
+    x = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(3, 4, 3).to(device).to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        conv(x).flatten(1).matmul(torch.ones(144, 2, device=device)).sum().backward()
+    torch.cuda.synchronize(device)
+
+
 def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> None:
     """A long-lived trial process: runs the jobs it is given, up to ``capacity`` at once (one
     thread and one CUDA stream each, sharing the GPU through ``bakeoff.gpu_share``), keeping
@@ -207,10 +229,7 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> N
     from bakeoff.gpu_share import GpuShare, set_share, share
 
     if prewarm:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.empty(1, device=prewarm)  # creates the context and the allocator, not just the driver
+        _warm_up(prewarm)
     threads: list[threading.Thread] = []
     while (job := jobs.get()) is not None:
         if isinstance(job, tuple):  # ("capacity", n), before any job

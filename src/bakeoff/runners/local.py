@@ -131,6 +131,9 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     slots = devices or [None]
     share = max(1, per_device) if devices else 1
     workers: dict[int, _Worker] = {}
+    # A started process waiting for each slot's next trial: the first one the caller's (started
+    # while the images decoded), later ones started while a trial that ends its process trains.
+    spares: dict[int, _Worker] = {0: warm} if warm is not None else {}
     try:
         while pending or any(w.running for w in workers.values()):
             for slot, device in enumerate(slots):
@@ -151,8 +154,8 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                         del workers[slot]
                         w = None
                     if w is None:
-                        if warm is not None and not alone:
-                            w, warm = warm.adopt(share), None
+                        if slot in spares and not alone:
+                            w = spares.pop(slot).adopt(share)
                         else:
                             w = _Worker(ctx, 1 if alone else share, target=target)
                         workers[slot] = w
@@ -165,6 +168,9 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     w.give(job)
                     if keras:
                         w.closing = True
+                    elif (slot not in spares and str(job.device).startswith("cuda") and not reusable_after(job)
+                          and any(j.spec["framework"] == "pytorch" and not j.extra.get("alone") for j in pending)):
+                        spares[slot] = _Worker(ctx, prewarm=job.device, target=target)
             for w in workers.values():
                 for job, started, status, payload in w.poll(on_event):
                     if status == "alone":  # first in line for a process of its own
@@ -176,6 +182,6 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     record_outcome(store, run_id, job, started, status == "ok", payload, counts, on_event)
             time.sleep(0.05)
     finally:
-        for w in [*workers.values(), *([warm] if warm is not None else [])]:
+        for w in [*workers.values(), *spares.values()]:
             w.stop(wait=0.0 if w.running else 5.0)
     return counts
