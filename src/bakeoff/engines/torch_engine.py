@@ -79,11 +79,15 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step)
         with gate.shared():
             metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
+        t_measure = time.perf_counter()
         timing = time_inference(model, batcher, job.val_idx, protocol, device)
+        measure_s = time.perf_counter() - t_measure
     finally:
         batcher.close()
+    t_save = time.perf_counter()
     with gate.shared():
         weights_path = save_model(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights)
+    save_s = time.perf_counter() - t_save
 
     if device.type == "cuda":
         peak_mb, peak_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
@@ -97,7 +101,7 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         weights=weights, step_mode=fitted.get("step_mode"), capture_time_s=fitted.get("capture_time_s"),
         capture_error=fitted.get("capture_error"), feature_time_s=fitted.get("feature_time_s"),
         train_time_kind=fitted.get("train_time_kind"), train_wall_s=fitted.get("train_wall_s"),
-        shared_gpu_error=job.extra.get("shared_gpu_error"),
+        shared_gpu_error=job.extra.get("shared_gpu_error"), measure_time_s=measure_s, save_time_s=save_s,
         precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,
         device_name=device_name(device),
         data_resident=batcher.residence, data_reused=batcher.reused,
