@@ -304,19 +304,29 @@ def _epoch_record(epoch, train_loss, train_acc, val_probs, val_y, epoch_time, se
             "images_per_s": seen / epoch_time}
 
 
+def _one_shape(idx: np.ndarray, batch: int, device) -> np.ndarray:
+    """``idx`` filled up to whole batches on a GPU (repeats of its last image, whose outputs
+    the caller drops): one batch shape for a whole pass, since the first call at a new shape
+    can cost seconds there (channels-last depthwise convolutions: bench/first_call.py)."""
+    if device.type != "cuda" or len(idx) % batch == 0:
+        return idx
+    return np.concatenate([idx, np.repeat(idx[-1:], batch - len(idx) % batch)])
+
+
 @torch.no_grad()
 def _features(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Protocol, device, head: nn.Module):
     """The classifier's inputs for ``idx`` (centre crops), captured with a forward hook."""
     captured = []
     hook = head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].float().flatten(1)))
+    batch, n = 256, len(idx)
     try:
         model.eval()
-        for _, x in batcher.eval_batches(idx, 256):
+        for _, x in batcher.eval_batches(_one_shape(idx, batch, device), batch):
             with autocast_for(protocol, device):
                 model(x)
     finally:
         hook.remove()
-    return torch.cat(captured)
+    return torch.cat(captured)[:n]
 
 
 # Steps per head-graph replay: 5 epochs at batch 16 of a PlantVillage-sized set are 14k steps of
@@ -395,11 +405,12 @@ def predict_probs(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol:
     model.eval()
     out = []
     gate = share()
+    n, idx = len(idx), _one_shape(idx, batch_size, device)
     for start in range(0, len(idx), batch_size):
         with gate.shared(), autocast_for(protocol, device):
             logits = model(batcher.eval_batch(idx[start:start + batch_size]))
             out.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(out).numpy()
+    return torch.cat(out).numpy()[:n]
 
 
 @torch.no_grad()
