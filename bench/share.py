@@ -15,7 +15,8 @@ device, so no file or decoder is involved):
 
 The total gain is (sum of the solo second epochs) / (shared second-epoch span); each trial's
 projection error is projected / solo. Second epochs, so capture, autotuning and warm-up are
-outside what is compared. Random init; one timed run (read the spread from repeated runs).
+outside what is compared. Random init; both phases repeated (``--repeats``), medians with
+min-max.
 
     PYTHONPATH=src python3 bench/share.py --models alexnet,resnet34,mobilenet_v2,googlenet --steps 400
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import threading
 import time
 
@@ -66,6 +68,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400, help="batch-16 steps per epoch")
     ap.add_argument("--side", type=int, default=256, help="stored image side (models crop their own size)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="both phases, alternately; medians with min-max")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -81,11 +84,39 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, {len(archs)} models, {args.steps} steps of "
           f"{proto.batch_size} per epoch, second epoch compared", flush=True)
 
-    solo = {}
-    for arch in archs:
-        solo[arch] = _trial(arch, images, labels, train_idx, val_idx, proto, device, {})
-        print(f"  alone   {arch:14s} {solo[arch]['epoch_s']:7.2f} s  ({solo[arch]['mode']})", flush=True)
+    solo: dict[str, list[float]] = {a: [] for a in archs}
+    projected: dict[str, list[float]] = {a: [] for a in archs}
+    walls: dict[str, list[float]] = {a: [] for a in archs}
+    spans: list[float] = []
+    for rep in range(args.repeats):
+        for arch in archs:
+            got = _trial(arch, images, labels, train_idx, val_idx, proto, device, {})
+            solo[arch].append(got["epoch_s"])
+            print(f"  {rep + 1}: alone   {arch:14s} {got['epoch_s']:7.2f} s  ({got['mode']})", flush=True)
+        span, shared = _together(archs, images, labels, train_idx, val_idx, proto, device)
+        spans.append(span)
+        for arch in archs:
+            projected[arch].append(shared[arch]["epoch_s"])
+            walls[arch].append(shared[arch]["wall_s"])
+        print(f"  {rep + 1}: at once {span:7.2f} s for the {len(archs)} second epochs", flush=True)
 
+    def fmt(values: list[float]) -> str:  # median (min-max)
+        med = statistics.median(values)
+        return f"{med:.2f}" if len(values) == 1 else f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    print(f"medians over {args.repeats} repeat(s), (min-max) where more than one:")
+    print(f"{'model':14s} | alone s | shared projected s | projected/alone | shared wall s")
+    for arch in archs:
+        ratio = statistics.median(projected[arch]) / statistics.median(solo[arch])
+        print(f"{arch:14s} | {fmt(solo[arch])} | {fmt(projected[arch])} | {ratio:.2f} | {fmt(walls[arch])}")
+    totals = [sum(solo[a][r] for a in archs) for r in range(args.repeats)]
+    gains = [t / s for t, s in zip(totals, spans)]
+    print(f"second epochs: {fmt(totals)} s one at a time, {fmt(spans)} s at once: gain {fmt(gains)}x")
+
+
+def _together(archs, images, labels, train_idx, val_idx, proto, device) -> tuple[float, dict]:
+    """All trials at once, one thread and one CUDA stream each: (span of their second epochs,
+    each trial's figures)."""
     set_share(GpuShare(len(archs)))
     shared, marks = {}, {a: {} for a in archs}
 
@@ -95,22 +126,17 @@ def main() -> None:
             shared[arch] = _trial(arch, images, labels, train_idx, val_idx, proto, device, marks[arch])
 
     threads = [threading.Thread(target=run, args=(a,)) for a in archs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    set_share(None)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        set_share(None)
     missing = [a for a in archs if a not in shared]
     if missing:
         raise SystemExit(f"shared trials that did not finish: {', '.join(missing)}")
-    span = max(m["end"] for m in marks.values()) - min(m["start"] for m in marks.values())
-    print(f"{'model':14s} {'alone s':>8s} {'shared projected s':>19s} {'projected/alone':>16s} {'shared wall s':>14s}")
-    for arch in archs:
-        s, p = solo[arch]["epoch_s"], shared[arch]
-        print(f"{arch:14s} {s:8.2f} {p['epoch_s']:19.2f} {p['epoch_s'] / s:16.2f} {p['wall_s']:14.2f}")
-    total = sum(v["epoch_s"] for v in solo.values())
-    print(f"second epochs: {total:.2f} s one at a time, {span:.2f} s at once: gain {total / span:.2f}x")
-
+    return max(m["end"] for m in marks.values()) - min(m["start"] for m in marks.values()), shared
 
 if __name__ == "__main__":
     main()
