@@ -81,16 +81,11 @@ class _Step:
         self.mode = "eager"
         self.capture_error: str | None = None
         if device.type == "cuda" and protocol.cuda_graphs:
-            failed = []
             with share().exclusive(device):  # warm-up and capture alone: cuDNN autotuning times kernels
-                for way in capture_ways(share().concurrent):
-                    try:
-                        self._capture(batch_shape, channels_last, way)
-                        self.mode = f"cuda-graph ({way})" if failed else "cuda-graph"
-                        break
-                    except Exception as exc:  # some models cannot be captured: try the next way, or eager
-                        self.graph = None
-                        failed.append(_failure(way, exc))
+                captured, failed = _first_way(lambda way: self._capture(batch_shape, channels_last, way))
+            if captured is not None:  # else some models cannot be captured: they train eagerly
+                self.graph, way = captured
+                self.mode = f"cuda-graph ({way})" if failed else "cuda-graph"
             self.capture_error = "; ".join(failed) or None
             if self.graph is None and share().concurrent:
                 # Eager steps beside graphed neighbours would crawl (one autograd thread, one
@@ -119,7 +114,7 @@ class _Step:
         else:
             self._body(self.static_x, self.static_y)
 
-    def _capture(self, batch_shape, channels_last, way: str):
+    def _capture(self, batch_shape, channels_last, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         if self.source is not None:
             self.static_idx = torch.randint(0, len(self.source[1]), (self.steps * self.batch,), device=self.device)
@@ -129,26 +124,24 @@ class _Step:
         # Warm-up steps change weights and optimizer state: snapshot both and restore in place
         # (same addresses) so the captured graph starts from the untouched model.
         params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.opt.zero_grad(set_to_none=True)
-                self._run_static()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                v.copy_(params[k])
-            for state in self.opt.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t):
-                        t.zero_()
-        self.opt.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with _capturing(self.graph, way, self.device):
+
+        def restore():
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    v.copy_(params[k])
+                for state in self.opt.state.values():
+                    for t in state.values():
+                        if torch.is_tensor(t):
+                            t.zero_()
+
+        def step():
+            self.opt.zero_grad(set_to_none=True)  # outside the graph: gradients are assigned inside
             self._run_static()
+
+        graph = _graph_of(step, self.device, way, restore)
         self.loss_sum.zero_()
         self.correct.zero_()
+        return graph, way
 
     def __call__(self, x, y):
         if self.graph is not None and x.shape == self.static_x.shape:
@@ -179,15 +172,37 @@ def capture_ways(concurrent: bool) -> list[str]:
     return ways if concurrent else ways + ["shared stream, global"]
 
 
-def _capturing(graph: torch.cuda.CUDAGraph, way: str, device: torch.device):
-    """The capture context for one of ``capture_ways``."""
+def _graph_of(run: Callable[[], None], device: torch.device, way: str,
+              reset: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
+    """``run`` captured as a CUDA graph in one of ``capture_ways``, after three warm-up calls on
+    a side stream (where kernels settle their algorithms and workspaces); ``reset`` undoes what
+    the warm-up changed before the capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if reset is not None:
+        reset()
+    graph = torch.cuda.CUDAGraph()
     own = way.startswith("own stream")
-    return torch.cuda.graph(graph, stream=torch.cuda.Stream(device) if own else None,
-                            capture_error_mode="thread_local" if way.endswith("thread-local") else "global")
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream(device) if own else None,
+                          capture_error_mode="thread_local" if way.endswith("thread-local") else "global"):
+        run()
+    return graph
 
 
-def _failure(way: str, exc: Exception) -> str:
-    return f"{way}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+def _first_way(attempt: Callable[[str], object]) -> tuple[object | None, list[str]]:
+    """``attempt(way)`` for each of ``capture_ways`` in turn until one succeeds: (what it
+    returned, or None when none did; why the others failed)."""
+    failed = []
+    for way in capture_ways(share().concurrent):
+        try:
+            return attempt(way), failed
+        except Exception as exc:  # any failure: the next way, or none
+            failed.append(f"{way}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    return None, failed
 
 
 def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
@@ -446,21 +461,15 @@ def _graphed_latency(model, one, protocol, device) -> dict:
     """Batch-1 latency with the forward pass replayed from a CUDA graph: what a deployment
     that removes per-kernel launch cost (graphs, compilation) can reach on this GPU."""
     static = one.clone()
-    failed = []
-    for way in capture_ways(share().concurrent):
-        try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side), autocast_for(protocol, device, cache_enabled=False):
-                for _ in range(3):
-                    model(static)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with _capturing(graph, way, device), autocast_for(protocol, device, cache_enabled=False):
-                model(static)
-            lat = summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup,
-                                          protocol.latency_runs))
-            return {"latency_cudagraph_ms_p50": lat["p50"], "latency_cudagraph_ms_p95": lat["p95"]}
-        except Exception as exc:
-            failed.append(_failure(way, exc))
-    return {"latency_cudagraph_error": "; ".join(failed)}
+
+    def forward():
+        with autocast_for(protocol, device, cache_enabled=False):
+            model(static)
+
+    def timed(way: str) -> dict:
+        graph = _graph_of(forward, device, way)
+        lat = summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup, protocol.latency_runs))
+        return {"latency_cudagraph_ms_p50": lat["p50"], "latency_cudagraph_ms_p95": lat["p95"]}
+
+    figures, failed = _first_way(timed)
+    return figures if figures is not None else {"latency_cudagraph_error": "; ".join(failed)}

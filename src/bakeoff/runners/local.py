@@ -104,11 +104,16 @@ class _Worker:
                 self.proc.kill()
 
 
-def prestart(device: str) -> _Worker:
+def _own_process(job: TrialJob) -> bool:
+    """A Keras trial, or one that could not share its GPU: it runs alone in a fresh process."""
+    return job.spec["framework"] != "pytorch" or bool(job.extra.get("alone", False))
+
+
+def prestart(device: str, target: Callable = worker_main) -> _Worker:
     """A worker started now, while the images are still being decoded: importing torch and
     starting CUDA (seconds) then overlap that work instead of delaying the first trial. Hand it
     to ``run_local(warm=...)``, which stops it if it goes unused."""
-    return _Worker(mp.get_context("spawn"), prewarm=device)
+    return _Worker(mp.get_context("spawn"), prewarm=device, target=target)
 
 
 def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable = lambda *a: None,
@@ -145,7 +150,7 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                 while pending:
                     job = pending[0]
                     keras = job.spec["framework"] != "pytorch"
-                    alone = keras or job.extra.get("alone", False)
+                    alone = _own_process(job)
                     if alone and w is not None and (keras or w.capacity > 1):
                         # a Keras trial, or one that could not share the GPU: a process of its own
                         if w.running:
@@ -169,8 +174,8 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     if keras:
                         w.closing = True
                     elif (slot not in spares and str(job.device).startswith("cuda") and not reusable_after(job)
-                          and any(j.spec["framework"] == "pytorch" and not j.extra.get("alone") for j in pending)):
-                        spares[slot] = _Worker(ctx, prewarm=job.device, target=target)
+                          and any(not _own_process(j) for j in pending)):
+                        spares[slot] = prestart(job.device, target)
             for w in workers.values():
                 for job, started, status, payload in w.poll(on_event):
                     if status == "alone":  # first in line for a process of its own
