@@ -9,9 +9,10 @@ answers both with bakeoff's own `fit` on the same images (random uint8 pictures 
 device, so no file or decoder is involved):
 
 1. each model alone, one after another: two epochs; the second epoch's time is measured;
-2. all models at once, one thread each: two epochs; per trial the second epoch's projected
-   time and its wall time (device-synchronised at both ends), and for all of them the span
-   from the first second epoch's start to the last one's end.
+2. all models at once, one thread each: two epochs, the second ones started together (the
+   trials wait for each other at the end of their first epoch); per trial the second epoch's
+   projected time and its wall time (device-synchronised at both ends), and for all of them
+   the span from the first second epoch's start to the last one's end.
 
 The total gain is (sum of the solo second epochs) / (shared second-epoch span); each trial's
 projection error is projected / solo. Second epochs, so capture, autotuning and warm-up are
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import threading
 import time
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from bakeoff.data.batches import Batcher
+from bakeoff.data.cache import cache_side
 from bakeoff.engines.torch_build import build_model
 from bakeoff.engines.torch_fit import fit, uses_bf16
 from bakeoff.gpu_share import GpuShare, set_share
@@ -40,7 +43,8 @@ from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
 
 
-def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: dict) -> dict:
+def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: dict,
+           barrier: threading.Barrier | None = None) -> dict:
     spec = resolve(f"torchvision/{arch}")
     torch.manual_seed(0)
     model, _ = build_model(spec, int(labels.max()) + 1, False)
@@ -49,9 +53,12 @@ def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batcher = Batcher.create(images, np.concatenate([train_idx, val_idx]), spec.input_size, spec.mean, spec.std,
-                             device, channels_last, side=images.shape[1])
+                             device, channels_last, side=cache_side(spec.input_size, spec.crop_pct))
 
     def on_step(epoch, step, steps, elapsed):
+        if epoch == 0 and step == steps and barrier is not None:
+            with contextlib.suppress(threading.BrokenBarrierError):  # a neighbour failed: go on
+                barrier.wait()  # second epochs start together: small models do not run ahead alone
         if epoch == 1:  # the second epoch's start, from its first progress call
             marks.setdefault("start", time.perf_counter() - elapsed)
 
@@ -60,6 +67,12 @@ def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: 
     marks["end"] = marks.get("start", 0.0) + second.get("epoch_wall_s", second["epoch_time_s"])  # synchronised
     return {"epoch_s": second["epoch_time_s"], "wall_s": second.get("epoch_wall_s", second["epoch_time_s"]),
             "mode": fitted["step_mode"], "kind": fitted["train_time_kind"]}
+
+
+def fmt(values: list[float]) -> str:
+    """Median, with (min-max) where there is more than one value."""
+    med = statistics.median(values)
+    return f"{med:.2f}" if len(values) == 1 else f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
@@ -82,7 +95,8 @@ def main() -> None:
     train_idx, val_idx = np.arange(n_train), np.arange(n_train, n_train + n_val)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {len(archs)} models, {args.steps} steps of "
-          f"{proto.batch_size} per epoch, second epoch compared", flush=True)
+          f"{proto.batch_size} per epoch, second epoch compared, CUDA_DEVICE_MAX_CONNECTIONS="
+          f"{os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', 'unset')}", flush=True)
 
     solo: dict[str, list[float]] = {a: [] for a in archs}
     projected: dict[str, list[float]] = {a: [] for a in archs}
@@ -100,10 +114,6 @@ def main() -> None:
             walls[arch].append(shared[arch]["wall_s"])
         print(f"  {rep + 1}: at once {span:7.2f} s for the {len(archs)} second epochs", flush=True)
 
-    def fmt(values: list[float]) -> str:  # median (min-max)
-        med = statistics.median(values)
-        return f"{med:.2f}" if len(values) == 1 else f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
-
     print(f"medians over {args.repeats} repeat(s), (min-max) where more than one:")
     print(f"{'model':14s} | alone s | shared projected s | projected/alone | shared wall s")
     for arch in archs:
@@ -119,11 +129,16 @@ def _together(archs, images, labels, train_idx, val_idx, proto, device) -> tuple
     each trial's figures)."""
     set_share(GpuShare(len(archs)))
     shared, marks = {}, {a: {} for a in archs}
+    barrier = threading.Barrier(len(archs))
 
     def run(arch: str) -> None:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            shared[arch] = _trial(arch, images, labels, train_idx, val_idx, proto, device, marks[arch])
+            try:
+                shared[arch] = _trial(arch, images, labels, train_idx, val_idx, proto, device, marks[arch], barrier)
+            except BaseException:
+                barrier.abort()  # the others must not wait for this one
+                raise
 
     threads = [threading.Thread(target=run, args=(a,)) for a in archs]
     try:
