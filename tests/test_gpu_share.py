@@ -57,6 +57,40 @@ def test_a_process_running_one_trial_has_a_gate_that_never_waits():
         pass
 
 
+def test_a_shared_trial_picks_kernels_alone_once_per_batch_size_and_mode(monkeypatch):
+    from bakeoff.engines.torch_fit import _section
+    from bakeoff.gpu_share import set_share
+
+    calls = []
+
+    class Recording(GpuShare):
+        def shared(self):
+            calls.append("shared")
+            return super().shared()
+
+        def exclusive(self, device=None):
+            calls.append("alone")
+            return super().exclusive()
+
+    model, cuda = torch.nn.Linear(2, 2), torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    set_share(Recording(2))
+    try:
+        for rows in (128, 128, 64, 128):
+            with _section(model, rows, cuda):
+                pass
+        model.eval()
+        with torch.no_grad(), _section(model, 128, cuda):
+            pass
+        with _section(model, 128, torch.device("cpu")):  # no kernels to pick off a GPU
+            pass
+    finally:
+        set_share(None)
+    assert calls == ["alone", "shared", "alone", "shared", "alone", "shared"]
+    with _section(model, 32, cuda):  # a trial alone on its GPU: never waits
+        pass
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():

@@ -258,7 +258,9 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                     alone.enter_context(gate.exclusive(device))
                     sync()
                     t_solo, ran_before = time.perf_counter(), ran
-                with gate.shared():
+                # A graphed step replays its captured kernels; an eager one at a new batch size
+                # (an epoch's last, partial batch) picks its kernels first, alone.
+                with gate.shared() if step.graph is not None and hi - lo == bs else _section(model, hi - lo, device):
                     t_data = time.perf_counter()
                     x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
                                             pos=None if pos is None else pos[lo:hi])
@@ -282,9 +284,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
         wall_time += epoch_wall
         t_eval = time.perf_counter()
         val_probs = predict_probs(model, batcher, val_idx, protocol, device)
-        eval_time += time.perf_counter() - t_eval
+        epoch_eval = time.perf_counter() - t_eval
+        eval_time += epoch_eval
         history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen, val_probs,
-                                     labels[val_idx], epoch_time, seen) | {"epoch_wall_s": epoch_wall})
+                                     labels[val_idx], epoch_time, seen)
+                       | {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval})
     kind = "measured"
     if window is not None:
         kind = (f"projected from {window[1] - window[0]} of {steps_per_epoch} steps per epoch run alone; "
@@ -326,6 +330,20 @@ def _one_shape(idx: np.ndarray, batch: int, device) -> np.ndarray:
     if device.type != "cuda" or len(idx) % batch == 0:
         return idx
     return np.concatenate([idx, np.repeat(idx[-1:], batch - len(idx) % batch)])
+
+
+def _section(model: nn.Module, rows: int, device: torch.device):
+    """The gate section for a pass of ``model`` over ``rows`` images: alone the first time the
+    model meets that batch size in its current mode while trials share the GPU, shared after.
+    cuDNN's autotuning times candidate kernels at a new shape; with neighbours' kernels in the
+    way those timings are noise, and a slow pick would stay for the rest of the run."""
+    gate = share()
+    key = (rows, model.training, torch.is_grad_enabled())
+    seen = model.__dict__.setdefault("_bakeoff_tuned", set())
+    if gate.concurrent and device.type == "cuda" and torch.backends.cudnn.benchmark and key not in seen:
+        seen.add(key)
+        return gate.exclusive(device)
+    return gate.shared()
 
 
 @torch.no_grad()
@@ -419,11 +437,11 @@ def predict_probs(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol:
                   device: torch.device, batch_size: int = 128) -> np.ndarray:
     model.eval()
     out = []
-    gate = share()
     n, idx = len(idx), _one_shape(idx, batch_size, device)
     for start in range(0, len(idx), batch_size):
-        with gate.shared(), autocast_for(protocol, device):
-            logits = model(batcher.eval_batch(idx[start:start + batch_size]))
+        part = idx[start:start + batch_size]
+        with _section(model, len(part), device), autocast_for(protocol, device):
+            logits = model(batcher.eval_batch(part))
             out.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(out).numpy()[:n]
 
