@@ -313,3 +313,45 @@ def test_the_next_gpu_trials_process_starts_while_one_trains(tmp_path):
     # the second and third were started (and warmed on their GPU) while the one before trained
     assert [r["prewarm"] for r in results] == [None, "cuda:0", "cuda:0"]
     assert not mp.active_children()  # no spare process is left behind
+
+
+def test_auto_packs_full_fine_tunes_by_gpu_memory_and_runs_top_only_trials_alone(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from bakeoff.api import _gpu_slots
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (80 * 2**30, 80 * 2**30))
+    cuda, small = torch.device("cuda"), SimpleNamespace(files=["x.jpg"] * 1000)
+    sides = [(224, 256, "bilinear")]
+    assert _gpu_slots("auto", cuda, "auto", small, sides) == (["cuda:0", "cuda:1"], 8)
+    assert _gpu_slots("auto", cuda, "auto", small, sides, top_only=True) == (["cuda:0", "cuda:1"], 1)
+    # 55k images at 342 px, twice (stored and resized): 38.6 GB of the 72 GB usable, 8 GB a trial
+    big = SimpleNamespace(files=["x.jpg"] * 55_000)
+    assert _gpu_slots("auto", cuda, "auto", big, [(299, 342, "bilinear")]) == (["cuda:0", "cuda:1"], 4)
+    assert _gpu_slots("cuda:1", torch.device("cuda:1"), "3", big, sides) == (["cuda:1"], 3)
+    assert _gpu_slots("cpu", torch.device("cpu"), "auto", big, sides) == (None, 1)
+    for bad in ("0", "many"):
+        with pytest.raises(BakeoffError, match="--trials-per-gpu"):
+            _gpu_slots("auto", cuda, bad, small, sides)
+
+
+def test_a_gpu_gets_no_more_places_than_trials_to_fill_them(tmp_path):
+    from bakeoff.runners.local import run_local
+    from bakeoff.store import Store
+
+    for devices, expected in ((["cpu"], 3), (["cpu", "cpu"], 2)):
+        jobs = _fake_jobs(tmp_path / str(len(devices)))
+        store = Store(tmp_path / f"{len(devices)}.db")
+        run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
+        run_local(jobs, store, run_id, devices=devices, per_device=8, target=_worker_reporting)
+        assert {t["result"]["concurrent_trials"] for t in store.trials()} == {expected}, devices
+
+
+def _worker_reporting(jobs, queue, capacity=1, prewarm=False):
+    """Stands in for the trial worker: every trial succeeds at once."""
+    while (job := jobs.get()) is not None:
+        if not isinstance(job, tuple):
+            queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5}))

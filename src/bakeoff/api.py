@@ -75,7 +75,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    optimizer: str | None = None, train_only_top_layer: bool = False, val_dir=None,
                    val_fraction: float = 0.2, seed: int = 0, pretrained=True, weights_dir=None,
                    device: str = "auto", preset: str | None = None, precision: str = "auto",
-                   image_size: int | None = None, cache_dir=None, trials_per_gpu="1",
+                   image_size: int | None = None, cache_dir=None, trials_per_gpu="auto",
                    cuda_graphs: bool = True, progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
                    mlflow_uri: str | None = None, endpoint_latency: int = 0) -> Comparison:
@@ -180,7 +180,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
 
                 counts = run_ray(jobs, store, run_id, display.on_event, ray_address)
             else:
-                devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides)
+                devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides,
+                                                 protocol.train_only_top_layer)
                 counts = run_local(jobs, store, run_id, display.on_event, devices, per_device, warm)
             status = "finished"
         finally:
@@ -217,9 +218,11 @@ def _stopped_on_error(warm):
         raise
 
 
-def _gpu_slots(device: str, dev, trials_per_gpu, data, sides) -> tuple[list[str] | None, int]:
+def _gpu_slots(device: str, dev, trials_per_gpu, data, sides, top_only: bool = False) -> tuple[list[str] | None, int]:
     """Which GPUs trials run on and how many share each: every GPU of the machine unless one
-    was named; ``trials_per_gpu`` "auto" packs as many as the smallest GPU's memory allows."""
+    was named; ``trials_per_gpu`` "auto" packs full fine-tunes as many as the smallest GPU's
+    memory allows (their batch-16 kernels overlap: bench/RESULTS.md) and runs top-only trials
+    one at a time (their feature pass fills the GPU on its own)."""
     if dev.type != "cuda":
         return None, 1
     import torch
@@ -233,6 +236,8 @@ def _gpu_slots(device: str, dev, trials_per_gpu, data, sides) -> tuple[list[str]
         if n < 1:
             raise BakeoffError(f"--trials-per-gpu must be at least 1, got {n}")
         return gpus, n
+    if top_only:
+        return gpus, 1
     free = min(torch.cuda.mem_get_info(i)[0] for i in range(len(gpus)))
     # The trials of one GPU share one copy of the images (uint8; at most two sizes at once: the
     # stored one and a model's own); each trial adds weights, gradients, optimizer state and

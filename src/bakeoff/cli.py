@@ -108,8 +108,10 @@ def run_cmd(
     image_size: Optional[int] = typer.Option(None, help="Override every model's input size (quick runs)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where decoded images are kept (default: OUT/cache); "
                                                        "runs on the same data share it."),
-    trials_per_gpu: str = typer.Option("1", help="Trials sharing each GPU at once, one CUDA stream each "
-                                       "(a number or auto; experimental)."),
+    trials_per_gpu: str = typer.Option("auto", help="Trials sharing each GPU at once, one CUDA stream each: "
+                                       "a number, or auto (as many full fine-tunes as memory allows; "
+                                       "top-only trials one at a time). 1 measures every training "
+                                       "time alone instead of projecting it."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
     endpoint_latency: int = typer.Option(0, help="Serve each model locally and time N one-image HTTP requests."),

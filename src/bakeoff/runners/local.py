@@ -135,6 +135,10 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     pending.sort(key=lambda j: (j.spec["framework"] != "pytorch", j.side or 0))
     slots = devices or [None]
     share = max(1, per_device) if devices else 1
+    # No more places per GPU than trials to fill them: a trial sharing with nobody is measured,
+    # not projected.
+    shareable = sum(not _own_process(j) for j in pending)
+    share = max(1, min(share, -(-shareable // len(slots))))
     workers: dict[int, _Worker] = {}
     # A started process waiting for each slot's next trial: the first one the caller's (started
     # while the images decoded), later ones started while a trial that ends its process trains.
