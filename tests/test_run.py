@@ -355,3 +355,22 @@ def _worker_reporting(jobs, queue, capacity=1, prewarm=False):
     while (job := jobs.get()) is not None:
         if not isinstance(job, tuple):
             queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5}))
+
+
+def test_a_run_scans_the_data_folder_once_and_records_how_long(colour_folder, tmp_path, monkeypatch):
+    import bakeoff.api
+    import bakeoff.data.prepare
+    from bakeoff.data.scan import scan_folder
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return scan_folder(*args, **kwargs)
+
+    monkeypatch.setattr(bakeoff.api, "scan_folder", counting)
+    monkeypatch.setattr(bakeoff.data.prepare, "scan_folder", counting)
+    run_comparison(colour_folder, ["timm/test_resnet"], out=tmp_path / "out", **(TINY | {"epochs": 1}))
+    assert calls == [colour_folder]
+    summary = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert summary["scan_time_s"] > 0 and summary["decode_time_s"] > 0 and summary["n_train"] > 0

@@ -118,9 +118,11 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                         pretrained=pretrained, image_size=image_size, cuda_graphs=cuda_graphs)
     if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
         raise BakeoffError(f"--weights-dir {weights_dir} is not a folder: pass the folder that holds the weight files")
+    t_scan = time.perf_counter()
     train_folder = scan_folder(data_dir, what="data folder")  # bad folders are refused before anything slow
-    if val_dir is not None:
-        scan_folder(val_dir, classes=train_folder.classes, what="validation folder")
+    val_folder = scan_folder(val_dir, classes=train_folder.classes, what="validation folder") \
+        if val_dir is not None else None
+    scanned = (train_folder, val_folder, time.perf_counter() - t_scan)
     if pretrained is True:
         check_weights_reachable(specs, weights_dir)
     from bakeoff.engines.torch_fit import resolve_device
@@ -155,7 +157,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         interp = sides[0][2]
         data = prepare_data(data_dir, val_dir, val_fraction, seed, cache_dir or out / "cache",
                             first_side=(store_side, interp), progress=display.decode(f"{store_side}px"),
-                            decode_device=gpu)
+                            decode_device=gpu, scanned=scanned)
         write_class_map(data.classes, out)
         summary = data.summary()
         (out / "dataset.json").write_text(json.dumps(summary, indent=2))

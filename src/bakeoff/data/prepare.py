@@ -53,20 +53,26 @@ class PreparedData:
 
 def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 0, cache_dir=None,
                  first_side: tuple[int, str] = (256, "bilinear"), progress: Callable | None = None,
-                 decode_device: str | None = None) -> PreparedData:
+                 decode_device: str | None = None, scanned: tuple | None = None) -> PreparedData:
     """Scan and validate the folders, decode every image once at ``first_side`` (which also finds
     the unreadable files), drop those, and split. Every refusal is a one-line BakeoffError.
-    ``decode_device``: a GPU to decode the JPEGs on."""
+    ``decode_device``: a GPU to decode the JPEGs on. ``scanned``: (training folder, validation
+    folder or None, seconds it took) from a caller that has scanned them with ``scan_folder``
+    already (a large folder's scan takes a while; it is not repeated)."""
     t0 = time.perf_counter()
-    train = scan_folder(data_dir, what="data folder")
+    if scanned is not None:
+        train, val, scan_s = scanned
+        t0 -= scan_s
+    else:
+        train = scan_folder(data_dir, what="data folder")
+        val = scan_folder(val_dir, classes=train.classes, what="validation folder") if val_dir is not None else None
     root = train.root.resolve()  # once: resolving 55k paths one by one took about a second
     files = [str(root / p) for p in train.paths]
     labels = list(train.labels)
     is_val = [False] * len(files)
     skipped = [{"path": str(train.root / s["path"]), "reason": s["reason"]} for s in train.skipped]
     fp = hashlib.sha256(train.fingerprint().encode())
-    if val_dir is not None:
-        val = scan_folder(val_dir, classes=train.classes, what="validation folder")
+    if val is not None:
         val_root = val.root.resolve()
         files += [str(val_root / p) for p in val.paths]
         labels += list(val.labels)
