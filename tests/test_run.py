@@ -374,3 +374,43 @@ def test_a_run_scans_the_data_folder_once_and_records_how_long(colour_folder, tm
     assert calls == [colour_folder]
     summary = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert summary["scan_time_s"] > 0 and summary["decode_time_s"] > 0 and summary["n_train"] > 0
+
+
+def _worker_where_m1_fails_beside_others(jobs, queue, capacity=1, prewarm=False):
+    """Stands in for the trial worker: m1 fails while sharing (an error, or the whole process
+    dies with it when m1's id says so); alone, every trial succeeds."""
+    while (job := jobs.get()) is not None:
+        if isinstance(job, tuple):
+            capacity = job[1]
+            continue
+        if capacity > 1 and job.spec["id"] == "m1":
+            if job.spec.get("crash"):
+                queue.close()
+                queue.join_thread()  # what was sent before the crash arrives
+                os._exit(3)
+            queue.put(("error", job.key, {"error": "out of memory: CUDA out of memory", "traceback": ""}))
+            continue
+        queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
+                                       "concurrent_trials_seen": capacity,
+                                       "shared_gpu_error": job.extra.get("shared_gpu_error")}))
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_trial_that_fails_beside_others_runs_again_alone(tmp_path, crash):
+    from bakeoff.runners.local import run_local
+    from bakeoff.store import Store
+
+    jobs = _fake_jobs(tmp_path)
+    for j in jobs:
+        j.spec["crash"] = crash
+    store = Store(tmp_path / "bakeoff.db")
+    run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_worker_where_m1_fails_beside_others)
+    assert counts == {"trained": 3, "resumed": 0, "failed": 0}
+    rows = {t["model"]: t["result"] for t in store.trials()}
+    assert rows["m0"]["concurrent_trials_seen"] == 3 and rows["m0"]["shared_gpu_error"] is None
+    assert rows["m1"]["concurrent_trials_seen"] == 1
+    why = "trial process died with exit code 3" if crash else "out of memory"
+    assert rows["m1"]["shared_gpu_error"].startswith("failed beside other trials: ") and why in rows["m1"]["shared_gpu_error"]
+    # a crash takes down the trials running beside it too: m2 (queued behind m1) reruns alone
+    assert (rows["m2"]["shared_gpu_error"] is not None) == crash

@@ -124,7 +124,8 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     ``devices`` (e.g. ["cuda:0", "cuda:1"]): one worker each, running ``per_device`` PyTorch
     trials at once on their own CUDA streams; by default one trial at a time on each job's own
     device. Keras trials run one at a time in a fresh process, and so does a trial that could
-    not share its GPU (sent back by its worker; see ``gpu_share.NeedsGpuAlone``). Returns
+    not share its GPU (sent back by its worker; see ``gpu_share.NeedsGpuAlone``) or failed
+    while sharing it. Returns
     counts: trained, resumed (finished before, skipped), failed. ``target``: the worker's main
     function (tests stand in their own).
     """
@@ -182,6 +183,10 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                         spares[slot] = prestart(job.device, target)
             for w in workers.values():
                 for job, started, status, payload in w.poll(on_event):
+                    if status == "error" and w.capacity > 1 and not job.extra.get("alone"):
+                        # A trial that failed beside others (out of memory, a neighbour's crash
+                        # that ended the process) runs again alone: the error it keeps is its own.
+                        status, payload = "alone", f"failed beside other trials: {payload['error']}"
                     if status == "alone":  # first in line for a process of its own
                         pending.insert(0, dataclasses.replace(
                             job, extra=job.extra | {"alone": True, "shared_gpu_error": payload}))
