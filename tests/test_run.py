@@ -234,38 +234,52 @@ def test_trials_sharing_one_worker_train_as_they_would_alone(shared_colour_folde
         assert all(torch.allclose(w_alone[k].float(), w_shared[k].float(), atol=1e-5) for k in w_alone), m
 
 
-def _worker_whose_steps_cannot_share(jobs, queue, capacity=1, prewarm=False):
-    """Stands in for the trial worker: beside neighbours every trial's step 'fails to capture'."""
+def _stand_in_worker(jobs, queue, capacity=1, prewarm=False):
+    """Stands in for the trial worker. Alone, every trial succeeds at once; beside others a
+    trial does what its spec's "beside" says: succeed (the default), fail to capture its step
+    ("alone"), fail ("error") or end the whole process ("crash")."""
     while (job := jobs.get()) is not None:
-        if isinstance(job, tuple):
+        if isinstance(job, tuple):  # ("capacity", n)
             capacity = job[1]
-        elif capacity > 1:
+            continue
+        beside = job.spec.get("beside", "ok") if capacity > 1 else "ok"
+        if beside == "alone":
             queue.put(("alone", job.key, "own stream, thread-local: RuntimeError: capture failed"))
+        elif beside == "error":
+            queue.put(("error", job.key, {"error": "out of memory: CUDA out of memory", "traceback": ""}))
+        elif beside == "crash":
+            queue.close()
+            queue.join_thread()  # what was sent before the crash arrives
+            os._exit(3)
         else:
             queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
-                                           "concurrent_trials_seen": job.extra.get("concurrent_trials"),
+                                           "concurrent_trials_seen": capacity,
                                            "shared_gpu_error": job.extra.get("shared_gpu_error"),
                                            "pid": os.getpid(), "prewarm": prewarm}))
 
 
-def _fake_jobs(tmp_path, n=3):
+def _fake_run(tmp_path, beside: dict | None = None, n=3):
+    """``n`` jobs for ``_stand_in_worker`` (m0, m1, ...; ``beside``: model -> what it does
+    beside others), a store and a started run."""
     import numpy as np
 
+    from bakeoff.store import Store
     from bakeoff.trial import TrialJob
 
-    return [TrialJob(spec={"id": f"m{i}", "framework": "pytorch"}, protocol={}, cache_path="", input_size=8,
-                     labels=np.zeros(4, dtype=np.int64), train_idx=np.arange(2), val_idx=np.arange(2, 4),
-                     classes=["a"], out_dir=str(tmp_path), device="cpu", key=f"k{i}") for i in range(n)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    jobs = [TrialJob(spec={"id": f"m{i}", "framework": "pytorch", "beside": (beside or {}).get(f"m{i}", "ok")},
+                     protocol={}, cache_path="", input_size=8, labels=np.zeros(4, dtype=np.int64),
+                     train_idx=np.arange(2), val_idx=np.arange(2, 4), classes=["a"], out_dir=str(tmp_path),
+                     device="cpu", key=f"k{i}") for i in range(n)]
+    store = Store(tmp_path / "bakeoff.db")
+    return jobs, store, store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
 
 
 def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
     from bakeoff.runners.local import run_local
-    from bakeoff.store import Store
 
-    jobs = _fake_jobs(tmp_path)
-    store = Store(tmp_path / "bakeoff.db")
-    run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
-    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_worker_whose_steps_cannot_share)
+    jobs, store, run_id = _fake_run(tmp_path, {"m0": "alone", "m1": "alone", "m2": "alone"})
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_stand_in_worker)
     assert counts == {"trained": 3, "resumed": 0, "failed": 0}
     rows = {t["model"]: t for t in store.trials()}
     assert set(rows) == {"m0", "m1", "m2"}
@@ -279,19 +293,16 @@ def test_a_worker_started_early_runs_the_first_trials_or_is_stopped(tmp_path):
     import multiprocessing as mp
 
     from bakeoff.runners.local import _Worker, run_local
-    from bakeoff.store import Store
 
-    jobs = _fake_jobs(tmp_path)
-    store = Store(tmp_path / "bakeoff.db")
-    run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
-    warm = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_worker_whose_steps_cannot_share)
+    jobs, store, run_id = _fake_run(tmp_path)
+    warm = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_stand_in_worker)
     counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=1, warm=warm,
-                       target=_worker_whose_steps_cannot_share)
+                       target=_stand_in_worker)
     assert counts["trained"] == 3
     assert {t["result"]["pid"] for t in store.trials()} == {warm.proc.pid}  # all three in the early worker
     assert not warm.proc.is_alive()
     # Nothing left to train: the early worker is stopped, not left behind.
-    idle = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_worker_whose_steps_cannot_share)
+    idle = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_stand_in_worker)
     assert run_local(jobs, store, run_id, devices=["cpu"], warm=idle)["resumed"] == 3
     assert not idle.proc.is_alive()
 
@@ -300,12 +311,9 @@ def test_the_next_gpu_trials_process_starts_while_one_trains(tmp_path):
     import multiprocessing as mp
 
     from bakeoff.runners.local import run_local
-    from bakeoff.store import Store
 
-    jobs = _fake_jobs(tmp_path)  # full fine-tunes: on a GPU, each ends its process
-    store = Store(tmp_path / "bakeoff.db")
-    run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
-    counts = run_local(jobs, store, run_id, devices=["cuda:0"], per_device=1, target=_worker_whose_steps_cannot_share)
+    jobs, store, run_id = _fake_run(tmp_path)  # full fine-tunes: on a GPU, each ends its process
+    counts = run_local(jobs, store, run_id, devices=["cuda:0"], per_device=1, target=_stand_in_worker)
     assert counts["trained"] == 3
     rows = sorted(store.trials(), key=lambda t: t["started"])
     results = [r["result"] if isinstance(r["result"], dict) else json.loads(r["result"]) for r in rows]
@@ -340,21 +348,11 @@ def test_auto_packs_full_fine_tunes_by_gpu_memory_and_runs_top_only_trials_alone
 
 def test_a_gpu_gets_no_more_places_than_trials_to_fill_them(tmp_path):
     from bakeoff.runners.local import run_local
-    from bakeoff.store import Store
 
     for devices, expected in ((["cpu"], 3), (["cpu", "cpu"], 2)):
-        jobs = _fake_jobs(tmp_path / str(len(devices)))
-        store = Store(tmp_path / f"{len(devices)}.db")
-        run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
-        run_local(jobs, store, run_id, devices=devices, per_device=8, target=_worker_reporting)
+        jobs, store, run_id = _fake_run(tmp_path / str(len(devices)))
+        run_local(jobs, store, run_id, devices=devices, per_device=8, target=_stand_in_worker)
         assert {t["result"]["concurrent_trials"] for t in store.trials()} == {expected}, devices
-
-
-def _worker_reporting(jobs, queue, capacity=1, prewarm=False):
-    """Stands in for the trial worker: every trial succeeds at once."""
-    while (job := jobs.get()) is not None:
-        if not isinstance(job, tuple):
-            queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5}))
 
 
 def test_a_run_scans_the_data_folder_once_and_records_how_long(colour_folder, tmp_path, monkeypatch):
@@ -376,36 +374,12 @@ def test_a_run_scans_the_data_folder_once_and_records_how_long(colour_folder, tm
     assert summary["scan_time_s"] > 0 and summary["decode_time_s"] > 0 and summary["n_train"] > 0
 
 
-def _worker_where_m1_fails_beside_others(jobs, queue, capacity=1, prewarm=False):
-    """Stands in for the trial worker: m1 fails while sharing (an error, or the whole process
-    dies with it when m1's id says so); alone, every trial succeeds."""
-    while (job := jobs.get()) is not None:
-        if isinstance(job, tuple):
-            capacity = job[1]
-            continue
-        if capacity > 1 and job.spec["id"] == "m1":
-            if job.spec.get("crash"):
-                queue.close()
-                queue.join_thread()  # what was sent before the crash arrives
-                os._exit(3)
-            queue.put(("error", job.key, {"error": "out of memory: CUDA out of memory", "traceback": ""}))
-            continue
-        queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
-                                       "concurrent_trials_seen": capacity,
-                                       "shared_gpu_error": job.extra.get("shared_gpu_error")}))
-
-
 @pytest.mark.parametrize("crash", [False, True])
 def test_a_trial_that_fails_beside_others_runs_again_alone(tmp_path, crash):
     from bakeoff.runners.local import run_local
-    from bakeoff.store import Store
 
-    jobs = _fake_jobs(tmp_path)
-    for j in jobs:
-        j.spec["crash"] = crash
-    store = Store(tmp_path / "bakeoff.db")
-    run_id = store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
-    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_worker_where_m1_fails_beside_others)
+    jobs, store, run_id = _fake_run(tmp_path, {"m1": "crash" if crash else "error"})
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_stand_in_worker)
     assert counts == {"trained": 3, "resumed": 0, "failed": 0}
     rows = {t["model"]: t["result"] for t in store.trials()}
     assert rows["m0"]["concurrent_trials_seen"] == 3 and rows["m0"]["shared_gpu_error"] is None
