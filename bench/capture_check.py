@@ -24,9 +24,6 @@ from bakeoff.gpu_share import GpuShare, NeedsGpuAlone, set_share
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
 
-WAYS = ["own stream, thread-local", "own stream, global", "shared stream, global"]
-
-
 def _model(arch: str, device):
     torch.manual_seed(0)
     model, _ = build_model(resolve(f"torchvision/{arch}"), 10, False)
@@ -65,7 +62,7 @@ def main() -> None:
     archs = args.models.split(",")
     print("part 1: alone, main thread")
     for arch in archs:
-        for way in WAYS:
+        for way in tf.capture_ways(concurrent=False):  # every way a lone trial may try
             print(f"  {arch:14s} {way:26s} {_step(arch, device, [way])}", flush=True)
     print(f"part 2: {args.threads} trials at once, one thread and one stream each")
     set_share(GpuShare(args.threads))

@@ -13,18 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torchvision
 
-
-def _timed(fn, device) -> float:
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1000
+from bakeoff.measure import time_calls
 
 
 def main() -> None:
@@ -34,6 +27,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = False
     device = torch.device("cuda")
+    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
     print(f"{'model':14s} {'format':14s} {'batch':>5s} {'first ms':>9s} {'second ms':>9s} {'median ms':>9s}")
     for arch in args.models.split(","):
@@ -46,11 +40,11 @@ def main() -> None:
                 for b in sizes:
                     x = torch.randn(b, 3, 224, 224, device=device).contiguous(memory_format=fmt)
                     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                        first[b].append(_timed(lambda: model(x), device))
+                        first[b] += time_calls(lambda: model(x), sync, 0, 1)
             for b in sizes:
                 x = torch.randn(b, 3, 224, 224, device=device).contiguous(memory_format=fmt)
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    med = statistics.median(_timed(lambda: model(x), device) for _ in range(5))
+                    med = statistics.median(time_calls(lambda: model(x), sync, 0, 5))
                 name = "channels-last" if fmt == torch.channels_last else "NCHW"
                 print(f"{arch:14s} {name:14s} {b:5d} {first[b][0]:9.1f} {first[b][1]:9.1f} {med:9.2f}", flush=True)
 
