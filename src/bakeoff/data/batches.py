@@ -301,9 +301,10 @@ class Batcher:
         off = (side - t) // 2
         return x[..., off:off + t, off:off + t]
 
-    def eval_batch(self, idx: np.ndarray) -> torch.Tensor:
-        """Centre crop of the stored square: the usual resize-then-centre-crop evaluation."""
-        return self._finish(self._center(self._fetch(idx).permute(0, 3, 1, 2).float()))
+    def eval_batch(self, idx: np.ndarray, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Centre crop of the stored square: the usual resize-then-centre-crop evaluation;
+        ``pos`` as in ``train_batch``."""
+        return self._finish(self._center(self._fetch(idx, pos).permute(0, 3, 1, 2).float()))
 
     def eval_batches(self, idx: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for start in range(0, len(idx), batch_size):

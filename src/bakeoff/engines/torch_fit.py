@@ -435,15 +435,23 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
 @torch.no_grad()
 def predict_probs(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Protocol,
                   device: torch.device, batch_size: int = 128) -> np.ndarray:
+    """Class probabilities for ``idx``. The pass never waits for the GPU until its end: the
+    images' positions cross to the device once (a copy from pageable memory waits for the
+    stream), and the probabilities stay there until the last batch. Beside other trials, each
+    wait would also wait for whatever they had queued ahead of it."""
     model.eval()
     out = []
     n, idx = len(idx), _one_shape(idx, batch_size, device)
+    with share().shared():
+        pos = batcher.positions(idx)
     for start in range(0, len(idx), batch_size):
         part = idx[start:start + batch_size]
         with _section(model, len(part), device), autocast_for(protocol, device):
-            logits = model(batcher.eval_batch(part))
-            out.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(out).numpy()[:n]
+            logits = model(batcher.eval_batch(part, None if pos is None else pos[start:start + batch_size]))
+            out.append(torch.softmax(logits.float(), dim=1))
+    sync_fn(device)()
+    with share().shared():
+        return torch.cat(out).cpu().numpy()[:n]
 
 
 @torch.no_grad()
