@@ -36,6 +36,46 @@ def test_exclusive_waits_for_shared_sections_and_holds_new_ones_back():
     assert log == ["neighbour step done", "alone", "still alone", "late step"]
 
 
+def test_the_gate_counts_each_threads_waiting():
+    gate, inside, waits = GpuShare(2), threading.Event(), {}
+
+    def neighbour():
+        with gate.shared():
+            inside.set()
+            time.sleep(0.3)
+        waits["neighbour"] = gate.waited()
+
+    t = threading.Thread(target=neighbour)
+    t.start()
+    inside.wait()
+    with gate.exclusive():  # waits for the neighbour's step
+        pass
+    t.join()
+    assert 0.2 < gate.waited() < 2.0 and waits["neighbour"] == 0.0
+    with gate.shared():
+        pass
+    assert gate.waited() < 2.0
+
+
+def test_trials_with_more_training_left_get_higher_stream_priority(monkeypatch):
+    gate, moved, results = GpuShare(4), [], {}
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: moved.append(s))
+    gate._taken = {0, 1, 2, 3}  # four trials hold places
+
+    def trial(p, left):
+        gate._local.place = (p, [f"place{p} level{lv}" for lv in range(4)])
+        results[p] = gate.prioritize(left)
+
+    for p, left in enumerate([5.0, 40.0, 20.0, 300.0]):  # ranked one after another
+        t = threading.Thread(target=trial, args=(p, left))
+        t.start()
+        t.join()
+    # Each is ranked among the trials known by then, over the three others holding places.
+    assert results == {0: 0, 1: -1, 2: -1, 3: -3}
+    assert moved == ["place0 level0", "place1 level1", "place2 level1", "place3 level3"]
+    assert gate.prioritize(10.0) == 0 and share().prioritize(10.0) == 0  # no place held; a lone trial
+
+
 def test_nested_sections_do_not_deadlock_and_misuse_is_an_error():
     gate = GpuShare(2)
     with gate.exclusive():
@@ -113,3 +153,48 @@ def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
         out.append((head.weight.detach().clone(), float(step.loss_sum)))
     assert torch.allclose(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
     assert np.isclose(out[0][1], out[1][1], rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_places_have_their_own_streams_at_each_priority_and_the_pace_bounds_queued_steps():
+    from bakeoff.engines.torch_fit import _Pace
+
+    dev, gate, seen = torch.device("cuda"), GpuShare(3), {}
+    ranked, done = threading.Event(), threading.Event()
+
+    def trial(i, left, hold):
+        with gate.place(dev):
+            seen[i, "start"] = torch.cuda.current_stream(dev)
+            seen[i, "priority"] = gate.prioritize(left)
+            seen[i, "now"] = torch.cuda.current_stream(dev)
+            if hold:  # keeps its place while the next trial ranks itself
+                ranked.set()
+                done.wait()
+
+    first = threading.Thread(target=trial, args=(0, 1.0, True))
+    first.start()
+    ranked.wait()
+    second = threading.Thread(target=trial, args=(1, 2.0, False))  # more left than the first
+    second.start()
+    second.join()
+    done.set()
+    first.join()
+    assert seen[0, "start"].priority == 0 and seen[0, "priority"] == 0
+    assert seen[1, "priority"] < 0 and seen[1, "now"].priority == seen[1, "priority"]
+    assert seen[1, "start"] != seen[0, "start"]  # places at once: streams of their own
+    later = threading.Thread(target=trial, args=(2, 1.0, False))
+    later.start()
+    later.join()
+    assert seen[2, "start"] == seen[0, "start"]  # the first free place again
+    streams = {s.cuda_stream for place in gate._streams[str(dev)] for s in place}
+    assert len(streams) == 3 * 4  # no two places or levels on one stream
+    pace, t0 = _Pace(depth=2), time.perf_counter()
+    cycles = int(0.05 * torch.cuda.get_device_properties(dev).clock_rate * 1000)  # about 50 ms
+    for _ in range(8):
+        torch.cuda._sleep(cycles)
+        pace()
+    queued = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    # The host waited for all but the last two steps: about 6 x 50 ms before it could go on.
+    assert queued > 0.6 * (time.perf_counter() - t0) and queued > 0.2

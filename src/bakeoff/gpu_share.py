@@ -8,6 +8,11 @@ section, and a trial that must measure alone (batch-1 latency, a solo window of 
 steps, graph capture) takes ``exclusive()``, which waits until no other trial is launching
 work and drains the device before it starts.
 
+Each trial holds a ``place()``: a CUDA stream of its own for its whole run, at one of
+PyTorch's four stream priorities. Trials that have the most training left get the highest
+(``prioritize``), so the GPU's scheduler serves their kernels first and the longest trial does
+not end up training alone at the end while the GPU idles around it.
+
 One process-wide gate; when trials run one at a time it is a no-op.
 """
 
@@ -15,9 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Iterator
 
-__all__ = ["GpuShare", "NeedsGpuAlone", "share", "set_share", "stream_sync"]
+__all__ = ["GpuShare", "NeedsGpuAlone", "share", "set_share", "stream_sync", "PRIORITY_LEVELS"]
+
+# Stream priorities PyTorch offers (0, the default, down to -3, the highest).
+PRIORITY_LEVELS = 4
 
 
 class NeedsGpuAlone(RuntimeError):
@@ -37,6 +46,9 @@ class GpuShare:
         self._exclusive = False
         self._waiting = 0
         self._local = threading.local()
+        self._streams: dict[str, list[list]] = {}  # device -> per place, one stream per priority level
+        self._taken: set[int] = set()
+        self._left: dict[int, float] = {}  # place -> its trial's training left, in solo seconds
 
     @property
     def concurrent(self) -> bool:
@@ -53,8 +65,11 @@ class GpuShare:
                 self._local.depth = depth
             return
         with self._cv:
-            while self._exclusive or self._waiting:
-                self._cv.wait()
+            if self._exclusive or self._waiting:
+                t0 = time.perf_counter()
+                while self._exclusive or self._waiting:
+                    self._cv.wait()
+                self._add_wait(time.perf_counter() - t0)
             self._active += 1
         self._local.depth = 1
         try:
@@ -73,6 +88,7 @@ class GpuShare:
         if getattr(self._local, "alone", False):
             yield
             return
+        t0 = time.perf_counter()
         with self._cv:
             self._waiting += 1
             while self._exclusive or self._active:
@@ -85,12 +101,68 @@ class GpuShare:
                 import torch
 
                 torch.cuda.synchronize(device)  # the neighbours' queued kernels finish first
+            self._add_wait(time.perf_counter() - t0)
             yield
         finally:
             self._local.alone = False
             with self._cv:
                 self._exclusive = False
                 self._cv.notify_all()
+
+
+    def _add_wait(self, seconds: float) -> None:
+        self._local.waited = getattr(self._local, "waited", 0.0) + seconds
+
+    def waited(self) -> float:
+        """Seconds this thread has spent waiting at the gate: for its neighbours' steps to end
+        before it could run alone (and for their queued kernels to drain), or for a neighbour's
+        solo section to end before it could launch again."""
+        return getattr(self._local, "waited", 0.0)
+
+    @contextlib.contextmanager
+    def place(self, device) -> Iterator[None]:
+        """A trial's place on ``device`` for its whole run: a CUDA stream of its own, current in
+        this thread. The places' streams are made together, once: PyTorch hands out 32 streams
+        per priority in turn, so streams made later (a trial after the first ones, beside
+        graph captures that take streams too) could be a neighbour's, and two trials on one
+        stream would run one after the other."""
+        import torch
+
+        with self._cv:
+            places = self._streams.get(str(device))
+            if places is None:
+                places = self._streams[str(device)] = [
+                    [torch.cuda.Stream(device, priority=-level) for level in range(PRIORITY_LEVELS)]
+                    for _ in range(self.trials)]
+            slot = min(set(range(len(places))) - self._taken)
+            self._taken.add(slot)
+        self._local.place = (slot, places[slot])
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(places[slot][0]):
+                yield
+        finally:
+            self._local.place = None
+            with self._cv:
+                self._taken.discard(slot)
+                self._left.pop(slot, None)
+
+    def prioritize(self, left_s: float) -> int:
+        """Rank this thread's trial by the training it has ``left_s`` (solo seconds) among the
+        trials holding places, and move it to the stream of that rank's priority; returns the
+        priority (0 lowest, -3 highest). Call it only while the trial's stream is idle (just
+        synchronised): later work on the new stream does not wait for the old one's."""
+        import torch
+
+        held = getattr(self._local, "place", None)
+        if held is None:
+            return 0
+        slot, streams = held
+        with self._cv:
+            self._left[slot] = left_s
+            below = sum(v < left_s for k, v in self._left.items() if k != slot)
+            level = round((PRIORITY_LEVELS - 1) * below / max(1, len(self._taken) - 1))
+        torch.cuda.set_stream(streams[level])
+        return -level
 
 
 class _Alone(GpuShare):
@@ -106,6 +178,9 @@ class _Alone(GpuShare):
     @contextlib.contextmanager
     def exclusive(self, device=None) -> Iterator[None]:
         yield
+
+    def prioritize(self, left_s: float) -> int:
+        return 0
 
 
 _SHARE: GpuShare = _Alone()

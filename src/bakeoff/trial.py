@@ -180,8 +180,9 @@ def _run_one(job: TrialJob, queue, own_stream: bool) -> None:
     import torch
 
     if own_stream and str(job.device).startswith("cuda") and torch.cuda.is_available():
-        device = torch.device(job.device)
-        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+        from bakeoff.gpu_share import share
+
+        with share().place(torch.device(job.device)):
             trial_process_main(job, queue)
     else:
         trial_process_main(job, queue)

@@ -15,7 +15,7 @@ RESULT_COLUMNS = [
     "peak_memory_mb", "train_images_per_s", "data_fraction", "data_resident", "data_reused", "weights",
     "input_size", "precision", "device_name", "latency_kind", "latency_cudagraph_ms_p50",
     "latency_cudagraph_ms_p95", "step_mode", "concurrent_trials", "train_time_kind", "train_wall_s",
-    "shared_gpu_error",
+    "gpu_wait_s", "shared_gpu_error",
     "endpoint_latency_ms_p50", "endpoint_latency_ms_p95", "onnx_cpu_latency_ms_p50",
     "onnx_cpu_latency_ms_p95", "backend", "error",
 ]

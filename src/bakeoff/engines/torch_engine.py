@@ -44,6 +44,7 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
     device = resolve_device(job.device)
     gate = share()
+    waited = gate.waited()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.empty(1, device=device)  # the allocator must exist before its statistics can be reset
@@ -102,6 +103,7 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         capture_error=fitted.get("capture_error"), feature_time_s=fitted.get("feature_time_s"),
         train_time_kind=fitted.get("train_time_kind"), train_wall_s=fitted.get("train_wall_s"),
         shared_gpu_error=job.extra.get("shared_gpu_error"), measure_time_s=measure_s, save_time_s=save_s,
+        gpu_wait_s=gate.waited() - waited if gate.concurrent else None,
         precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,
         device_name=device_name(device),
         data_resident=batcher.residence, data_reused=batcher.reused,

@@ -162,6 +162,27 @@ class _Step:
             self._gathered(idx)
 
 
+class _Pace:
+    """Keeps at most ``depth`` of a trial's steps queued on its stream while it shares the GPU.
+
+    Unchecked, a trial's host loop runs far ahead of its GPU work (a graph replay takes
+    microseconds to launch and milliseconds to run), until thousands of steps are queued. A
+    neighbour that must wait for the GPU (to run alone, or to read a result from a hardware
+    queue the two streams happen to share) then waits for all of them, and the trials advance
+    in lockstep, one step each in turn, instead of each at its own pace."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self.events = [torch.cuda.Event() for _ in range(depth)]
+        self.n = 0
+
+    def __call__(self) -> None:
+        event = self.events[self.n % len(self.events)]
+        if self.n >= len(self.events):
+            event.synchronize()  # the step ``depth`` before this one has finished
+        event.record()
+        self.n += 1
+
+
 def capture_ways(concurrent: bool) -> list[str]:
     """How to capture a training step, in order of preference. Each graph wants a capture
     stream of its own: library workspaces (cuBLAS) are kept per stream and baked into the
@@ -214,7 +235,10 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     per-epoch validation pass (for the training curve) and graph capture are timed apart.
     When other trials share the GPU (``gpu_share``), the wall time depends on them, so each
     epoch also runs a window of steps alone; the training time is then projected from those
-    solo windows (``train_time_kind``) and the shared wall time is kept beside it.
+    solo windows (``train_time_kind``) and the shared wall time is kept beside it. Sharing, a
+    trial also keeps few steps queued (``_Pace``), and after each window moves to the stream
+    priority of the training it has left (``GpuShare.prioritize``); each epoch records its
+    waits at the gate (``wait_s``, ``eval_wait_s``) and its ``stream_priority``.
     """
     if protocol.train_only_top_layer:
         return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step)
@@ -235,8 +259,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     capture_s = time.perf_counter() - t_capture
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
     window = solo_window(steps_per_epoch) if gate.concurrent else None
+    pace = _Pace() if gate.concurrent and device.type == "cuda" else None
+    priority = 0
     history, train_time, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0, 0.0
     for epoch in range(protocol.epochs):
+        waited = gate.waited()
         model.train()
         order = rng.permutation(train_idx)
         with gate.shared():
@@ -267,14 +294,19 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                     y = y_all[order_dev[lo:hi]]
                     data_time += time.perf_counter() - t_data  # on CUDA: the host's share (launches) only
                     step(x, y)
+                if pace is not None:
+                    pace()
                 seen += hi - lo
                 ran += 1
                 if window is not None and i == window[1] - 1:
                     solo = _close_window(alone, sync, t_solo, ran - ran_before)
+                    left = steps_per_epoch - i - 1 + steps_per_epoch * (protocol.epochs - epoch - 1)
+                    priority = gate.prioritize(solo * left)  # its stream is idle: just synchronised
                 if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
                     on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
             if window is not None and solo is None:  # the window's last step was a skipped lone image
                 solo = _close_window(alone, sync, t_solo, ran - ran_before)
+                priority = gate.prioritize(solo * steps_per_epoch * (protocol.epochs - epoch - 1))
         finally:
             alone.close()
         sync()
@@ -282,13 +314,16 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
         epoch_time = solo * ran if solo is not None else epoch_wall
         train_time += epoch_time
         wall_time += epoch_wall
-        t_eval = time.perf_counter()
+        t_eval, train_waited = time.perf_counter(), gate.waited() - waited
         val_probs = predict_probs(model, batcher, val_idx, protocol, device)
         epoch_eval = time.perf_counter() - t_eval
         eval_time += epoch_eval
+        record = {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval}
+        if gate.concurrent:  # where a shared epoch's wall time went
+            record |= {"wait_s": train_waited, "eval_wait_s": gate.waited() - waited - train_waited,
+                       "stream_priority": priority}
         history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen, val_probs,
-                                     labels[val_idx], epoch_time, seen)
-                       | {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval})
+                                     labels[val_idx], epoch_time, seen) | record)
     kind = "measured"
     if window is not None:
         kind = (f"projected from {window[1] - window[0]} of {steps_per_epoch} steps per epoch run alone; "
