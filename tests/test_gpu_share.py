@@ -60,7 +60,7 @@ def test_the_gate_counts_each_threads_waiting():
 def test_trials_with_more_training_left_get_higher_stream_priority(monkeypatch):
     gate, moved, results = GpuShare(4), [], {}
     monkeypatch.setattr(torch.cuda, "set_stream", lambda s: moved.append(s))
-    gate._taken = {0, 1, 2, 3}  # four trials hold places
+    gate._held = dict.fromkeys(range(4))  # four trials hold places
 
     def trial(p, left):
         gate._local.place = (p, [f"place{p} level{lv}" for lv in range(4)])

@@ -47,8 +47,7 @@ class GpuShare:
         self._waiting = 0
         self._local = threading.local()
         self._streams: dict[str, list[list]] = {}  # device -> per place, one stream per priority level
-        self._taken: set[int] = set()
-        self._left: dict[int, float] = {}  # place -> its trial's training left, in solo seconds
+        self._held: dict[int, float | None] = {}  # place taken -> its trial's training left (solo s), once known
 
     @property
     def concurrent(self) -> bool:
@@ -109,7 +108,6 @@ class GpuShare:
                 self._exclusive = False
                 self._cv.notify_all()
 
-
     def _add_wait(self, seconds: float) -> None:
         self._local.waited = getattr(self._local, "waited", 0.0) + seconds
 
@@ -134,8 +132,8 @@ class GpuShare:
                 places = self._streams[str(device)] = [
                     [torch.cuda.Stream(device, priority=-level) for level in range(PRIORITY_LEVELS)]
                     for _ in range(self.trials)]
-            slot = min(set(range(len(places))) - self._taken)
-            self._taken.add(slot)
+            slot = min(set(range(len(places))) - self._held.keys())
+            self._held[slot] = None
         self._local.place = (slot, places[slot])
         try:
             with torch.cuda.device(device), torch.cuda.stream(places[slot][0]):
@@ -143,8 +141,7 @@ class GpuShare:
         finally:
             self._local.place = None
             with self._cv:
-                self._taken.discard(slot)
-                self._left.pop(slot, None)
+                del self._held[slot]
 
     def prioritize(self, left_s: float) -> int:
         """Rank this thread's trial by the training it has ``left_s`` (solo seconds) among the
@@ -158,9 +155,9 @@ class GpuShare:
             return 0
         slot, streams = held
         with self._cv:
-            self._left[slot] = left_s
-            below = sum(v < left_s for k, v in self._left.items() if k != slot)
-            level = round((PRIORITY_LEVELS - 1) * below / max(1, len(self._taken) - 1))
+            self._held[slot] = left_s
+            below = sum(v is not None and v < left_s for k, v in self._held.items() if k != slot)
+            level = round((PRIORITY_LEVELS - 1) * below / max(1, len(self._held) - 1))
         torch.cuda.set_stream(streams[level])
         return -level
 
@@ -178,9 +175,6 @@ class _Alone(GpuShare):
     @contextlib.contextmanager
     def exclusive(self, device=None) -> Iterator[None]:
         yield
-
-    def prioritize(self, left_s: float) -> int:
-        return 0
 
 
 _SHARE: GpuShare = _Alone()

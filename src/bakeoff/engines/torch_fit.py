@@ -299,14 +299,13 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                 seen += hi - lo
                 ran += 1
                 if window is not None and i == window[1] - 1:
-                    solo = _close_window(alone, sync, t_solo, ran - ran_before)
-                    left = steps_per_epoch - i - 1 + steps_per_epoch * (protocol.epochs - epoch - 1)
-                    priority = gate.prioritize(solo * left)  # its stream is idle: just synchronised
+                    solo, priority = _close_window(alone, sync, t_solo, ran - ran_before,
+                                                   steps_per_epoch * (protocol.epochs - epoch) - i - 1)
                 if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
                     on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
             if window is not None and solo is None:  # the window's last step was a skipped lone image
-                solo = _close_window(alone, sync, t_solo, ran - ran_before)
-                priority = gate.prioritize(solo * steps_per_epoch * (protocol.epochs - epoch - 1))
+                solo, priority = _close_window(alone, sync, t_solo, ran - ran_before,
+                                               steps_per_epoch * (protocol.epochs - epoch) - i - 1)
         finally:
             alone.close()
         sync()
@@ -333,12 +332,15 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
             "capture_error": step.capture_error, "train_time_kind": kind, "train_wall_s": wall_time}
 
 
-def _close_window(alone: contextlib.ExitStack, sync, t_start: float, steps: int) -> float:
-    """End a solo window: seconds per step, measured before the neighbours resume."""
+def _close_window(alone: contextlib.ExitStack, sync, t_start: float, steps: int,
+                  steps_left: int) -> tuple[float, int]:
+    """End a solo window: seconds per step, measured before the neighbours resume, and the
+    stream priority the trial moves to for the ``steps_left`` it still has to train (its
+    stream is idle now: just synchronised)."""
     sync()
     per_step = (time.perf_counter() - t_start) / max(1, steps)
     alone.close()
-    return per_step
+    return per_step, share().prioritize(per_step * steps_left)
 
 
 def solo_window(steps: int, length: int = 48, skip: int = 8) -> tuple[int, int]:
