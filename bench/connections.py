@@ -4,8 +4,8 @@ A GPU runs kernels of two streams at the same time only when the streams sit on 
 hardware queues (CUDA_DEVICE_MAX_CONNECTIONS of them, 8 by default, at most 32); kernels of
 streams on one queue run one after the other. ``gpu_share`` gives each of up to 8 places one
 stream per priority level (4). This script makes 8 places' streams in two orders, place by
-place (each place's four levels, then the next place's) and level by level (``make_places``),
-and measures how many of the places' streams run at once: each gets one CUDA graph of K
+place (each place's four levels, then the next place's: what ``GpuShare.place`` does) and level
+by level, and measures how many of the places' streams run at once: each gets one CUDA graph of K
 kernels that spin one GPU thread for T microseconds (``torch.cuda._sleep``, so the GPU itself is
 never full), all eight replayed together. Concurrency = (8 x one stream's time alone) / (the
 eight's time together): 8 when every stream has a queue of its own.
@@ -31,10 +31,21 @@ import time
 PLACES, LEVELS = 8, 4
 
 
-def _place_major(device):
+def _as_bakeoff_makes_them(device):
+    from bakeoff.gpu_share import PRIORITY_LEVELS, GpuShare
+
+    assert PRIORITY_LEVELS == LEVELS
+    gate = GpuShare(PLACES)
+    with gate.place(device):  # the first place taken makes every place's streams
+        pass
+    return gate._streams[str(device)]
+
+
+def _level_major(device):
     import torch
 
-    return [[torch.cuda.Stream(device, priority=-lv) for lv in range(LEVELS)] for _ in range(PLACES)]
+    by_level = [[torch.cuda.Stream(device, priority=-lv) for _ in range(PLACES)] for lv in range(LEVELS)]
+    return [[by_level[lv][p] for lv in range(LEVELS)] for p in range(PLACES)]
 
 
 def _graph(device, stream, kernels: int, cycles: int):
@@ -68,14 +79,12 @@ def _time(device, jobs, repeats: int) -> list[float]:
 def child(kernels: int, micros: float, repeats: int) -> dict:
     import torch
 
-    from bakeoff.gpu_share import make_places
-
     device = torch.device("cuda")
     torch.cuda.init()
     cycles = int(micros * torch.cuda.get_device_properties(device).clock_rate / 1000)
     res = {"connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (unset)"),
            "gpu": torch.cuda.get_device_name(device), "kernels": kernels, "kernel_us": micros, "rows": []}
-    for order, make in (("place by place", _place_major), ("level by level", lambda d: make_places(d, PLACES))):
+    for order, make in (("place by place", _as_bakeoff_makes_them), ("level by level", _level_major)):
         places = make(device)
         for which, levels in (("level 0", [0] * PLACES), ("ranked", [p * LEVELS // PLACES for p in range(PLACES)])):
             streams = [places[p][levels[p]] for p in range(PLACES)]
