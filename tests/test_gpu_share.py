@@ -97,38 +97,71 @@ def test_a_process_running_one_trial_has_a_gate_that_never_waits():
         pass
 
 
-def test_a_shared_trial_picks_kernels_alone_once_per_batch_size_and_mode(monkeypatch):
-    from bakeoff.engines.torch_fit import _section
+def test_tuning_is_on_only_inside_its_section_which_holds_the_gpu_alone(monkeypatch):
+    from bakeoff.engines.torch_fit import tuned_alone
     from bakeoff.gpu_share import set_share
 
-    calls = []
+    gate, log, inside = GpuShare(2), [], threading.Event()
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+    def neighbour():
+        with gate.shared():
+            inside.set()
+            time.sleep(0.2)
+            log.append(("neighbour step done", torch.backends.cudnn.benchmark))
+
+    set_share(gate)
+    try:
+        t = threading.Thread(target=neighbour)
+        t.start()
+        inside.wait()
+        with tuned_alone(torch.device("cpu"), "capture"):
+            log.append(("tuning", torch.backends.cudnn.benchmark))
+        with pytest.raises(ValueError):
+            with tuned_alone(torch.device("cpu"), "tune"):
+                raise ValueError("a failed capture")
+        t.join()
+        alone = gate.alone()
+    finally:
+        set_share(None)
+    # It waited for the neighbour's step; the neighbour's work never ran with tuning on.
+    assert log == [("neighbour step done", False), ("tuning", True)]
+    assert torch.backends.cudnn.benchmark is False  # back off, after a failure too
+    assert set(alone) == {"capture", "tune"} and alone["capture"] >= 0.0
+
+
+def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeypatch):
+    from types import SimpleNamespace
+
+    from bakeoff.data.batches import Batcher
+    from bakeoff.engines.torch_fit import predict_probs
+    from bakeoff.gpu_share import set_share
+    from bakeoff.protocol import Protocol
+
+    calls, flags = [], []
 
     class Recording(GpuShare):
         def shared(self):
             calls.append("shared")
             return super().shared()
 
-        def exclusive(self, device=None):
-            calls.append("alone")
+        def exclusive(self, device=None, reason="other"):
+            calls.append(reason)
             return super().exclusive()
 
-    model, cuda = torch.nn.Linear(2, 2), torch.device("cuda")
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    images = np.random.default_rng(0).integers(0, 255, (300, 36, 36, 3), dtype=np.uint8)
+    b = Batcher.create(images, np.arange(300), 32, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    model.register_forward_hook(lambda mod, inp, out: flags.append(torch.backends.cudnn.benchmark))
+    monkeypatch.setattr("bakeoff.engines.torch_fit.sync_fn", lambda device: lambda: None)  # stand-in "cuda"
     set_share(Recording(2))
     try:
-        for rows in (128, 128, 64, 128):
-            with _section(model, rows, cuda):
-                pass
-        model.eval()
-        with torch.no_grad(), _section(model, 128, cuda):
-            pass
-        with _section(model, 128, torch.device("cpu")):  # no kernels to pick off a GPU
-            pass
+        probs = predict_probs(model, b, np.arange(300), Protocol(pretrained=False, precision="fp32"),
+                              SimpleNamespace(type="cuda"))
     finally:
         set_share(None)
-    assert calls == ["alone", "shared", "alone", "shared", "alone", "shared"]
-    with _section(model, 32, cuda):  # a trial alone on its GPU: never waits
-        pass
+    assert probs.shape == (300, 4)
+    assert set(calls) == {"shared"} and flags == [False, False, False]  # three batches of 128, heuristics
 
 
 @pytest.mark.gpu
@@ -198,3 +231,30 @@ def test_places_have_their_own_streams_at_each_priority_and_the_pace_bounds_queu
     torch.cuda.synchronize()
     # The host waited for all but the last two steps: about 6 x 50 ms before it could go on.
     assert queued > 0.6 * (time.perf_counter() - t0) and queued > 0.2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_only_the_training_steps_shapes_are_tuned(graphs):
+    from bakeoff.data.batches import Batcher
+    from bakeoff.engines.torch_fit import fit
+
+    from bakeoff.protocol import Protocol
+
+    dev, seen = torch.device("cuda"), []
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).to(dev)
+    model.register_forward_hook(lambda mod, inp, out: seen.append((len(inp[0]), mod.training,
+                                                                   torch.backends.cudnn.benchmark)))
+    images = np.random.default_rng(0).integers(0, 255, (90, 36, 36, 3), dtype=np.uint8)
+    labels = np.arange(90) % 3
+    b = Batcher.create(images, np.arange(90), 32, (0.5,) * 3, (0.25,) * 3, dev)
+    proto = Protocol(pretrained=False, epochs=1, precision="fp32", cuda_graphs=graphs)
+    torch.backends.cudnn.benchmark = False
+    out = fit(model, b, np.arange(70), labels, np.arange(70, 90), proto, dev)
+    assert out["step_mode"] == ("cuda-graph" if graphs else "eager")
+    tuned = {(n, train) for n, train, on in seen if on}
+    assert tuned == {(16, True)}  # the training step's shape, at its warm-up or capture
+    assert (6, True, False) in seen and (128, False, False) in seen  # last batch and evaluation: heuristics
+    assert torch.backends.cudnn.benchmark is False

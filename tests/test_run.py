@@ -225,6 +225,10 @@ def test_trials_sharing_one_worker_train_as_they_would_alone(shared_colour_folde
     assert s["train_time_kind"].str.startswith("projected from").all() and (s["train_wall_s"] > 0).all()
     assert (a["train_time_kind"] == "measured").all()
     assert s["data_reused"].sum() == 1  # the second trial used the images the first one loaded
+    with sqlite3.connect(shared / "bakeoff.db") as db:
+        held = [json.loads(r)["gpu_alone_s"] for r, in db.execute("SELECT result FROM trials")]
+    # What each held the device alone for: its solo windows (and latency), never tuning on a CPU.
+    assert all(set(h) == {"window", "latency"} and h["window"] > 0 for h in held), held
     # Each trial keeps its own seed while the other builds and trains beside it.
     for m in models:
         assert s.loc[m, "accuracy"] == a.loc[m, "accuracy"], m

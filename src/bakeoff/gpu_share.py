@@ -81,7 +81,8 @@ class GpuShare:
                     self._cv.notify_all()
 
     @contextlib.contextmanager
-    def exclusive(self, device=None) -> Iterator[None]:
+    def exclusive(self, device=None, reason: str = "other") -> Iterator[None]:
+        """The GPU to this thread alone; ``reason`` names what for (``alone()`` adds it up)."""
         if getattr(self._local, "depth", 0):
             raise RuntimeError("exclusive() inside shared(): the gate would wait for itself")
         if getattr(self._local, "alone", False):
@@ -95,6 +96,7 @@ class GpuShare:
             self._waiting -= 1
             self._exclusive = True
         self._local.alone = True
+        t_held = time.perf_counter()
         try:
             if device is not None and getattr(device, "type", "") == "cuda":
                 import torch
@@ -107,9 +109,18 @@ class GpuShare:
             with self._cv:
                 self._exclusive = False
                 self._cv.notify_all()
+            if self.concurrent:
+                spent = getattr(self._local, "alone_s", None) or {}
+                spent[reason] = spent.get(reason, 0.0) + time.perf_counter() - t_held
+                self._local.alone_s = spent
 
     def _add_wait(self, seconds: float) -> None:
         self._local.waited = getattr(self._local, "waited", 0.0) + seconds
+
+    def alone(self) -> dict[str, float]:
+        """Seconds this thread has held the GPU alone while trials shared it, by reason
+        (capture, window, latency, ...): time every neighbour spent waiting for it."""
+        return dict(getattr(self._local, "alone_s", None) or {})
 
     def waited(self) -> float:
         """Seconds this thread has spent waiting at the gate: for its neighbours' steps to end
@@ -173,7 +184,7 @@ class _Alone(GpuShare):
         yield
 
     @contextlib.contextmanager
-    def exclusive(self, device=None) -> Iterator[None]:
+    def exclusive(self, device=None, reason: str = "other") -> Iterator[None]:
         yield
 
 

@@ -62,7 +62,7 @@ def release_kept(unused_only: bool = False, spare=None) -> None:
         return
     on_gpu = any(_KEPT[key]["tensor"].is_cuda for key in dropped)
     # alone on the GPU: no other trial's kernels may read memory the allocator hands out again
-    with share().exclusive(torch.device("cuda") if on_gpu else None):
+    with share().exclusive(torch.device("cuda") if on_gpu else None, "release"):
         for key in dropped:
             del _KEPT[key]
         if on_gpu:

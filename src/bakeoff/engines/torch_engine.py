@@ -44,15 +44,15 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
     device = resolve_device(job.device)
     gate = share()
-    waited = gate.waited()
+    waited, alone = gate.waited(), gate.alone()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.empty(1, device=device)  # the allocator must exist before its statistics can be reset
         if not gate.concurrent:  # one process-wide peak: per trial only when the trial is alone
             torch.cuda.reset_peak_memory_stats(device)
-        # Autotuning pays off over thousands of training steps; a top-only trial runs each
-        # shape a few times (one feature pass), where it cost more than the pass itself.
-        torch.backends.cudnn.benchmark = not protocol.train_only_top_layer
+        # cuDNN autotuning stays off (PyTorch's default) but for the training step's shapes,
+        # which torch_fit.tuned_alone tunes once with the GPU to itself: tuning pays off over
+        # thousands of steps, not over an evaluation pass or a latency measurement.
     bf16 = uses_bf16(protocol, device)
     channels_last = device.type == "cuda" and bf16
 
@@ -104,6 +104,7 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         train_time_kind=fitted.get("train_time_kind"), train_wall_s=fitted.get("train_wall_s"),
         shared_gpu_error=job.extra.get("shared_gpu_error"), measure_time_s=measure_s, save_time_s=save_s,
         gpu_wait_s=gate.waited() - waited if gate.concurrent else None,
+        gpu_alone_s={k: v - alone.get(k, 0.0) for k, v in gate.alone().items()} if gate.concurrent else None,
         precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,
         device_name=device_name(device),
         data_resident=batcher.residence, data_reused=batcher.reused,

@@ -16,7 +16,7 @@ from bakeoff.engines.torch_build import find_head
 from bakeoff.measure import summarize_ms, time_calls
 from bakeoff.protocol import Protocol
 
-__all__ = ["fit", "predict_probs", "time_inference", "resolve_device", "sync_fn", "autocast_for"]
+__all__ = ["fit", "predict_probs", "time_inference", "resolve_device", "sync_fn", "autocast_for", "tuned_alone"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -45,6 +45,25 @@ def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool =
     if uses_bf16(protocol, device):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def tuned_alone(device: torch.device, reason: str):
+    """cuDNN autotuning on, with the GPU to this trial alone: each new convolution shape met
+    inside gets candidate kernels built and timed, and keeps the fastest. Only a training
+    step's shapes are tuned this way (at its capture or first eager step); cuDNN looks up its
+    plan cache before it looks at the flag, so they stay tuned after. Every other pass (an
+    epoch's last, smaller batch, evaluation, latency) takes cuDNN's heuristics, as a served
+    model does by default: tuning is host work that left the GPU idle and every neighbour
+    waiting (seconds per model and shape on an H200; bench/RESULTS.md). The flag is
+    process-wide, so it changes only here, where no other trial is running GPU work."""
+    with share().exclusive(device, reason):
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
 
 
 def _optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
@@ -81,7 +100,7 @@ class _Step:
         self.mode = "eager"
         self.capture_error: str | None = None
         if device.type == "cuda" and protocol.cuda_graphs:
-            with share().exclusive(device):  # warm-up and capture alone: cuDNN autotuning times kernels
+            with tuned_alone(device, "capture"):  # the warm-up picks the step's kernels
                 captured, failed = _first_way(lambda way: self._capture(batch_shape, channels_last, way))
             if captured is not None:  # else some models cannot be captured: they train eagerly
                 self.graph, way = captured
@@ -91,6 +110,15 @@ class _Step:
                 # Eager steps beside graphed neighbours would crawl (one autograd thread, one
                 # interpreter for all); the same capture succeeds in a process of its own.
                 raise NeedsGpuAlone(self.capture_error)
+        if device.type == "cuda" and self.graph is None:
+            with tuned_alone(device, "tune"):  # an eager step's kernels, picked before training
+                self._static(batch_shape, channels_last)
+                restore = self._snapshot()
+                self.opt.zero_grad(set_to_none=True)
+                self._run_static()
+                restore()
+                self.loss_sum.zero_()
+                self.correct.zero_()
 
     def _body(self, x, y):
         with autocast_for(self.protocol, self.device, cache_enabled=not self.protocol.cuda_graphs):
@@ -114,15 +142,18 @@ class _Step:
         else:
             self._body(self.static_x, self.static_y)
 
-    def _capture(self, batch_shape, channels_last, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
+    def _static(self, batch_shape, channels_last) -> None:
+        """The static inputs a captured step reads (random: warm-up and capture only)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         if self.source is not None:
             self.static_idx = torch.randint(0, len(self.source[1]), (self.steps * self.batch,), device=self.device)
         else:
             self.static_x = torch.randn(batch_shape, device=self.device).contiguous(memory_format=fmt)
             self.static_y = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
-        # Warm-up steps change weights and optimizer state: snapshot both and restore in place
-        # (same addresses) so the captured graph starts from the untouched model.
+
+    def _snapshot(self) -> Callable[[], None]:
+        """Warm-up steps change weights and optimizer state: a function that puts both back in
+        place (same addresses, so a graph captured after it starts from the untouched model)."""
         params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
         def restore():
@@ -134,11 +165,16 @@ class _Step:
                         if torch.is_tensor(t):
                             t.zero_()
 
+        return restore
+
+    def _capture(self, batch_shape, channels_last, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
+        self._static(batch_shape, channels_last)
+
         def step():
             self.opt.zero_grad(set_to_none=True)  # outside the graph: gradients are assigned inside
             self._run_static()
 
-        graph = _graph_of(step, self.device, way, restore)
+        graph = _graph_of(step, self.device, way, self._snapshot())
         self.loss_sum.zero_()
         self.correct.zero_()
         return graph, way
@@ -282,12 +318,10 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                 if hi - lo < 2 < len(order):
                     continue  # a lone last image breaks batch-norm in training mode
                 if window is not None and i == window[0]:
-                    alone.enter_context(gate.exclusive(device))
+                    alone.enter_context(gate.exclusive(device, "window"))
                     sync()
                     t_solo, ran_before = time.perf_counter(), ran
-                # A graphed step replays its captured kernels; an eager one at a new batch size
-                # (an epoch's last, partial batch) picks its kernels first, alone.
-                with gate.shared() if step.graph is not None and hi - lo == bs else _section(model, hi - lo, device):
+                with gate.shared():
                     t_data = time.perf_counter()
                     x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
                                             pos=None if pos is None else pos[lo:hi])
@@ -369,20 +403,6 @@ def _one_shape(idx: np.ndarray, batch: int, device) -> np.ndarray:
     return np.concatenate([idx, np.repeat(idx[-1:], batch - len(idx) % batch)])
 
 
-def _section(model: nn.Module, rows: int, device: torch.device):
-    """The gate section for a pass of ``model`` over ``rows`` images: alone the first time the
-    model meets that batch size in its current mode while trials share the GPU, shared after.
-    cuDNN's autotuning times candidate kernels at a new shape; with neighbours' kernels in the
-    way those timings are noise, and a slow pick would stay for the rest of the run."""
-    gate = share()
-    key = (rows, model.training, torch.is_grad_enabled())
-    seen = model.__dict__.setdefault("_bakeoff_tuned", set())
-    if gate.concurrent and device.type == "cuda" and torch.backends.cudnn.benchmark and key not in seen:
-        seen.add(key)
-        return gate.exclusive(device)
-    return gate.shared()
-
-
 @torch.no_grad()
 def _features(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Protocol, device, head: nn.Module):
     """The classifier's inputs for ``idx`` (centre crops), captured with a forward hook."""
@@ -419,7 +439,7 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
         raise ValueError(f"--train-only-top-layer needs a linear classifier, found {type(head).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
-    with gate.exclusive(device):
+    with gate.exclusive(device, "top-only"):
         t0 = time.perf_counter()
         feats = _features(model, batcher, np.concatenate([train_idx, val_idx]), protocol, device, head)
         sync()
@@ -441,7 +461,7 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
     steps = int(np.ceil(n / bs))
     history, train_time = [], feature_s
     for epoch in range(protocol.epochs):
-        with gate.exclusive(device):
+        with gate.exclusive(device, "top-only"):
             for st in (many, one):
                 st.loss_sum.zero_()
                 st.correct.zero_()
@@ -483,7 +503,7 @@ def predict_probs(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol:
         pos = batcher.positions(idx)
     for start in range(0, len(idx), batch_size):
         part = idx[start:start + batch_size]
-        with _section(model, len(part), device), autocast_for(protocol, device):
+        with share().shared(), autocast_for(protocol, device):
             logits = model(batcher.eval_batch(part, None if pos is None else pos[start:start + batch_size]))
             out.append(torch.softmax(logits.float(), dim=1))
     sync_fn(device)()
@@ -504,7 +524,7 @@ def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol
         with autocast_for(protocol, device):
             model(x)
 
-    with share().exclusive(device):
+    with share().exclusive(device, "latency"):
         one = batcher.eval_batch(idx[:1])
         reps = int(np.ceil(protocol.throughput_batch / len(idx)))
         big = batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch])
