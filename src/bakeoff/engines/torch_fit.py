@@ -114,11 +114,9 @@ class _Step:
             with tuned_alone(device, "tune"):  # an eager step's kernels, picked before training
                 self._static(batch_shape, channels_last)
                 restore = self._snapshot()
-                self.opt.zero_grad(set_to_none=True)
-                self._run_static()
+                self._static_step()
                 restore()
-                self.loss_sum.zero_()
-                self.correct.zero_()
+                self.reset_counts()
 
     def _body(self, x, y):
         with autocast_for(self.protocol, self.device, cache_enabled=not self.protocol.cuda_graphs):
@@ -141,6 +139,16 @@ class _Step:
             self._gathered(self.static_idx)
         else:
             self._body(self.static_x, self.static_y)
+
+    def _static_step(self):
+        """One step on the static inputs: a warm-up, or the body of the captured graph."""
+        self.opt.zero_grad(set_to_none=True)  # outside a graph: gradients are assigned inside
+        self._run_static()
+
+    def reset_counts(self) -> None:
+        """Zero the running loss sum and correct count (each epoch, and after warm-ups)."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
 
     def _static(self, batch_shape, channels_last) -> None:
         """The static inputs a captured step reads (random: warm-up and capture only)."""
@@ -169,14 +177,8 @@ class _Step:
 
     def _capture(self, batch_shape, channels_last, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
         self._static(batch_shape, channels_last)
-
-        def step():
-            self.opt.zero_grad(set_to_none=True)  # outside the graph: gradients are assigned inside
-            self._run_static()
-
-        graph = _graph_of(step, self.device, way, self._snapshot())
-        self.loss_sum.zero_()
-        self.correct.zero_()
+        graph = _graph_of(self._static_step, self.device, way, self._snapshot())
+        self.reset_counts()
         return graph, way
 
     def __call__(self, x, y):
@@ -203,9 +205,8 @@ class _Pace:
 
     Unchecked, a trial's host loop runs far ahead of its GPU work (a graph replay takes
     microseconds to launch and milliseconds to run), until thousands of steps are queued. A
-    neighbour that must wait for the GPU (to run alone, or to read a result from a hardware
-    queue the two streams happen to share) then waits for all of them, and the trials advance
-    in lockstep, one step each in turn, instead of each at its own pace."""
+    neighbour that must wait for the GPU to run alone then waits for all of them, and the
+    trials advance in lockstep, one step each in turn, instead of each at its own pace."""
 
     def __init__(self, depth: int = 4) -> None:
         self.events = [torch.cuda.Event() for _ in range(depth)]
@@ -303,8 +304,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
         model.train()
         order = rng.permutation(train_idx)
         with gate.shared():
-            step.loss_sum.zero_()
-            step.correct.zero_()
+            step.reset_counts()
             theta = batcher.crop_params(len(order), gen).to(device, non_blocking=True)
             order_dev = torch.from_numpy(order).to(device, non_blocking=True)
             pos = batcher.positions(order)
@@ -463,8 +463,7 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
     for epoch in range(protocol.epochs):
         with gate.exclusive(device, "top-only"):
             for st in (many, one):
-                st.loss_sum.zero_()
-                st.correct.zero_()
+                st.reset_counts()
             sync()
             t_epoch = time.perf_counter()
             perm = torch.randperm(n, generator=gen).to(device)
