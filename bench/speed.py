@@ -31,7 +31,7 @@ from bakeoff.data.batches import Batcher  # noqa: E402
 from bakeoff.data.cache import cache_side  # noqa: E402
 from bakeoff.data.prepare import prepare_data  # noqa: E402
 from bakeoff.engines.torch_build import build_model  # noqa: E402
-from bakeoff.engines.torch_fit import autocast_for, fit, tuned_alone  # noqa: E402
+from bakeoff.engines.torch_fit import autocast_for, fit, tuned  # noqa: E402
 from bakeoff.measure import classification_metrics  # noqa: E402
 from bakeoff.protocol import Protocol  # noqa: E402
 from bakeoff.zoo import resolve  # noqa: E402
@@ -80,7 +80,7 @@ def floor_rate(arch, images, idx, device, batch=128, steps=30) -> float:
         loss.backward()
         opt.step()
 
-    with tuned_alone(device, "floor"):  # cuDNN's fastest kernels, as bakeoff's own training step gets
+    with tuned(device, "floor"):  # cuDNN's fastest kernels, as bakeoff's own training step gets
         for i in range(5):
             step(i)
     torch.cuda.synchronize()

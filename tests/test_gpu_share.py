@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -97,11 +98,11 @@ def test_a_process_running_one_trial_has_a_gate_that_never_waits():
         pass
 
 
-def test_tuning_is_on_only_inside_its_section_which_holds_the_gpu_alone(monkeypatch):
-    from bakeoff.engines.torch_fit import tuned_alone
+def test_tuning_is_on_only_while_no_trial_trains_and_tuners_overlap(monkeypatch):
+    from bakeoff.engines.torch_fit import tuned
     from bakeoff.gpu_share import set_share
 
-    gate, log, inside = GpuShare(2), [], threading.Event()
+    gate, log, inside, both = GpuShare(3), [], threading.Event(), threading.Barrier(2, timeout=5)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
     def neighbour():
@@ -110,24 +111,107 @@ def test_tuning_is_on_only_inside_its_section_which_holds_the_gpu_alone(monkeypa
             time.sleep(0.2)
             log.append(("neighbour step done", torch.backends.cudnn.benchmark))
 
+    def tuner(name, fail):
+        with contextlib.suppress(ValueError), tuned(torch.device("cpu"), "capture"):
+            both.wait()  # two trials tuning at once: neither waits for the other
+            log.append((name, torch.backends.cudnn.benchmark))
+            if fail:
+                raise ValueError("a failed capture")
+            time.sleep(0.2)
+            log.append((name + " done", torch.backends.cudnn.benchmark))  # on until the last tuner leaves
+
     set_share(gate)
     try:
         t = threading.Thread(target=neighbour)
         t.start()
         inside.wait()
-        with tuned_alone(torch.device("cpu"), "capture"):
-            log.append(("tuning", torch.backends.cudnn.benchmark))
-        with pytest.raises(ValueError):
-            with tuned_alone(torch.device("cpu"), "tune"):
-                raise ValueError("a failed capture")
-        t.join()
+        tuners = [threading.Thread(target=tuner, args=(n, n == "b")) for n in "ab"]
+        for th in tuners:
+            th.start()
+        time.sleep(0.05)
+        with gate.shared():  # a step asked for while they tune waits for both to end
+            log.append(("next step", torch.backends.cudnn.benchmark))
+        for th in tuners + [t]:
+            th.join()
+        with tuned(torch.device("cpu"), "tune"):
+            pass
         alone = gate.alone()
     finally:
         set_share(None)
-    # It waited for the neighbour's step; the neighbour's work never ran with tuning on.
-    assert log == [("neighbour step done", False), ("tuning", True)]
+    assert log[0] == ("neighbour step done", False)  # tuning waited for the neighbour's step
+    assert sorted(log[1:3]) == [("a", True), ("b", True)] and log[3:] == [("a done", True), ("next step", False)]
     assert torch.backends.cudnn.benchmark is False  # back off, after a failure too
-    assert set(alone) == {"capture", "tune"} and alone["capture"] >= 0.0
+    assert set(alone) == {"tune"} and alone["tune"] >= 0.0  # this thread's own; each tuner counts its own
+
+
+def test_a_trial_keeps_pace_with_the_one_that_has_the_most_training_left():
+    from bakeoff.gpu_share import PACE_SLACK
+
+    gate, left, checks, waited = GpuShare(2), {"pacer": 200}, [], {}
+    ready = threading.Event()
+
+    def pacer():
+        with gate.pacing() as keep:
+            keep(200, 1.0)  # 200 steps of a second: 200 s of training left, the most
+            ready.set()
+            for n in range(199, 99, -1):
+                time.sleep(0.002)
+                left["pacer"] = n
+                keep(n, 1.0)
+        left["pacer"] = 0  # it left (trained its share), still 100 steps to go: no one waits for it
+
+    def follower():
+        ready.wait()
+        total = 0.0
+        with gate.pacing() as keep:
+            for n in range(200, -1, -1):  # as many steps, a hundred times faster each
+                total += keep(n, 0.01)
+                checks.append((n, left["pacer"]))
+        waited["follower"] = total
+
+    threads = [threading.Thread(target=pacer), threading.Thread(target=follower)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads)
+    # Never more than the slack ahead of the pacer while it trained; free once it had left.
+    assert all(n >= p - PACE_SLACK for n, p in checks if p) and waited["follower"] > 0.05
+    assert checks[-1] == (0, 0)
+
+
+def test_a_trial_alone_on_the_gpu_or_behind_never_waits_and_a_late_one_holds_its_ratio():
+    gate, released = GpuShare(3), threading.Event()
+    with gate.pacing() as keep_pacer:
+        keep_pacer(100, 1.0)
+        results = {}
+
+        def trial(name, steps):
+            with gate.pacing() as keep:
+                for i, n in enumerate(steps):
+                    if name == "alone":
+                        with gate.exclusive():
+                            results[name, i] = keep(n, 0.01)
+                    else:
+                        results[name, i] = keep(n, 0.01)
+                        if name == "late" and i == 1:
+                            released.set()
+
+        behind = threading.Thread(target=trial, args=("behind", [150, 140]))  # more steps left: free
+        alone = threading.Thread(target=trial, args=("alone", [10, 0]))  # far ahead, but in a solo window
+        for t in (behind, alone):
+            t.start()
+            t.join(timeout=5)
+        assert results["behind", 1] == 0.0 and results["alone", 1] == 0.0
+        # Met the pacer at half its steps left: it may stay that far ahead, not get further.
+        late = threading.Thread(target=trial, args=("late", [50, 40, 20]))
+        late.start()
+        assert released.wait(5)  # 40 >= 0.5 x 100 - 16: went on
+        time.sleep(0.3)
+        assert late.is_alive()  # 20 < 0.5 x 100 - 16: waits
+        keep_pacer(60, 1.0)  # 20 >= 0.5 x 60 - 16: goes on
+        late.join(timeout=5)
+        assert not late.is_alive() and results["late", 2] > 0.2
 
 
 def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeypatch):
@@ -257,4 +341,48 @@ def test_only_the_training_steps_shapes_are_tuned(graphs):
     tuned = {(n, train) for n, train, on in seen if on}
     assert tuned == {(16, True)}  # the training step's shape, at its warm-up or capture
     assert (6, True, False) in seen and (128, False, False) in seen  # last batch and evaluation: heuristics
+    assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trials_capture_their_steps_at_once_and_each_graph_trains():
+    from bakeoff.engines.torch_fit import _optimizer, _Step
+    from bakeoff.gpu_share import set_share
+    from bakeoff.protocol import Protocol
+
+    dev, gate, steps, start = torch.device("cuda"), GpuShare(3), {}, threading.Barrier(3, timeout=30)
+    proto = Protocol(pretrained=False)
+    torch.backends.cudnn.benchmark = False
+
+    def trial(i):
+        torch.manual_seed(i)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8 * (i + 1), 3), torch.nn.BatchNorm2d(8 * (i + 1)),
+                                    torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                    torch.nn.Linear(8 * (i + 1), 3)).to(dev).to(memory_format=torch.channels_last)
+        with gate.place(dev):
+            start.wait()
+            step = _Step(model, _optimizer(proto, model.parameters(), capturable=True), proto, dev,
+                         (16, 3, 40, 40), True)
+            x = torch.randn(16, 3, 40, 40, device=dev).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 3, (16,), device=dev)
+            for _ in range(30):
+                with gate.shared():
+                    step(x, y)
+            torch.cuda.current_stream(dev).synchronize()
+            steps[i] = (step, float(step.loss_sum), gate.alone())
+
+    set_share(gate)
+    try:
+        threads = [threading.Thread(target=trial, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        set_share(None)
+    assert sorted(steps) == [0, 1, 2]
+    for step, loss_sum, alone in steps.values():
+        assert step.mode == "cuda-graph" and step.capture_error is None
+        assert np.isfinite(loss_sum) and loss_sum > 0 and "capture" in alone
     assert torch.backends.cudnn.benchmark is False

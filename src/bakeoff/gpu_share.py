@@ -5,13 +5,21 @@ processes only time-slice it; trials in one process, one stream each, overlap th
 The price is measurement: a trial's wall time then depends on its neighbours. So the GPU is
 shared through a gate: every piece of GPU work a trial launches happens in a ``shared()``
 section, and a trial that must measure alone (batch-1 latency, a solo window of training
-steps, graph capture) takes ``exclusive()``, which waits until no other trial is launching
-work and drains the device before it starts.
+steps) takes ``exclusive()``, which waits until no other trial is launching work and drains
+the device before it starts. Tuning a training step's kernels (``tuning()``, at graph
+capture) keeps the trials that train or measure away too, but not other trials tuning: the
+tuning is mostly host work (building candidate kernels), so the captures at a run's start
+overlap instead of taking turns with the GPU idle.
 
 Each trial holds a ``place()``: a CUDA stream of its own for its whole run, at one of
 PyTorch's four stream priorities. Trials that have the most training left get the highest
 (``prioritize``), so the GPU's scheduler serves their kernels first and the longest trial does
 not end up training alone at the end while the GPU idles around it.
+
+Trials also keep pace with each other (``pacing()``): a trial may not pull further ahead of
+the one with the most training left than it was when it first met it. Left free, the small
+models finish first and the largest trains its last epochs alone, on a GPU it cannot fill at
+batch 16; kept in step, all of them share the GPU until the end.
 
 One process-wide gate; when trials run one at a time it is a no-op.
 """
@@ -21,12 +29,15 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 __all__ = ["GpuShare", "NeedsGpuAlone", "share", "set_share", "stream_sync", "PRIORITY_LEVELS"]
 
 # Stream priorities PyTorch offers (0, the default, down to -3, the highest).
 PRIORITY_LEVELS = 4
+# Steps a trial may run ahead of its pace before it waits: enough to ride over a neighbour's
+# short pauses (a window's start, an evaluation batch) without waiting at every step.
+PACE_SLACK = 16
 
 
 class NeedsGpuAlone(RuntimeError):
@@ -48,6 +59,12 @@ class GpuShare:
         self._local = threading.local()
         self._streams: dict[str, list[list]] = {}  # device -> per place, one stream per priority level
         self._held: dict[int, float | None] = {}  # place taken -> its trial's training left (solo s), once known
+        self._tuners = 0  # threads inside tuning() now, and those waiting to enter
+        self._tuners_waiting = 0
+        self._benchmark_before = False
+        self._pace_cv = threading.Condition()
+        self._pace: dict[int, tuple[int, float | None]] = {}  # thread -> (steps left, solo s per step)
+        self._ratio: dict[int, tuple[int, float]] = {}  # thread -> (trial it keeps pace with, steps-left ratio)
 
     @property
     def concurrent(self) -> bool:
@@ -64,9 +81,9 @@ class GpuShare:
                 self._local.depth = depth
             return
         with self._cv:
-            if self._exclusive or self._waiting:
+            if self._held_back():
                 t0 = time.perf_counter()
-                while self._exclusive or self._waiting:
+                while self._held_back():
                     self._cv.wait()
                 self._add_wait(time.perf_counter() - t0)
             self._active += 1
@@ -91,7 +108,7 @@ class GpuShare:
         t0 = time.perf_counter()
         with self._cv:
             self._waiting += 1
-            while self._exclusive or self._active:
+            while self._exclusive or self._active or self._tuners:
                 self._cv.wait()
             self._waiting -= 1
             self._exclusive = True
@@ -109,17 +126,64 @@ class GpuShare:
             with self._cv:
                 self._exclusive = False
                 self._cv.notify_all()
-            if self.concurrent:
-                spent = getattr(self._local, "alone_s", None) or {}
-                spent[reason] = spent.get(reason, 0.0) + time.perf_counter() - t_held
-                self._local.alone_s = spent
+            self._add_alone(reason, time.perf_counter() - t_held)
+
+    def _held_back(self) -> bool:
+        """A new shared section must wait: someone is (or is waiting to be) alone or tuning."""
+        return bool(self._exclusive or self._waiting or self._tuners or self._tuners_waiting)
+
+    @contextlib.contextmanager
+    def tuning(self, device=None, reason: str = "capture") -> Iterator[None]:
+        """cuDNN autotuning on while this thread builds a training step (its warm-up meets each
+        convolution shape, builds candidate kernels and keeps the fastest). No trial trains or
+        measures meanwhile, so the flag, which is process-wide, reaches only tuners' work, and
+        the candidates are timed on a GPU that the neighbours' steps do not load. Other trials
+        may tune at the same time: the building is host work, and many captures take turns
+        with the GPU idle otherwise. Time inside counts towards ``alone()`` under ``reason``."""
+        import torch
+
+        if getattr(self._local, "depth", 0):
+            raise RuntimeError("tuning() inside shared(): the gate would wait for itself")
+        nested = getattr(self._local, "alone", False)
+        t0 = time.perf_counter()
+        with self._cv:
+            self._tuners_waiting += 1
+            while not nested and (self._exclusive or self._active):
+                self._cv.wait()
+            self._tuners_waiting -= 1
+            self._tuners += 1
+            if self._tuners == 1:
+                self._benchmark_before = torch.backends.cudnn.benchmark
+                torch.backends.cudnn.benchmark = True
+                if device is not None and getattr(device, "type", "") == "cuda" and not nested:
+                    torch.cuda.synchronize(device)  # neighbours' queued steps end before tuning starts
+        self._local.alone = True
+        t_held = time.perf_counter()
+        self._add_wait(t_held - t0)
+        try:
+            yield
+        finally:
+            self._local.alone = nested
+            with self._cv:
+                self._tuners -= 1
+                if self._tuners == 0:
+                    torch.backends.cudnn.benchmark = self._benchmark_before
+                    self._cv.notify_all()
+            self._add_alone(reason, time.perf_counter() - t_held)
+
+    def _add_alone(self, reason: str, seconds: float) -> None:
+        if self.concurrent:
+            spent = getattr(self._local, "alone_s", None) or {}
+            spent[reason] = spent.get(reason, 0.0) + seconds
+            self._local.alone_s = spent
 
     def _add_wait(self, seconds: float) -> None:
         self._local.waited = getattr(self._local, "waited", 0.0) + seconds
 
     def alone(self) -> dict[str, float]:
         """Seconds this thread has held the GPU alone while trials shared it, by reason
-        (capture, window, latency, ...): time every neighbour spent waiting for it."""
+        (capture, window, latency, ...): time every neighbour spent waiting for it (a capture's
+        time is shared with the other trials tuning at once, if any)."""
         return dict(getattr(self._local, "alone_s", None) or {})
 
     def waited(self) -> float:
@@ -171,6 +235,54 @@ class GpuShare:
             level = round((PRIORITY_LEVELS - 1) * below / max(1, len(self._held) - 1))
         torch.cuda.set_stream(streams[level])
         return -level
+
+
+    @contextlib.contextmanager
+    def pacing(self) -> Iterator[Callable[[int, float | None], float]]:
+        """A trial's training loop keeps pace with its neighbours: call the function it yields
+        after each step with the steps it has left and its solo seconds per step (None until
+        measured); it returns the seconds it waited. The trial with the most training left
+        (steps left x seconds per step) sets the pace. Any other trial holds its ratio of steps
+        left to the pacer's from when it first met that pacer (at most 1: one that is behind
+        may catch up, not pass), within ``PACE_SLACK`` steps, and waits when it would get
+        further ahead. So all of them end together, and the GPU never runs the largest
+        model alone while the others have already finished. A trial that is alone on the GPU
+        (its solo window) never waits: the pacer itself would be waiting for it."""
+        key = threading.get_ident()
+        try:
+            yield lambda steps_left, step_s: self._keep_pace(key, steps_left, step_s)
+        finally:
+            with self._pace_cv:
+                self._pace.pop(key, None)
+                self._ratio.pop(key, None)
+                self._pace_cv.notify_all()
+
+    def _pacer(self) -> int | None:
+        known = {k: n * s for k, (n, s) in self._pace.items() if s is not None and n > 0}
+        return max(known, key=known.get) if known else None
+
+    def _keep_pace(self, key: int, steps_left: int, step_s: float | None) -> float:
+        if not self.concurrent:
+            return 0.0
+        t0 = None
+        with self._pace_cv:
+            self._pace[key] = (steps_left, step_s)
+            self._pace_cv.notify_all()
+            if step_s is None or getattr(self._local, "alone", False):
+                return 0.0
+            while True:
+                pacer = self._pacer()
+                if pacer is None or pacer == key:
+                    break
+                pacer_left = self._pace[pacer][0]
+                held = self._ratio.get(key)
+                if held is None or held[0] != pacer:  # first met this pacer: hold today's ratio
+                    held = self._ratio[key] = (pacer, min(1.0, steps_left / pacer_left))
+                if steps_left >= held[1] * pacer_left - PACE_SLACK:
+                    break
+                t0 = t0 or time.perf_counter()
+                self._pace_cv.wait(timeout=1.0)
+        return 0.0 if t0 is None else time.perf_counter() - t0
 
 
 class _Alone(GpuShare):

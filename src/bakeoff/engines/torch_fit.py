@@ -16,7 +16,7 @@ from bakeoff.engines.torch_build import find_head
 from bakeoff.measure import summarize_ms, time_calls
 from bakeoff.protocol import Protocol
 
-__all__ = ["fit", "predict_probs", "time_inference", "resolve_device", "sync_fn", "autocast_for", "tuned_alone"]
+__all__ = ["fit", "predict_probs", "time_inference", "resolve_device", "sync_fn", "autocast_for", "tuned"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -47,23 +47,16 @@ def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool =
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def tuned_alone(device: torch.device, reason: str):
-    """cuDNN autotuning on, with the GPU to this trial alone: each new convolution shape met
-    inside gets candidate kernels built and timed, and keeps the fastest. Only a training
-    step's shapes are tuned this way (at its capture or first eager step); cuDNN looks up its
-    plan cache before it looks at the flag, so they stay tuned after. Every other pass (an
-    epoch's last, smaller batch, evaluation, latency) takes cuDNN's heuristics, as a served
-    model does by default: tuning is host work that left the GPU idle and every neighbour
-    waiting (seconds per model and shape on an H200; bench/RESULTS.md). The flag is
-    process-wide, so it changes only here, where no other trial is running GPU work."""
-    with share().exclusive(device, reason):
-        before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.benchmark = before
+def tuned(device: torch.device, reason: str):
+    """cuDNN autotuning on, with no trial training or measuring beside it (other trials may be
+    tuning too: ``GpuShare.tuning``): each new convolution shape met inside gets candidate
+    kernels built and timed, and keeps the fastest. Only a training step's shapes are tuned
+    this way (at its capture or first eager step); cuDNN looks up its plan cache before it
+    looks at the flag, so they stay tuned after. Every other pass (an epoch's last, smaller
+    batch, evaluation, latency) takes cuDNN's heuristics, as a served model does by default:
+    tuning is host work that left the GPU idle and every neighbour waiting (seconds per model
+    and shape on an H200; bench/RESULTS.md)."""
+    return share().tuning(device, reason)
 
 
 def _optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
@@ -100,7 +93,7 @@ class _Step:
         self.mode = "eager"
         self.capture_error: str | None = None
         if device.type == "cuda" and protocol.cuda_graphs:
-            with tuned_alone(device, "capture"):  # the warm-up picks the step's kernels
+            with tuned(device, "capture"):  # the warm-up picks the step's kernels
                 captured, failed = _first_way(lambda way: self._capture(batch_shape, channels_last, way))
             if captured is not None:  # else some models cannot be captured: they train eagerly
                 self.graph, way = captured
@@ -111,7 +104,7 @@ class _Step:
                 # interpreter for all); the same capture succeeds in a process of its own.
                 raise NeedsGpuAlone(self.capture_error)
         if device.type == "cuda" and self.graph is None:
-            with tuned_alone(device, "tune"):  # an eager step's kernels, picked before training
+            with tuned(device, "tune"):  # an eager step's kernels, picked before training
                 self._static(batch_shape, channels_last)
                 restore = self._snapshot()
                 self._static_step()
@@ -273,9 +266,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     When other trials share the GPU (``gpu_share``), the wall time depends on them, so each
     epoch also runs a window of steps alone; the training time is then projected from those
     solo windows (``train_time_kind``) and the shared wall time is kept beside it. Sharing, a
-    trial also keeps few steps queued (``_Pace``), and after each window moves to the stream
-    priority of the training it has left (``GpuShare.prioritize``); each epoch records its
-    waits at the gate (``wait_s``, ``eval_wait_s``) and its ``stream_priority``.
+    trial also keeps few steps queued (``_Pace``), after each window moves to the stream
+    priority of the training it has left (``GpuShare.prioritize``), and keeps pace with the
+    trial that has the most training left (``GpuShare.pacing``); each epoch records its waits
+    at the gate (``wait_s``, ``eval_wait_s``), for the pace (``pace_wait_s``) and its
+    ``stream_priority``.
     """
     if protocol.train_only_top_layer:
         return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step)
@@ -297,66 +292,70 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
     window = solo_window(steps_per_epoch) if gate.concurrent else None
     pace = _Pace() if gate.concurrent and device.type == "cuda" else None
-    priority = 0
+    priority, step_s, total_steps = 0, None, steps_per_epoch * protocol.epochs
     history, train_time, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0, 0.0
-    for epoch in range(protocol.epochs):
-        waited = gate.waited()
-        model.train()
-        order = rng.permutation(train_idx)
-        with gate.shared():
-            step.reset_counts()
-            theta = batcher.crop_params(len(order), gen).to(device, non_blocking=True)
-            order_dev = torch.from_numpy(order).to(device, non_blocking=True)
-            pos = batcher.positions(order)
-        sync()
-        t_epoch = time.perf_counter()
-        seen, ran, solo = 0, 0, None
-        alone = contextlib.ExitStack()
-        try:
-            for i in range(steps_per_epoch):
-                lo, hi = i * bs, min((i + 1) * bs, len(order))
-                if hi - lo < 2 < len(order):
-                    continue  # a lone last image breaks batch-norm in training mode
-                if window is not None and i == window[0]:
-                    alone.enter_context(gate.exclusive(device, "window"))
-                    sync()
-                    t_solo, ran_before = time.perf_counter(), ran
-                with gate.shared():
-                    t_data = time.perf_counter()
-                    x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
-                                            pos=None if pos is None else pos[lo:hi])
-                    y = y_all[order_dev[lo:hi]]
-                    data_time += time.perf_counter() - t_data  # on CUDA: the host's share (launches) only
-                    step(x, y)
-                if pace is not None:
-                    pace()
-                seen += hi - lo
-                ran += 1
-                if window is not None and i == window[1] - 1:
+    with gate.pacing() as keep_pace:
+        for epoch in range(protocol.epochs):
+            waited = gate.waited()
+            model.train()
+            order = rng.permutation(train_idx)
+            with gate.shared():
+                step.reset_counts()
+                theta = batcher.crop_params(len(order), gen).to(device, non_blocking=True)
+                order_dev = torch.from_numpy(order).to(device, non_blocking=True)
+                pos = batcher.positions(order)
+            sync()
+            t_epoch = time.perf_counter()
+            seen, ran, solo, paced = 0, 0, None, 0.0
+            alone = contextlib.ExitStack()
+            try:
+                for i in range(steps_per_epoch):
+                    lo, hi = i * bs, min((i + 1) * bs, len(order))
+                    if hi - lo < 2 < len(order):
+                        continue  # a lone last image breaks batch-norm in training mode
+                    if window is not None and i == window[0]:
+                        alone.enter_context(gate.exclusive(device, "window"))
+                        sync()
+                        t_solo, ran_before = time.perf_counter(), ran
+                    with gate.shared():
+                        t_data = time.perf_counter()
+                        x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
+                                                pos=None if pos is None else pos[lo:hi])
+                        y = y_all[order_dev[lo:hi]]
+                        data_time += time.perf_counter() - t_data  # on CUDA: the host's share (launches) only
+                        step(x, y)
+                    if pace is not None:
+                        pace()
+                    seen += hi - lo
+                    ran += 1
+                    if window is not None and i == window[1] - 1:
+                        solo, priority = _close_window(alone, sync, t_solo, ran - ran_before,
+                                                       steps_per_epoch * (protocol.epochs - epoch) - i - 1)
+                        step_s = solo
+                    paced += keep_pace(total_steps - epoch * steps_per_epoch - i - 1, step_s)
+                    if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
+                        on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
+                if window is not None and solo is None:  # the window's last step was a skipped lone image
                     solo, priority = _close_window(alone, sync, t_solo, ran - ran_before,
                                                    steps_per_epoch * (protocol.epochs - epoch) - i - 1)
-                if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
-                    on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
-            if window is not None and solo is None:  # the window's last step was a skipped lone image
-                solo, priority = _close_window(alone, sync, t_solo, ran - ran_before,
-                                               steps_per_epoch * (protocol.epochs - epoch) - i - 1)
-        finally:
-            alone.close()
-        sync()
-        epoch_wall = time.perf_counter() - t_epoch
-        epoch_time = solo * ran if solo is not None else epoch_wall
-        train_time += epoch_time
-        wall_time += epoch_wall
-        t_eval, train_waited = time.perf_counter(), gate.waited() - waited
-        val_probs = predict_probs(model, batcher, val_idx, protocol, device)
-        epoch_eval = time.perf_counter() - t_eval
-        eval_time += epoch_eval
-        record = {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval}
-        if gate.concurrent:  # where a shared epoch's wall time went
-            record |= {"wait_s": train_waited, "eval_wait_s": gate.waited() - waited - train_waited,
-                       "stream_priority": priority}
-        history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen, val_probs,
-                                     labels[val_idx], epoch_time, seen) | record)
+                    step_s = solo
+            finally:
+                alone.close()
+            sync()
+            epoch_wall = time.perf_counter() - t_epoch
+            epoch_time = solo * ran if solo is not None else epoch_wall
+            train_time += epoch_time
+            wall_time += epoch_wall
+            t_eval, train_waited = time.perf_counter(), gate.waited() - waited
+            val_probs = predict_probs(model, batcher, val_idx, protocol, device)
+            epoch_eval = time.perf_counter() - t_eval
+            eval_time += epoch_eval
+            record = {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval}
+            if gate.concurrent:  # where a shared epoch's wall time went
+                record |= {"wait_s": train_waited, "eval_wait_s": gate.waited() - waited - train_waited,
+                           "stream_priority": priority, "pace_wait_s": paced}
+            history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen, val_probs,
+                                         labels[val_idx], epoch_time, seen) | record)
     kind = "measured"
     if window is not None:
         kind = (f"projected from {window[1] - window[0]} of {steps_per_epoch} steps per epoch run alone; "
