@@ -3,7 +3,7 @@
 Question: in a shared run, the eight captures at the start take about 100 s with the GPU near
 idle (bench/RESULTS.md): each capture's warm-up tunes every convolution shape on the host.
 This script measures, for each model and each way of picking kernels (``tuned``: bakeoff's
-default, autotuning on inside ``tuned_alone``; ``heuristics``: cuDNN's heuristics only), in a
+default, autotuning on inside ``torch_fit.tuned``; ``heuristics``: cuDNN's heuristics only), in a
 fresh process each (cuDNN's plan caches start empty):
 
 - the capture: wall seconds, and the process's CPU seconds meanwhile (CPU close to wall: the
@@ -13,7 +13,12 @@ fresh process each (cuDNN's plan caches start empty):
 - the first and second call of an evaluation batch of 128 (no grad, eval mode), a shape the
   step did not tune: what a new shape costs under bakeoff's heuristics.
 
-    PYTHONPATH=src python3 bench/tuning.py --models alexnet,resnet34,mobilenet_v2 --steps 200
+With ``--together``, also all the models in one more fresh process, one thread each, capturing
+at once through the gate of a shared run (``GpuShare.tuning``: tuners overlap, nothing else
+runs): the wall seconds until the last capture ended, then each graph's images/s timed alone,
+as above, to see whether candidates timed beside other tuners' still pick fast kernels.
+
+    PYTHONPATH=src python3 bench/tuning.py --models alexnet,resnet34,mobilenet_v2 --steps 200 --together
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "den
          "inception_v3"]
 
 
-def child(arch: str, mode: str, steps: int) -> dict:
+def _built(arch: str):
     import torch
 
     import bakeoff.engines.torch_fit as tf
@@ -38,15 +43,23 @@ def child(arch: str, mode: str, steps: int) -> dict:
     from bakeoff.protocol import Protocol
     from bakeoff.zoo import resolve
 
-    if mode == "heuristics":  # the capture keeps the GPU to itself but never turns tuning on
-        tf.tuned_alone = lambda device, reason: tf.share().exclusive(device, reason)
-    device = torch.device("cuda")
     spec = resolve(f"torchvision/{arch}")
     proto = Protocol(pretrained=False)
     model, _ = build_model(spec, 10, False)
-    model = model.to(device).to(memory_format=torch.channels_last).train()
+    model = model.to("cuda").to(memory_format=torch.channels_last).train()
     opt = tf._optimizer(proto, model.parameters(), capturable=True)
-    shape = (proto.batch_size, 3, spec.input_size, spec.input_size)
+    return model, opt, proto, (proto.batch_size, 3, spec.input_size, spec.input_size)
+
+
+def child(arch: str, mode: str, steps: int) -> dict:
+    import torch
+
+    import bakeoff.engines.torch_fit as tf
+
+    if mode == "heuristics":  # never turns tuning on
+        tf.tuned = lambda device, reason: contextlib.nullcontext()
+    device = torch.device("cuda")
+    model, opt, proto, shape = _built(arch)
     torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     step = tf._Step(model, opt, proto, device, shape, channels_last=True)
@@ -54,6 +67,16 @@ def child(arch: str, mode: str, steps: int) -> dict:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if step.graph is None:
         return {"model": arch, "mode": mode, "error": step.capture_error}
+    return {"model": arch, "mode": mode, "capture_s": wall, "capture_cpu_s": cpu} | _timed(step, model, proto,
+                                                                                            shape, steps)
+
+
+def _timed(step, model, proto, shape, steps: int) -> dict:
+    import torch
+
+    import bakeoff.engines.torch_fit as tf
+
+    device = torch.device("cuda")
     step.static_x.copy_(torch.randn(shape, device=device))
     step.static_y.copy_(torch.randint(0, 10, (shape[0],), device=device))
     for _ in range(20):
@@ -76,11 +99,55 @@ def child(arch: str, mode: str, steps: int) -> dict:
             model(x)
             torch.cuda.synchronize()
             calls.append(time.perf_counter() - t0)
-    return {"model": arch, "mode": mode, "capture_s": wall, "capture_cpu_s": cpu,
-            "images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
+    return {"images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
             "images_per_s_max": max(rates), "eval128_first_s": calls[0], "eval128_second_s": calls[1],
             "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
             "cudnn": torch.backends.cudnn.version()}
+
+
+def together(archs: list[str], steps: int) -> list[dict]:
+    """All of ``archs`` capturing at once in one process, one thread and place each, through a
+    shared run's gate; then each graph timed alone."""
+    import threading
+
+    import torch
+
+    import bakeoff.engines.torch_fit as tf
+    from bakeoff.gpu_share import GpuShare, set_share
+
+    device, gate = torch.device("cuda"), GpuShare(len(archs))
+    set_share(gate)
+    built = {a: _built(a) for a in archs}
+    steps_of, ends, ready = {}, {}, threading.Barrier(len(archs))
+
+    def capture(arch):
+        model, opt, proto, shape = built[arch]
+        with gate.place(device):
+            ready.wait()
+            steps_of[arch] = tf._Step(model, opt, proto, device, shape, channels_last=True)
+            torch.cuda.current_stream(device).synchronize()
+            ends[arch] = time.perf_counter()
+
+    torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    threads = [threading.Thread(target=capture, args=(a,)) for a in archs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall_all, cpu_all = time.perf_counter() - wall, time.process_time() - cpu
+    set_share(None)
+    rows = []
+    for arch in archs:
+        step = steps_of.get(arch)
+        row = {"model": arch, "mode": "together", "capture_s": ends.get(arch, wall) - wall,
+               "all_captures_s": wall_all, "all_captures_cpu_s": cpu_all}
+        if step is None or step.graph is None:
+            rows.append(row | {"error": getattr(step, "capture_error", "no step")})
+            continue
+        model, _, proto, shape = built[arch]
+        rows.append(row | {"capture_cpu_s": float("nan")} | _timed(step, model, proto, shape, steps))
+    return rows
 
 
 def main() -> None:
@@ -88,10 +155,15 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(ARCHS))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--together", action="store_true", help="also every model capturing at once in one process")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child[0], a.child[1], a.steps)))
+        if a.child[1] == "together":
+            for row in together(a.child[0].split(","), a.steps):
+                print(json.dumps(row))
+        else:
+            print(json.dumps(child(a.child[0], a.child[1], a.steps)))
         return
     rows = []
     for arch in a.models.split(","):
@@ -104,6 +176,14 @@ def main() -> None:
                 continue
             rows.append({"model": arch, "mode": mode, "error": done.stderr.strip().splitlines()[-1:]})
             print(json.dumps(rows[-1]), flush=True)
+    if a.together:
+        done = subprocess.run([sys.executable, __file__, "--child", a.models, "together", "--steps", str(a.steps)],
+                              capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        rows += [json.loads(line) for line in lines] or [{"model": a.models, "mode": "together",
+                                                          "error": done.stderr.strip().splitlines()[-1:]}]
+        for r in rows[-len(lines) or -1:]:
+            print(json.dumps(r), flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=2)
@@ -116,6 +196,12 @@ def main() -> None:
         spread = f"{r['images_per_s']:,.0f} ({r['images_per_s_min']:,.0f}-{r['images_per_s_max']:,.0f})"
         print(f"{r['model']:14s} {r['mode']:10s} {r['capture_s']:9.1f} {r['capture_cpu_s']:6.1f} {spread:>22s} "
               f"{r['eval128_first_s']:13.2f} {r['eval128_second_s']:6.3f}")
+    for r in rows:
+        if r.get("mode") == "together" and "all_captures_s" in r:
+            print(f"\ntogether: every capture ended {r['all_captures_s']:.1f} s after they started "
+                  f"({r['all_captures_cpu_s']:.1f} CPU s); alone, one after another, they took "
+                  f"{sum(x['capture_s'] for x in rows if x.get('mode') == 'tuned' and 'capture_s' in x):.1f} s")
+            break
 
 
 if __name__ == "__main__":
