@@ -266,8 +266,10 @@ class GpuShare:
             return 0.0
         t0 = None
         with self._pace_cv:
+            before, led = self._pace.get(key), self._pacer() == key
             self._pace[key] = (steps_left, step_s)
-            self._pace_cv.notify_all()
+            if led or self._pacer() == key or before is None or before[1] != step_s:  # what can free a waiter
+                self._pace_cv.notify_all()
             if step_s is None or getattr(self._local, "alone", False):
                 return 0.0
             while True:
