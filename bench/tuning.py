@@ -14,8 +14,8 @@ fresh process each (cuDNN's plan caches start empty):
   step did not tune: what a new shape costs under bakeoff's heuristics.
 
 With ``--together``, also all the models in one more fresh process, one thread each, capturing
-at once through the gate of a shared run (``GpuShare.tuning``: tuners overlap, nothing else
-runs): the wall seconds until the last capture ended, then each graph's images/s timed alone,
+at once through a shared run's gate with ``tune_together`` (``GpuShare.tuning``: tuners'
+warm-ups overlap, their captures take turns, nothing else runs): the wall seconds until the last capture ended, then each graph's images/s timed alone,
 as above, to see whether candidates timed beside other tuners' still pick fast kernels.
 
     PYTHONPATH=src python3 bench/tuning.py --models alexnet,resnet34,mobilenet_v2 --steps 200 --together
@@ -115,7 +115,7 @@ def together(archs: list[str], steps: int) -> list[dict]:
     import bakeoff.engines.torch_fit as tf
     from bakeoff.gpu_share import GpuShare, set_share
 
-    device, gate = torch.device("cuda"), GpuShare(len(archs))
+    device, gate = torch.device("cuda"), GpuShare(len(archs), tune_together=True)
     set_share(gate)
     built = {a: _built(a) for a in archs}
     steps_of, ends, ready = {}, {}, threading.Barrier(len(archs))

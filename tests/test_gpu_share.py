@@ -98,11 +98,11 @@ def test_a_process_running_one_trial_has_a_gate_that_never_waits():
         pass
 
 
-def test_tuning_is_on_only_while_no_trial_trains_and_tuners_overlap(monkeypatch):
+def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypatch):
     from bakeoff.engines.torch_fit import tuned
     from bakeoff.gpu_share import set_share
 
-    gate, log, inside, both = GpuShare(3), [], threading.Event(), threading.Barrier(2, timeout=5)
+    gate, log, inside, both = GpuShare(3, tune_together=True), [], threading.Event(), threading.Barrier(2, timeout=5)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
     def neighbour():
@@ -142,6 +142,44 @@ def test_tuning_is_on_only_while_no_trial_trains_and_tuners_overlap(monkeypatch)
     assert sorted(log[1:3]) == [("a", True), ("b", True)] and log[3:] == [("a done", True), ("next step", False)]
     assert torch.backends.cudnn.benchmark is False  # back off, after a failure too
     assert set(alone) == {"tune"} and alone["tune"] >= 0.0  # this thread's own; each tuner counts its own
+
+
+def test_by_default_tuners_take_turns_and_captures_never_overlap_a_warm_up():
+    gate, log = GpuShare(2), []
+
+    def tuner(name):
+        with gate.tuning():
+            log.append(name + " in")
+            time.sleep(0.1)
+            log.append(name + " out")
+
+    threads = [threading.Thread(target=tuner, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert log in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+    log.clear()
+    warming = threading.Event()
+
+    def warm_up():
+        with gate.warming():
+            warming.set()
+            time.sleep(0.2)
+            log.append("warm-up done")
+
+    t = threading.Thread(target=warm_up)
+    t.start()
+    warming.wait()
+    late = threading.Thread(target=lambda: (time.sleep(0.05), gate.warming().__enter__(), log.append("late warm-up")))
+    late.start()
+    with gate.capturing():  # waits for the running warm-up; the late one waits for the capture
+        log.append("capture")
+        time.sleep(0.1)
+    late.join()
+    t.join()
+    assert log == ["warm-up done", "capture", "late warm-up"]
 
 
 def test_a_trial_keeps_pace_with_the_one_that_has_the_most_training_left():
@@ -346,20 +384,24 @@ def test_only_the_training_steps_shapes_are_tuned(graphs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_trials_capture_their_steps_at_once_and_each_graph_trains():
+@pytest.mark.parametrize("tune_together", [False, True])
+def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together):
     from bakeoff.engines.torch_fit import _optimizer, _Step
     from bakeoff.gpu_share import set_share
     from bakeoff.protocol import Protocol
 
-    dev, gate, steps, start = torch.device("cuda"), GpuShare(3), {}, threading.Barrier(3, timeout=30)
+    dev, gate, steps, start = torch.device("cuda"), GpuShare(3, tune_together), {}, threading.Barrier(3, timeout=30)
     proto = Protocol(pretrained=False)
     torch.backends.cudnn.benchmark = False
 
     def trial(i):
         torch.manual_seed(i)
+        # Dropout draws from the process-wide CUDA generator: a capture beside a neighbour's
+        # warm-up fails on it.
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 8 * (i + 1), 3), torch.nn.BatchNorm2d(8 * (i + 1)),
                                     torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                    torch.nn.Linear(8 * (i + 1), 3)).to(dev).to(memory_format=torch.channels_last)
+                                    torch.nn.Dropout(0.2), torch.nn.Linear(8 * (i + 1), 3)
+                                    ).to(dev).to(memory_format=torch.channels_last)
         with gate.place(dev):
             start.wait()
             step = _Step(model, _optimizer(proto, model.parameters(), capturable=True), proto, dev,

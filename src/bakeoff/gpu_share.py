@@ -7,9 +7,12 @@ shared through a gate: every piece of GPU work a trial launches happens in a ``s
 section, and a trial that must measure alone (batch-1 latency, a solo window of training
 steps) takes ``exclusive()``, which waits until no other trial is launching work and drains
 the device before it starts. Tuning a training step's kernels (``tuning()``, at graph
-capture) keeps the trials that train or measure away too, but not other trials tuning: the
-tuning is mostly host work (building candidate kernels), so the captures at a run's start
-overlap instead of taking turns with the GPU idle.
+capture) keeps the trials that train or measure away too. With ``tune_together``, other
+trials may tune at the same time: the tuning is mostly host work (building candidate
+kernels), so the captures at a run's start would overlap instead of taking turns with the GPU
+idle. The warm-ups overlap then, the captures themselves still run one at a time
+(``warming()``, ``capturing()``). It is off in runs: on an H200 (bench/RESULTS.md) captures
+that overlapped warm-ups failed, and the fix is not yet measured there.
 
 Each trial holds a ``place()``: a CUDA stream of its own for its whole run, at one of
 PyTorch's four stream priorities. Trials that have the most training left get the highest
@@ -50,8 +53,9 @@ class GpuShare:
     measures alone (exclusive). A waiting exclusive section stops new shared ones, so a
     measurement waits for at most one step of each neighbour."""
 
-    def __init__(self, trials: int) -> None:
+    def __init__(self, trials: int, tune_together: bool = False) -> None:
         self.trials = trials
+        self.tune_together = tune_together
         self._cv = threading.Condition()
         self._active = 0
         self._exclusive = False
@@ -62,6 +66,9 @@ class GpuShare:
         self._tuners = 0  # threads inside tuning() now, and those waiting to enter
         self._tuners_waiting = 0
         self._benchmark_before = False
+        self._cap_cv = threading.Condition()
+        self._warming = 0  # tuners' warm-ups running now
+        self._capture = [False, 0]  # a capture running; captures waiting
         self._pace_cv = threading.Condition()
         self._pace: dict[int, tuple[int, float | None]] = {}  # thread -> (steps left, solo s per step)
         self._ratio: dict[int, tuple[int, float]] = {}  # thread -> (trial it keeps pace with, steps-left ratio)
@@ -138,8 +145,8 @@ class GpuShare:
         convolution shape, builds candidate kernels and keeps the fastest). No trial trains or
         measures meanwhile, so the flag, which is process-wide, reaches only tuners' work, and
         the candidates are timed on a GPU that the neighbours' steps do not load. Other trials
-        may tune at the same time: the building is host work, and many captures take turns
-        with the GPU idle otherwise. Time inside counts towards ``alone()`` under ``reason``."""
+        may tune at the same time if ``tune_together``. Time inside counts towards ``alone()``
+        under ``reason``."""
         import torch
 
         if getattr(self._local, "depth", 0):
@@ -148,7 +155,7 @@ class GpuShare:
         t0 = time.perf_counter()
         with self._cv:
             self._tuners_waiting += 1
-            while not nested and (self._exclusive or self._active):
+            while not nested and (self._exclusive or self._active or (self._tuners and not self.tune_together)):
                 self._cv.wait()
             self._tuners_waiting -= 1
             self._tuners += 1
@@ -170,6 +177,39 @@ class GpuShare:
                     torch.backends.cudnn.benchmark = self._benchmark_before
                     self._cv.notify_all()
             self._add_alone(reason, time.perf_counter() - t_held)
+
+    @contextlib.contextmanager
+    def warming(self) -> Iterator[None]:
+        """A tuner's GPU work other than the capture itself (static inputs, warm-up steps): it
+        may overlap other tuners' warm-ups, never a capture. PyTorch's CUDA random generator
+        is process-wide and in capture mode for a whole capture: a neighbour's dropout or
+        ``randn`` meanwhile fails ("Offset increment outside graph capture")."""
+        with self._cap_cv:
+            while self._capture[0] or self._capture[1]:
+                self._cap_cv.wait()
+            self._warming += 1
+        try:
+            yield
+        finally:
+            with self._cap_cv:
+                self._warming -= 1
+                self._cap_cv.notify_all()
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """A graph capture, with no other tuner's warm-up or capture launching work meanwhile."""
+        with self._cap_cv:
+            self._capture[1] += 1
+            while self._capture[0] or self._warming:
+                self._cap_cv.wait()
+            self._capture[1] -= 1
+            self._capture[0] = True
+        try:
+            yield
+        finally:
+            with self._cap_cv:
+                self._capture[0] = False
+                self._cap_cv.notify_all()
 
     def _add_alone(self, reason: str, seconds: float) -> None:
         if self.concurrent:

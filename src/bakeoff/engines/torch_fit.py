@@ -104,7 +104,7 @@ class _Step:
                 # interpreter for all); the same capture succeeds in a process of its own.
                 raise NeedsGpuAlone(self.capture_error)
         if device.type == "cuda" and self.graph is None:
-            with tuned(device, "tune"):  # an eager step's kernels, picked before training
+            with tuned(device, "tune"), share().warming():  # an eager step's kernels, picked before training
                 self._static(batch_shape, channels_last)
                 restore = self._snapshot()
                 self._static_step()
@@ -169,9 +169,12 @@ class _Step:
         return restore
 
     def _capture(self, batch_shape, channels_last, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
-        self._static(batch_shape, channels_last)
-        graph = _graph_of(self._static_step, self.device, way, self._snapshot())
-        self.reset_counts()
+        with share().warming():
+            self._static(batch_shape, channels_last)
+            restore = self._snapshot()
+        graph = _graph_of(self._static_step, self.device, way, restore)
+        with share().warming():
+            self.reset_counts()
         return graph, way
 
     def __call__(self, x, y):
@@ -228,19 +231,21 @@ def _graph_of(run: Callable[[], None], device: torch.device, way: str,
     """``run`` captured as a CUDA graph in one of ``capture_ways``, after three warm-up calls on
     a side stream (where kernels settle their algorithms and workspaces); ``reset`` undoes what
     the warm-up changed before the capture."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
+    with share().warming():  # beside other tuners' warm-ups, if they tune together
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+    with share().capturing():  # one capture at a time
+        if reset is not None:
+            reset()
+        graph = torch.cuda.CUDAGraph()
+        own = way.startswith("own stream")
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device) if own else None,
+                              capture_error_mode="thread_local" if way.endswith("thread-local") else "global"):
             run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    if reset is not None:
-        reset()
-    graph = torch.cuda.CUDAGraph()
-    own = way.startswith("own stream")
-    with torch.cuda.graph(graph, stream=torch.cuda.Stream(device) if own else None,
-                          capture_error_mode="thread_local" if way.endswith("thread-local") else "global"):
-        run()
     return graph
 
 
