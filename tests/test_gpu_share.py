@@ -13,19 +13,25 @@ import torch
 from bakeoff.gpu_share import GpuShare, share
 
 
-def test_exclusive_waits_for_shared_sections_and_holds_new_ones_back():
-    gate, log = GpuShare(2), []
+def _held_in_thread(section, done) -> threading.Thread:
+    """A started thread inside ``section()`` for 0.2 s, then ``done()``; returns once it is inside."""
     inside = threading.Event()
 
-    def neighbour():
-        with gate.shared():
+    def hold():
+        with section():
             inside.set()
             time.sleep(0.2)
-            log.append("neighbour step done")
+            done()
 
-    t = threading.Thread(target=neighbour)
+    t = threading.Thread(target=hold)
     t.start()
     inside.wait()
+    return t
+
+
+def test_exclusive_waits_for_shared_sections_and_holds_new_ones_back():
+    gate, log = GpuShare(2), []
+    t = _held_in_thread(gate.shared, lambda: log.append("neighbour step done"))
     with gate.exclusive():
         log.append("alone")
         late = threading.Thread(target=lambda: (gate.shared().__enter__(), log.append("late step")))
@@ -102,14 +108,8 @@ def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypa
     from bakeoff.engines.torch_fit import tuned
     from bakeoff.gpu_share import set_share
 
-    gate, log, inside, both = GpuShare(3, tune_together=True), [], threading.Event(), threading.Barrier(2, timeout=5)
+    gate, log, both = GpuShare(3, tune_together=True), [], threading.Barrier(2, timeout=5)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-
-    def neighbour():
-        with gate.shared():
-            inside.set()
-            time.sleep(0.2)
-            log.append(("neighbour step done", torch.backends.cudnn.benchmark))
 
     def tuner(name, fail):
         with contextlib.suppress(ValueError), tuned(torch.device("cpu"), "capture"):
@@ -122,9 +122,7 @@ def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypa
 
     set_share(gate)
     try:
-        t = threading.Thread(target=neighbour)
-        t.start()
-        inside.wait()
+        t = _held_in_thread(gate.shared, lambda: log.append(("neighbour step done", torch.backends.cudnn.benchmark)))
         tuners = [threading.Thread(target=tuner, args=(n, n == "b")) for n in "ab"]
         for th in tuners:
             th.start()
@@ -161,17 +159,7 @@ def test_by_default_tuners_take_turns_and_captures_never_overlap_a_warm_up():
     assert log in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
 
     log.clear()
-    warming = threading.Event()
-
-    def warm_up():
-        with gate.warming():
-            warming.set()
-            time.sleep(0.2)
-            log.append("warm-up done")
-
-    t = threading.Thread(target=warm_up)
-    t.start()
-    warming.wait()
+    t = _held_in_thread(gate.warming, lambda: log.append("warm-up done"))
     late = threading.Thread(target=lambda: (time.sleep(0.05), gate.warming().__enter__(), log.append("late warm-up")))
     late.start()
     with gate.capturing():  # waits for the running warm-up; the late one waits for the capture
