@@ -416,3 +416,23 @@ def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together)
         assert step.mode == "cuda-graph" and step.capture_error is None
         assert np.isfinite(loss_sum) and loss_sum > 0 and "capture" in alone
     assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_last_smaller_batch_is_met_before_training_and_leaves_no_trace():
+    from bakeoff.engines.torch_fit import _optimizer, _Step
+    from bakeoff.protocol import Protocol
+
+    dev, seen, proto = torch.device("cuda"), [], Protocol(pretrained=False, precision="fp32")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).to(dev)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.register_forward_hook(lambda mod, inp, out: seen.append(len(inp[0])))
+    opt = _optimizer(proto, model.parameters(), capturable=True)
+    step = _Step(model, opt, proto, dev, (16, 3, 36, 36), False, last_batch=6)
+    assert step.mode == "cuda-graph" and 6 in seen  # met at construction, not in the first epoch
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics put back
+    assert all(float(t.sum()) == 0 for state in opt.state.values() for t in state.values() if torch.is_tensor(t))
+    assert float(step.loss_sum) == 0 and int(step.correct) == 0

@@ -83,7 +83,8 @@ class _Step:
     classifier head on cached features), which is where launching each step costs most.
     """
 
-    def __init__(self, model, opt, protocol, device, batch_shape, channels_last, source=None, steps: int = 1):
+    def __init__(self, model, opt, protocol, device, batch_shape, channels_last, source=None, steps: int = 1,
+                 last_batch: int | None = None):
         self.model, self.opt, self.protocol, self.device = model, opt, protocol, device
         self.loss_fn = nn.CrossEntropyLoss()
         self.loss_sum = torch.zeros((), device=device)
@@ -110,6 +111,21 @@ class _Step:
                 self._static_step()
                 restore()
                 self.reset_counts()
+        if device.type == "cuda" and source is None and last_batch and last_batch != batch_shape[0]:
+            self._first_call(last_batch, batch_shape, channels_last)
+
+    def _first_call(self, n: int, batch_shape, channels_last) -> None:
+        """One step at the epoch's last, smaller batch, undone: the first call at a new shape
+        can take seconds on the host (cuDNN's heuristics build a plan per convolution; 8 s for
+        mobilenet_v2 on an H200, bench/RESULTS.md), which would otherwise count as training
+        time. Here it counts as capture time, like the tuning of the full batch."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        with share().shared():
+            restore = self._snapshot()
+            x = torch.randn((n, *batch_shape[1:]), device=self.device).contiguous(memory_format=fmt)
+            self(x, torch.zeros(n, dtype=torch.long, device=self.device))
+            restore()
+            self.reset_counts()
 
     def _body(self, x, y):
         with autocast_for(self.protocol, self.device, cache_enabled=not self.protocol.cuda_graphs):
@@ -290,8 +306,9 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     bs = protocol.batch_size
     model.train()
     t_capture = time.perf_counter()
+    last = len(train_idx) % bs
     step = _Step(model, opt, protocol, device, (min(bs, len(train_idx)), 3, batcher.input_size, batcher.input_size),
-                 batcher.channels_last)
+                 batcher.channels_last, last_batch=last if last >= 2 else None)
     sync()
     capture_s = time.perf_counter() - t_capture
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
