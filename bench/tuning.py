@@ -13,6 +13,9 @@ fresh process each (cuDNN's plan caches start empty):
 - the first and second call of an evaluation batch of 128 (no grad, eval mode), a shape the
   step did not tune: what a new shape costs under bakeoff's heuristics.
 
+With ``--limits 1,3``, also tuned with ``torch.backends.cudnn.benchmark_limit`` at each of
+those values: fewer candidate kernels timed per shape, a shorter capture, perhaps a slower step.
+
 With ``--together``, also all the models in one more fresh process, one thread each, capturing
 at once through a shared run's gate with ``tune_together`` (``GpuShare.tuning``: tuners'
 warm-ups overlap, their captures take turns, nothing else runs): the wall seconds until the last capture ended, then each graph's images/s timed alone,
@@ -58,6 +61,8 @@ def child(arch: str, mode: str, steps: int) -> dict:
 
     if mode == "heuristics":  # never turns tuning on
         tf.tuned = lambda device, reason: contextlib.nullcontext()
+    elif mode.startswith("limit"):  # tuning on, timing at most this many candidate kernels per shape
+        torch.backends.cudnn.benchmark_limit = int(mode[len("limit"):])
     device = torch.device("cuda")
     model, opt, proto, shape = _built(arch)
     torch.cuda.synchronize()
@@ -156,6 +161,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=None)
     ap.add_argument("--together", action="store_true", help="also every model capturing at once in one process")
+    ap.add_argument("--limits", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="also tuned with cudnn.benchmark_limit at each of these (PyTorch's default: 10)")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -167,7 +174,7 @@ def main() -> None:
         return
     rows = []
     for arch in a.models.split(","):
-        for mode in ("tuned", "heuristics"):
+        for mode in ("tuned", "heuristics", *(f"limit{n}" for n in a.limits)):
             done = subprocess.run([sys.executable, __file__, "--child", arch, mode, "--steps", str(a.steps)],
                                   capture_output=True, text=True)
             with contextlib.suppress(ValueError, IndexError):
