@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -243,9 +244,16 @@ def _stand_in_worker(jobs, queue, capacity=1, prewarm=False):
     trial does what its spec's "beside" says: succeed (the default), fail to capture its step
     ("alone"), fail ("error") or end the whole process ("crash")."""
     while (job := jobs.get()) is not None:
-        if isinstance(job, tuple):  # ("capacity", n)
-            capacity = job[1]
+        if isinstance(job, tuple):  # ("capacity", n), or ("last", True): noted in a file of the run
+            if job[0] == "capacity":
+                capacity = job[1]
+            else:
+                with open(Path(out_dir) / "messages.txt", "a") as f:
+                    f.write(f"{job[0]}\n")
             continue
+        out_dir = job.out_dir
+        with open(Path(out_dir) / "messages.txt", "a") as f:
+            f.write(f"{job.spec['id']}\n")
         beside = job.spec.get("beside", "ok") if capacity > 1 else "ok"
         if beside == "alone":
             queue.put(("alone", job.key, "own stream, thread-local: RuntimeError: capture failed"))
@@ -291,6 +299,17 @@ def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
         result = row["result"] if isinstance(row["result"], dict) else json.loads(row["result"])
         assert result["concurrent_trials_seen"] == 1  # the second time, in a process of its own
         assert "capture failed" in result["shared_gpu_error"]
+
+
+def test_a_sharing_worker_hears_when_no_more_trials_will_come(tmp_path):
+    from bakeoff.runners.local import run_local
+
+    jobs, store, run_id = _fake_run(tmp_path, n=5)
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_stand_in_worker)
+    assert counts["trained"] == 5
+    # Told once, after the fifth trial was handed over (the trials it runs then keep pace).
+    messages = (tmp_path / "messages.txt").read_text().split()
+    assert sorted(messages[:5]) == ["m0", "m1", "m2", "m3", "m4"] and messages[5:] == ["last"]
 
 
 def test_a_worker_started_early_runs_the_first_trials_or_is_stopped(tmp_path):

@@ -22,7 +22,9 @@ not end up training alone at the end while the GPU idles around it.
 Trials also keep pace with each other (``pacing()``): a trial may not pull further ahead of
 the one with the most training left than it was when it first met it. Left free, the small
 models finish first and the largest trains its last epochs alone, on a GPU it cannot fill at
-batch 16; kept in step, all of them share the GPU until the end.
+batch 16; kept in step, all of them share the GPU until the end. A worker turns pacing on
+(``pace``) once no more trials will join: before that, a trial that ends early makes room for
+the next one.
 
 One process-wide gate; when trials run one at a time it is a no-op.
 """
@@ -53,9 +55,10 @@ class GpuShare:
     measures alone (exclusive). A waiting exclusive section stops new shared ones, so a
     measurement waits for at most one step of each neighbour."""
 
-    def __init__(self, trials: int, tune_together: bool = False) -> None:
+    def __init__(self, trials: int, tune_together: bool = False, pace: bool = True) -> None:
         self.trials = trials
         self.tune_together = tune_together
+        self.pace = pace  # whether pacing() holds trials back (it records their progress either way)
         self._cv = threading.Condition()
         self._active = 0
         self._exclusive = False
@@ -310,7 +313,7 @@ class GpuShare:
             self._pace[key] = (steps_left, step_s)
             if led or self._pacer() == key or before is None or before[1] != step_s:  # what can free a waiter
                 self._pace_cv.notify_all()
-            if step_s is None or getattr(self._local, "alone", False):
+            if step_s is None or not self.pace or getattr(self._local, "alone", False):
                 return 0.0
             while True:
                 pacer = self._pacer()

@@ -224,7 +224,8 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> N
 
     ``prewarm`` (a CUDA device): a worker started while the parent still decodes the images
     imports torch and starts CUDA there meanwhile; it learns its capacity from a
-    ("capacity", n) message."""
+    ("capacity", n) message. ("last", True): no more trials will come, so the ones running
+    keep pace with each other from then on."""
     import threading
 
     from bakeoff.gpu_share import GpuShare, set_share, share
@@ -233,14 +234,17 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> N
         _warm_up(prewarm)
     threads: list[threading.Thread] = []
     while (job := jobs.get()) is not None:
-        if isinstance(job, tuple):  # ("capacity", n), before any job
-            capacity = job[1]
+        if isinstance(job, tuple):  # ("capacity", n) before any job; ("last", True) after the last
+            if job[0] == "capacity":
+                capacity = job[1]
+            elif share().concurrent:
+                share().pace = True
             continue
         if capacity == 1:  # one at a time: in this thread, on the default stream, as a lone trial always ran
             _run_one(job, queue, own_stream=False)
             continue
         if not share().concurrent:
-            set_share(GpuShare(capacity))
+            set_share(GpuShare(capacity, pace=False))  # until the runner says no more trials will come
         thread = threading.Thread(target=_run_one, args=(job, queue, True), daemon=True,
                                   name=f"trial-{job.spec['id']}")
         thread.start()

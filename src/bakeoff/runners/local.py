@@ -31,6 +31,7 @@ class _Worker:
         self.proc = ctx.Process(target=target, args=(self.jobs, self.queue, capacity, prewarm), daemon=True)
         self.running: dict[str, tuple[TrialJob, float]] = {}
         self.closing = False  # takes no more jobs; stopped once its running ones finish
+        self.told_last = False  # told that no more trials will join the ones it runs
         self.dead_since: float | None = None
         # The child starts with Ctrl-C ignored: the parent alone handles it and stops the child,
         # so an interrupt prints one message, not a traceback from every process of the group.
@@ -49,6 +50,14 @@ class _Worker:
         self.capacity = capacity
         self.jobs.put(("capacity", capacity))
         return self
+
+    def last_wave(self) -> None:
+        """No trial will join the ones this worker runs: from now on they keep pace with each
+        other (``GpuShare.pacing``), so that they end together. Before, a trial that ends early
+        frees its place for the next one, and holding it back would only slow that one."""
+        if not self.told_last and self.capacity > 1 and self.proc.is_alive():
+            self.jobs.put(("last", True))
+            self.told_last = True
 
     def has_room(self) -> bool:
         return not self.closing and len(self.running) < self.capacity and self.proc.is_alive()
@@ -181,6 +190,9 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     elif (slot not in spares and str(job.device).startswith("cuda") and not reusable_after(job)
                           and any(not _own_process(j) for j in pending)):
                         spares[slot] = prestart(job.device, target)
+            if not any(not _own_process(j) for j in pending):
+                for w in workers.values():
+                    w.last_wave()
             for w in workers.values():
                 for job, started, status, payload in w.poll(on_event):
                     if status == "error" and w.capacity > 1 and not job.extra.get("alone"):
