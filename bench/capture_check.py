@@ -2,7 +2,7 @@
 
 Question: `bakeoff run --trials-per-gpu N` runs N trials in one process, one CUDA stream each.
 On the H200 every trial's capture failed there while the same capture succeeded alone. This
-script isolates that: part 1 captures each model's real step (`torch_fit._Step`: bf16,
+script isolates that: part 1 captures each model's real step (`torch_step._Step`: bf16,
 channels-last, capturable fused Adam) in each capture way, alone, and prints the mode, the
 error and the mean loss of five steps on one fixed batch (equal losses: the ways compute the
 same); part 2 builds and captures N trials at once in N threads through the same gate the
@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-import bakeoff.engines.torch_fit as tf
+import bakeoff.engines.torch_step as tf
 from bakeoff.engines.torch_build import build_model
 from bakeoff.gpu_share import GpuShare, NeedsGpuAlone, set_share
 from bakeoff.protocol import Protocol

@@ -3,7 +3,7 @@
 Question: in a shared run, the eight captures at the start take about 100 s with the GPU near
 idle (bench/RESULTS.md): each capture's warm-up tunes every convolution shape on the host.
 This script measures, for each model and each way of picking kernels (``tuned``: bakeoff's
-default, autotuning on inside ``torch_fit.tuned``; ``heuristics``: cuDNN's heuristics only), in a
+default, autotuning on inside ``torch_step.tuned``; ``heuristics``: cuDNN's heuristics only), in a
 fresh process each (cuDNN's plan caches start empty):
 
 - the capture: wall seconds, and the process's CPU seconds meanwhile (CPU close to wall: the
@@ -41,7 +41,7 @@ ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "den
 def _built(arch: str):
     import torch
 
-    import bakeoff.engines.torch_fit as tf
+    import bakeoff.engines.torch_step as tf
     from bakeoff.engines.torch_build import build_model
     from bakeoff.protocol import Protocol
     from bakeoff.zoo import resolve
@@ -57,7 +57,7 @@ def _built(arch: str):
 def child(arch: str, mode: str, steps: int) -> dict:
     import torch
 
-    import bakeoff.engines.torch_fit as tf
+    import bakeoff.engines.torch_step as tf
 
     if mode == "heuristics":  # never turns tuning on
         tf.tuned = lambda device, reason: contextlib.nullcontext()
@@ -79,7 +79,7 @@ def child(arch: str, mode: str, steps: int) -> dict:
 def _timed(step, model, proto, shape, steps: int) -> dict:
     import torch
 
-    import bakeoff.engines.torch_fit as tf
+    import bakeoff.engines.torch_step as tf
 
     device = torch.device("cuda")
     step.static_x.copy_(torch.randn(shape, device=device))
@@ -117,7 +117,7 @@ def together(archs: list[str], steps: int) -> list[dict]:
 
     import torch
 
-    import bakeoff.engines.torch_fit as tf
+    import bakeoff.engines.torch_step as tf
     from bakeoff.gpu_share import GpuShare, set_share
 
     device, gate = torch.device("cuda"), GpuShare(len(archs), tune_together=True)

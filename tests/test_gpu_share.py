@@ -105,7 +105,7 @@ def test_a_process_running_one_trial_has_a_gate_that_never_waits():
 
 
 def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypatch):
-    from bakeoff.engines.torch_fit import tuned
+    from bakeoff.engines.torch_step import tuned
     from bakeoff.gpu_share import set_share
 
     gate, log, both = GpuShare(3, tune_together=True), [], threading.Barrier(2, timeout=5)
@@ -277,7 +277,7 @@ def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeyp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
-    from bakeoff.engines.torch_fit import _optimizer, _Step
+    from bakeoff.engines.torch_step import _optimizer, _Step
     from bakeoff.protocol import Protocol
 
     dev = torch.device("cuda")
@@ -301,7 +301,7 @@ def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_places_have_their_own_streams_at_each_priority_and_the_pace_bounds_queued_steps():
-    from bakeoff.engines.torch_fit import _Pace
+    from bakeoff.engines.torch_step import _Pace
 
     dev, gate, seen = torch.device("cuda"), GpuShare(3), {}
     ranked, done = threading.Event(), threading.Event()
@@ -374,7 +374,7 @@ def test_only_the_training_steps_shapes_are_tuned(graphs):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tune_together", [False, True])
 def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together):
-    from bakeoff.engines.torch_fit import _optimizer, _Step
+    from bakeoff.engines.torch_step import _optimizer, _Step
     from bakeoff.gpu_share import set_share
     from bakeoff.protocol import Protocol
 
@@ -421,7 +421,7 @@ def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_last_smaller_batch_is_met_before_training_and_leaves_no_trace():
-    from bakeoff.engines.torch_fit import _optimizer, _Step
+    from bakeoff.engines.torch_step import _optimizer, _Step
     from bakeoff.protocol import Protocol
 
     dev, seen, proto = torch.device("cuda"), [], Protocol(pretrained=False, precision="fp32")

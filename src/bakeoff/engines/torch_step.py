@@ -1,0 +1,256 @@
+"""One training step of a PyTorch model, eager or replayed from a captured CUDA graph: its
+optimizer, precision, cuDNN tuning, and how it is captured beside other trials."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from bakeoff.gpu_share import NeedsGpuAlone, share
+from bakeoff.protocol import Protocol
+
+__all__ = ["uses_bf16", "autocast_for", "tuned", "capture_ways"]
+
+
+def uses_bf16(protocol: Protocol, device: torch.device) -> bool:
+    return protocol.precision == "bf16" or (protocol.precision == "auto" and device.type == "cuda")
+
+
+def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool = True):
+    """bf16 autocast where the protocol asks for it; graphs need the cast cache off."""
+    if uses_bf16(protocol, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+    return contextlib.nullcontext()
+
+
+def tuned(device: torch.device, reason: str):
+    """cuDNN autotuning on, with no trial training or measuring beside it (other trials may be
+    tuning too: ``GpuShare.tuning``): each new convolution shape met inside gets candidate
+    kernels built and timed, and keeps the fastest. Only a training step's shapes are tuned
+    this way (at its capture or first eager step); cuDNN looks up its plan cache before it
+    looks at the flag, so they stay tuned after. Every other pass (an epoch's last, smaller
+    batch, evaluation, latency) takes cuDNN's heuristics, as a served model does by default:
+    tuning is host work that left the GPU idle and every neighbour waiting (seconds per model
+    and shape on an H200; bench/RESULTS.md)."""
+    return share().tuning(device, reason)
+
+
+def _optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
+    params = list(params)
+    # On a GPU, the fused Adam updates every parameter in one kernel instead of a dozen
+    # per-tensor-group launches: the same update, and at batch 16 a visible share of the step.
+    fused = bool(params) and all(p.is_cuda for p in params)
+    if protocol.optimizer == "adam":
+        return torch.optim.Adam(params, lr=protocol.lr, capturable=capturable, fused=fused or None)
+    if protocol.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=protocol.lr, capturable=capturable, fused=fused or None)
+    return torch.optim.SGD(params, lr=protocol.lr, momentum=0.9)
+
+
+class _Step:
+    """One training step, eager or replayed from a captured CUDA graph.
+
+    At batch 16 a big GPU spends most of an eager step launching kernels; replaying the whole
+    step (forward, backward, optimizer) as one graph removes that overhead without changing
+    the arithmetic. Capture needs static input buffers and a capturable optimizer.
+
+    With ``source`` = (inputs, labels) already on the device, a call takes the indices of
+    ``steps`` batches and runs them all: one replay then stands for many tiny steps (a
+    classifier head on cached features), which is where launching each step costs most.
+    """
+
+    def __init__(self, model, opt, protocol, device, batch_shape, channels_last, source=None, steps: int = 1,
+                 last_batch: int | None = None):
+        self.model, self.opt, self.protocol, self.device = model, opt, protocol, device
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.source, self.steps, self.batch = source, steps if source is not None else 1, batch_shape[0]
+        self.graph = None
+        self.mode = "eager"
+        self.capture_error: str | None = None
+        if device.type == "cuda" and protocol.cuda_graphs:
+            with tuned(device, "capture"):  # the warm-up picks the step's kernels
+                captured, failed = _first_way(lambda way: self._capture(batch_shape, channels_last, way))
+            if captured is not None:  # else some models cannot be captured: they train eagerly
+                self.graph, way = captured
+                self.mode = f"cuda-graph ({way})" if failed else "cuda-graph"
+            self.capture_error = "; ".join(failed) or None
+            if self.graph is None and share().concurrent:
+                # Eager steps beside graphed neighbours would crawl (one autograd thread, one
+                # interpreter for all); the same capture succeeds in a process of its own.
+                raise NeedsGpuAlone(self.capture_error)
+        if device.type == "cuda" and self.graph is None:
+            with tuned(device, "tune"), share().warming():  # an eager step's kernels, picked before training
+                self._static(batch_shape, channels_last)
+                restore = self._snapshot()
+                self._static_step()
+                restore()
+                self.reset_counts()
+        if device.type == "cuda" and source is None and last_batch and last_batch != batch_shape[0]:
+            self._first_call(last_batch, batch_shape, channels_last)
+
+    def _first_call(self, n: int, batch_shape, channels_last) -> None:
+        """One step at the epoch's last, smaller batch, undone: the first call at a new shape
+        can take seconds on the host (cuDNN's heuristics build a plan per convolution; 8 s for
+        mobilenet_v2 on an H200, bench/RESULTS.md), which would otherwise count as training
+        time. Here it counts as capture time, like the tuning of the full batch."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        with share().shared():
+            restore = self._snapshot()
+            x = torch.randn((n, *batch_shape[1:]), device=self.device).contiguous(memory_format=fmt)
+            self(x, torch.zeros(n, dtype=torch.long, device=self.device))
+            restore()
+            self.reset_counts()
+
+    def _body(self, x, y):
+        with autocast_for(self.protocol, self.device, cache_enabled=not self.protocol.cuda_graphs):
+            out = self.model(x)
+            loss = self.loss_fn(out.float(), y)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum.add_(loss.detach() * y.shape[0])
+        self.correct.add_((out.argmax(1) == y).sum())
+
+    def _gathered(self, idx):
+        xs, ys = self.source
+        for lo in range(0, len(idx), self.batch):
+            sel = idx[lo:lo + self.batch]
+            self.opt.zero_grad(set_to_none=True)  # in a graph of several steps: each assigns its gradient
+            self._body(xs.index_select(0, sel), ys.index_select(0, sel))
+
+    def _run_static(self):
+        if self.source is not None:
+            self._gathered(self.static_idx)
+        else:
+            self._body(self.static_x, self.static_y)
+
+    def _static_step(self):
+        """One step on the static inputs: a warm-up, or the body of the captured graph."""
+        self.opt.zero_grad(set_to_none=True)  # outside a graph: gradients are assigned inside
+        self._run_static()
+
+    def reset_counts(self) -> None:
+        """Zero the running loss sum and correct count (each epoch, and after warm-ups)."""
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def _static(self, batch_shape, channels_last) -> None:
+        """The static inputs a captured step reads (random: warm-up and capture only)."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if self.source is not None:
+            self.static_idx = torch.randint(0, len(self.source[1]), (self.steps * self.batch,), device=self.device)
+        else:
+            self.static_x = torch.randn(batch_shape, device=self.device).contiguous(memory_format=fmt)
+            self.static_y = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
+
+    def _snapshot(self) -> Callable[[], None]:
+        """Warm-up steps change weights and optimizer state: a function that puts both back in
+        place (same addresses, so a graph captured after it starts from the untouched model)."""
+        params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+        def restore():
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    v.copy_(params[k])
+                for state in self.opt.state.values():
+                    for t in state.values():
+                        if torch.is_tensor(t):
+                            t.zero_()
+
+        return restore
+
+    def _capture(self, batch_shape, channels_last, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
+        with share().warming():
+            self._static(batch_shape, channels_last)
+            restore = self._snapshot()
+        graph = _graph_of(self._static_step, self.device, way, restore)
+        with share().warming():
+            self.reset_counts()
+        return graph, way
+
+    def __call__(self, x, y):
+        if self.graph is not None and x.shape == self.static_x.shape:
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+            self.graph.replay()
+        else:  # eager, or the last partial batch of a graphed epoch
+            self.opt.zero_grad(set_to_none=self.graph is None)
+            self._body(x, y)
+
+    def gathered(self, idx: torch.Tensor) -> None:
+        """One step per ``batch`` indices of ``idx`` into ``source``, in order; replayed from the
+        graph when ``idx`` holds exactly ``steps`` full batches."""
+        if self.graph is not None and len(idx) == len(self.static_idx):
+            self.static_idx.copy_(idx)
+            self.graph.replay()
+        else:
+            self._gathered(idx)
+
+
+class _Pace:
+    """Keeps at most ``depth`` of a trial's steps queued on its stream while it shares the GPU.
+
+    Unchecked, a trial's host loop runs far ahead of its GPU work (a graph replay takes
+    microseconds to launch and milliseconds to run), until thousands of steps are queued. A
+    neighbour that must wait for the GPU to run alone then waits for all of them, and the
+    trials advance in lockstep, one step each in turn, instead of each at its own pace."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self.events = [torch.cuda.Event() for _ in range(depth)]
+        self.n = 0
+
+    def __call__(self) -> None:
+        event = self.events[self.n % len(self.events)]
+        if self.n >= len(self.events):
+            event.synchronize()  # the step ``depth`` before this one has finished
+        event.record()
+        self.n += 1
+
+
+def capture_ways(concurrent: bool) -> list[str]:
+    """How to capture a training step, in order of preference. Each graph wants a capture
+    stream of its own: library workspaces (cuBLAS) are kept per stream and baked into the
+    graph, so graphs captured on one shared stream share scratch memory and corrupt each other
+    when replayed at once on different streams; the shared stream is only a fallback for a
+    trial alone on its GPU. "thread-local": neighbours' threads may call CUDA meanwhile."""
+    ways = ["own stream, thread-local", "own stream, global"]
+    return ways if concurrent else ways + ["shared stream, global"]
+
+
+def _graph_of(run: Callable[[], None], device: torch.device, way: str,
+              reset: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
+    """``run`` captured as a CUDA graph in one of ``capture_ways``, after three warm-up calls on
+    a side stream (where kernels settle their algorithms and workspaces); ``reset`` undoes what
+    the warm-up changed before the capture."""
+    with share().warming():  # beside other tuners' warm-ups, if they tune together
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+    with share().capturing():  # one capture at a time
+        if reset is not None:
+            reset()
+        graph = torch.cuda.CUDAGraph()
+        own = way.startswith("own stream")
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device) if own else None,
+                              capture_error_mode="thread_local" if way.endswith("thread-local") else "global"):
+            run()
+    return graph
+
+
+def _first_way(attempt: Callable[[str], object]) -> tuple[object | None, list[str]]:
+    """``attempt(way)`` for each of ``capture_ways`` in turn until one succeeds: (what it
+    returned, or None when none did; why the others failed)."""
+    failed = []
+    for way in capture_ways(share().concurrent):
+        try:
+            return attempt(way), failed
+        except Exception as exc:  # any failure: the next way, or none
+            failed.append(f"{way}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    return None, failed
