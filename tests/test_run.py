@@ -151,10 +151,10 @@ def test_cli_bad_input_is_one_line_exit_2_no_traceback(tmp_path, colour_folder, 
 
 def test_cli_run_prints_the_table_and_interrupt_keeps_finished_work(tmp_path, colour_folder):
     out = tmp_path / "out"
-    # 15 epochs: the second trial then takes seconds, not the 0.6 s in which it used to end
+    # 40 epochs: the second trial then takes seconds, not the 0.6 s in which it used to end
     # before the interrupt arrived (the test skipped instead of testing).
     args = ["run", colour_folder, "--models", "timm/test_resnet,timm/test_efficientnet", "--out", out,
-            "--no-pretrained", "--image-size", "32", "--epochs", "15", "--device", "cpu"]
+            "--no-pretrained", "--image-size", "32", "--epochs", "40", "--device", "cpu"]
     proc = subprocess.Popen(BAKEOFF + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.time() + 240
@@ -245,11 +245,12 @@ def _stand_in_worker(jobs, queue, capacity=1, prewarm=False):
     """Stands in for the trial worker. Alone, every trial succeeds at once; beside others a
     trial does what its spec's "beside" says: succeed (the default), fail to capture its step
     ("alone"), fail ("error") or end the whole process ("crash")."""
+    out_dir = None
     while (job := jobs.get()) is not None:
         if isinstance(job, tuple):  # ("capacity", n), or ("last", True): noted in a file of the run
             if job[0] == "capacity":
                 capacity = job[1]
-            else:
+            elif out_dir is not None:
                 with open(Path(out_dir) / "messages.txt", "a") as f:
                     f.write(f"{job[0]}\n")
             continue
