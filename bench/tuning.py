@@ -155,6 +155,14 @@ def together(archs: list[str], steps: int) -> list[dict]:
     return rows
 
 
+def _child_rows(models: str, mode: str, steps: int) -> list[dict]:
+    """The rows a fresh child process prints for ``models`` in ``mode``, or one error row."""
+    done = subprocess.run([sys.executable, __file__, "--child", models, mode, "--steps", str(steps)],
+                          capture_output=True, text=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return rows or [{"model": models, "mode": mode, "error": done.stderr.strip().splitlines()[-1:]}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(ARCHS))
@@ -172,25 +180,13 @@ def main() -> None:
         else:
             print(json.dumps(child(a.child[0], a.child[1], a.steps)))
         return
+    runs = [(arch, mode) for arch in a.models.split(",")
+            for mode in ("tuned", "heuristics", *(f"limit{n}" for n in a.limits))]
     rows = []
-    for arch in a.models.split(","):
-        for mode in ("tuned", "heuristics", *(f"limit{n}" for n in a.limits)):
-            done = subprocess.run([sys.executable, __file__, "--child", arch, mode, "--steps", str(a.steps)],
-                                  capture_output=True, text=True)
-            with contextlib.suppress(ValueError, IndexError):
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            rows.append({"model": arch, "mode": mode, "error": done.stderr.strip().splitlines()[-1:]})
-            print(json.dumps(rows[-1]), flush=True)
-    if a.together:
-        done = subprocess.run([sys.executable, __file__, "--child", a.models, "together", "--steps", str(a.steps)],
-                              capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        rows += [json.loads(line) for line in lines] or [{"model": a.models, "mode": "together",
-                                                          "error": done.stderr.strip().splitlines()[-1:]}]
-        for r in rows[-len(lines) or -1:]:
-            print(json.dumps(r), flush=True)
+    for models, mode in runs + ([(a.models, "together")] if a.together else []):
+        for row in _child_rows(models, mode, a.steps):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=2)

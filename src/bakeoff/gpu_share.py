@@ -66,12 +66,13 @@ class GpuShare:
         self._local = threading.local()
         self._streams: dict[str, list[list]] = {}  # device -> per place, one stream per priority level
         self._held: dict[int, float | None] = {}  # place taken -> its trial's training left (solo s), once known
-        self._tuners = 0  # threads inside tuning() now, and those waiting to enter
+        self._tuners = 0  # threads inside tuning() now
         self._tuners_waiting = 0
-        self._benchmark_before = False
+        self._benchmark_before = False  # cuDNN's flag before the first tuner turned it on
         self._cap_cv = threading.Condition()
         self._warming = 0  # tuners' warm-ups running now
-        self._capture = [False, 0]  # a capture running; captures waiting
+        self._capturing = False
+        self._captures_waiting = 0
         self._pace_cv = threading.Condition()
         self._pace: dict[int, tuple[int, float | None]] = {}  # thread -> (steps left, solo s per step)
         self._ratio: dict[int, tuple[int, float]] = {}  # thread -> (trial it keeps pace with, steps-left ratio)
@@ -188,7 +189,7 @@ class GpuShare:
         is process-wide and in capture mode for a whole capture: a neighbour's dropout or
         ``randn`` meanwhile fails ("Offset increment outside graph capture")."""
         with self._cap_cv:
-            while self._capture[0] or self._capture[1]:
+            while self._capturing or self._captures_waiting:
                 self._cap_cv.wait()
             self._warming += 1
         try:
@@ -202,16 +203,16 @@ class GpuShare:
     def capturing(self) -> Iterator[None]:
         """A graph capture, with no other tuner's warm-up or capture launching work meanwhile."""
         with self._cap_cv:
-            self._capture[1] += 1
-            while self._capture[0] or self._warming:
+            self._captures_waiting += 1
+            while self._capturing or self._warming:
                 self._cap_cv.wait()
-            self._capture[1] -= 1
-            self._capture[0] = True
+            self._captures_waiting -= 1
+            self._capturing = True
         try:
             yield
         finally:
             with self._cap_cv:
-                self._capture[0] = False
+                self._capturing = False
                 self._cap_cv.notify_all()
 
     def _add_alone(self, reason: str, seconds: float) -> None:
@@ -279,7 +280,6 @@ class GpuShare:
         torch.cuda.set_stream(streams[level])
         return -level
 
-
     @contextlib.contextmanager
     def pacing(self) -> Iterator[Callable[[int, float | None], float]]:
         """A trial's training loop keeps pace with its neighbours: call the function it yields
@@ -311,14 +311,12 @@ class GpuShare:
         with self._pace_cv:
             before, led = self._pace.get(key), self._pacer() == key
             self._pace[key] = (steps_left, step_s)
-            if led or self._pacer() == key or before is None or before[1] != step_s:  # what can free a waiter
+            pacer = self._pacer()
+            if led or pacer == key or before is None or before[1] != step_s:  # what can free a waiter
                 self._pace_cv.notify_all()
             if step_s is None or not self.pace or getattr(self._local, "alone", False):
                 return 0.0
-            while True:
-                pacer = self._pacer()
-                if pacer is None or pacer == key:
-                    break
+            while pacer is not None and pacer != key:
                 pacer_left = self._pace[pacer][0]
                 held = self._ratio.get(key)
                 if held is None or held[0] != pacer:  # first met this pacer: hold today's ratio
@@ -327,6 +325,7 @@ class GpuShare:
                     break
                 t0 = t0 or time.perf_counter()
                 self._pace_cv.wait(timeout=1.0)
+                pacer = self._pacer()
         return 0.0 if t0 is None else time.perf_counter() - t0
 
 

@@ -77,7 +77,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
     window = solo_window(steps_per_epoch) if gate.concurrent else None
     pace = _Pace() if gate.concurrent and device.type == "cuda" else None
-    priority, step_s, total_steps = 0, None, steps_per_epoch * protocol.epochs
+    priority, step_s = 0, None
     history, train_time, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0, 0.0
     with gate.pacing() as keep_pace:
         for epoch in range(protocol.epochs):
@@ -113,11 +113,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                         pace()
                     seen += hi - lo
                     ran += 1
+                    left = steps_per_epoch * (protocol.epochs - epoch) - i - 1  # steps of the run still to go
                     if window is not None and i == window[1] - 1:
-                        solo, priority = _close_window(alone, sync, t_solo, ran - ran_before,
-                                                       steps_per_epoch * (protocol.epochs - epoch) - i - 1)
+                        solo, priority = _close_window(alone, sync, t_solo, ran - ran_before, left)
                         step_s = solo
-                    paced += keep_pace(total_steps - epoch * steps_per_epoch - i - 1, step_s)
+                    paced += keep_pace(left, step_s)
                     if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
                         on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
                 if window is not None and solo is None:  # the window's last step was a skipped lone image

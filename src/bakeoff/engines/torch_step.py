@@ -86,25 +86,21 @@ class _Step:
         if device.type == "cuda" and self.graph is None:
             with tuned(device, "tune"), share().warming():  # an eager step's kernels, picked before training
                 self._static(batch_shape, channels_last)
-                restore = self._snapshot()
-                self._static_step()
-                restore()
-                self.reset_counts()
+                self._undone(self._static_step)
         if device.type == "cuda" and source is None and last_batch and last_batch != batch_shape[0]:
-            self._first_call(last_batch, batch_shape, channels_last)
+            # The epoch's last, smaller batch is a new shape: its first call can take seconds on
+            # the host (cuDNN's heuristics build a plan per convolution; 8 s for mobilenet_v2 on
+            # an H200, bench/RESULTS.md), which would count as training time. Met here, it counts
+            # as capture time, like the tuning of the full batch.
+            with share().shared():
+                self._undone(lambda: self(*_random_batch(last_batch, batch_shape, channels_last, device)))
 
-    def _first_call(self, n: int, batch_shape, channels_last) -> None:
-        """One step at the epoch's last, smaller batch, undone: the first call at a new shape
-        can take seconds on the host (cuDNN's heuristics build a plan per convolution; 8 s for
-        mobilenet_v2 on an H200, bench/RESULTS.md), which would otherwise count as training
-        time. Here it counts as capture time, like the tuning of the full batch."""
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        with share().shared():
-            restore = self._snapshot()
-            x = torch.randn((n, *batch_shape[1:]), device=self.device).contiguous(memory_format=fmt)
-            self(x, torch.zeros(n, dtype=torch.long, device=self.device))
-            restore()
-            self.reset_counts()
+    def _undone(self, run: Callable[[], None]) -> None:
+        """``run`` (a step), then weights, optimizer state and running counts put back."""
+        restore = self._snapshot()
+        run()
+        restore()
+        self.reset_counts()
 
     def _body(self, x, y):
         with autocast_for(self.protocol, self.device, cache_enabled=not self.protocol.cuda_graphs):
@@ -140,12 +136,10 @@ class _Step:
 
     def _static(self, batch_shape, channels_last) -> None:
         """The static inputs a captured step reads (random: warm-up and capture only)."""
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
         if self.source is not None:
             self.static_idx = torch.randint(0, len(self.source[1]), (self.steps * self.batch,), device=self.device)
         else:
-            self.static_x = torch.randn(batch_shape, device=self.device).contiguous(memory_format=fmt)
-            self.static_y = torch.zeros(batch_shape[0], dtype=torch.long, device=self.device)
+            self.static_x, self.static_y = _random_batch(batch_shape[0], batch_shape, channels_last, self.device)
 
     def _snapshot(self) -> Callable[[], None]:
         """Warm-up steps change weights and optimizer state: a function that puts both back in
@@ -189,6 +183,13 @@ class _Step:
             self.graph.replay()
         else:
             self._gathered(idx)
+
+
+def _random_batch(n: int, batch_shape, channels_last: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random images shaped like ``batch_shape``'s, in the step's memory format, and labels 0."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn((n, *batch_shape[1:]), device=device).contiguous(memory_format=fmt)
+    return x, torch.zeros(n, dtype=torch.long, device=device)
 
 
 class _Pace:
