@@ -1,10 +1,11 @@
 """What cuDNN autotuning of the training step costs and buys, per model.
 
-Question: in a shared run, the eight captures at the start take about 100 s with the GPU near
-idle (bench/RESULTS.md): each capture's warm-up tunes every convolution shape on the host.
-This script measures, for each model and each way of picking kernels (``tuned``: bakeoff's
-default, autotuning on inside ``torch_step.tuned``; ``heuristics``: cuDNN's heuristics only), in a
-fresh process each (cuDNN's plan caches start empty):
+Question: in a shared run, the eight captures at the start took about 100 s with the GPU near
+idle (bench/RESULTS.md): each capture's warm-up autotuned every convolution shape on the host.
+This script measures, for each model and each way of picking kernels (``tuned``: autotuning on
+inside ``torch_step.tuned``, bakeoff's default until 2026-12; ``heuristics``: cuDNN's
+heuristics only, the default since this script's figures), in a fresh process each (cuDNN's
+plan caches start empty):
 
 - the capture: wall seconds, and the process's CPU seconds meanwhile (CPU close to wall: the
   time goes on the host, not on the GPU);
@@ -27,7 +28,6 @@ as above, to see whether candidates timed beside other tuners' still pick fast k
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
@@ -59,9 +59,8 @@ def child(arch: str, mode: str, steps: int) -> dict:
 
     import bakeoff.engines.torch_step as tf
 
-    if mode == "heuristics":  # never turns tuning on
-        tf.tuned = lambda device, reason: contextlib.nullcontext()
-    elif mode.startswith("limit"):  # tuning on, timing at most this many candidate kernels per shape
+    tf.AUTOTUNE = mode != "heuristics"
+    if mode.startswith("limit"):  # tuning on, timing at most this many candidate kernels per shape
         torch.backends.cudnn.benchmark_limit = int(mode[len("limit"):])
     device = torch.device("cuda")
     model, opt, proto, shape = _built(arch)
@@ -120,6 +119,7 @@ def together(archs: list[str], steps: int) -> list[dict]:
     import bakeoff.engines.torch_step as tf
     from bakeoff.gpu_share import GpuShare, set_share
 
+    tf.AUTOTUNE = True  # what tune_together is for: overlapping autotuning's host work
     device, gate = torch.device("cuda"), GpuShare(len(archs), tune_together=True)
     set_share(gate)
     built = {a: _built(a) for a in archs}

@@ -112,7 +112,7 @@ def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypa
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
     def tuner(name, fail):
-        with contextlib.suppress(ValueError), tuned(torch.device("cpu"), "capture"):
+        with contextlib.suppress(ValueError), tuned(torch.device("cpu"), "capture", autotune=True):
             both.wait()  # two trials tuning at once: neither waits for the other
             log.append((name, torch.backends.cudnn.benchmark))
             if fail:
@@ -131,13 +131,14 @@ def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypa
             log.append(("next step", torch.backends.cudnn.benchmark))
         for th in tuners + [t]:
             th.join()
-        with tuned(torch.device("cpu"), "tune"):
-            pass
+        with tuned(torch.device("cpu"), "tune"):  # by default: alone, on cuDNN's heuristics
+            log.append(("default", torch.backends.cudnn.benchmark))
         alone = gate.alone()
     finally:
         set_share(None)
     assert log[0] == ("neighbour step done", False)  # tuning waited for the neighbour's step
-    assert sorted(log[1:3]) == [("a", True), ("b", True)] and log[3:] == [("a done", True), ("next step", False)]
+    assert sorted(log[1:3]) == [("a", True), ("b", True)]
+    assert log[3:] == [("a done", True), ("next step", False), ("default", False)]
     assert torch.backends.cudnn.benchmark is False  # back off, after a failure too
     assert set(alone) == {"tune"} and alone["tune"] >= 0.0  # this thread's own; each tuner counts its own
 
@@ -345,8 +346,9 @@ def test_places_have_their_own_streams_at_each_priority_and_the_pace_bounds_queu
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("autotune", [True, False])
 @pytest.mark.parametrize("graphs", [True, False])
-def test_only_the_training_steps_shapes_are_tuned(graphs):
+def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, autotune, monkeypatch):
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.torch_fit import fit
 
@@ -362,10 +364,12 @@ def test_only_the_training_steps_shapes_are_tuned(graphs):
     b = Batcher.create(images, np.arange(90), 32, (0.5,) * 3, (0.25,) * 3, dev)
     proto = Protocol(pretrained=False, epochs=1, precision="fp32", cuda_graphs=graphs)
     torch.backends.cudnn.benchmark = False
+    monkeypatch.setattr("bakeoff.engines.torch_step.AUTOTUNE", autotune)
     out = fit(model, b, np.arange(70), labels, np.arange(70, 90), proto, dev)
     assert out["step_mode"] == ("cuda-graph" if graphs else "eager")
     tuned = {(n, train) for n, train, on in seen if on}
-    assert tuned == {(16, True)}  # the training step's shape, at its warm-up or capture
+    # With autotuning, the training step's shape only, at its warm-up or capture; without, none.
+    assert tuned == ({(16, True)} if autotune else set())
     assert (6, True, False) in seen and (128, False, False) in seen  # last batch and evaluation: heuristics
     assert torch.backends.cudnn.benchmark is False
 

@@ -6,13 +6,12 @@ The price is measurement: a trial's wall time then depends on its neighbours. So
 shared through a gate: every piece of GPU work a trial launches happens in a ``shared()``
 section, and a trial that must measure alone (batch-1 latency, a solo window of training
 steps) takes ``exclusive()``, which waits until no other trial is launching work and drains
-the device before it starts. Tuning a training step's kernels (``tuning()``, at graph
-capture) keeps the trials that train or measure away too. With ``tune_together``, other
-trials may tune at the same time: the tuning is mostly host work (building candidate
-kernels), so the captures at a run's start would overlap instead of taking turns with the GPU
-idle. The warm-ups overlap then, the captures themselves still run one at a time
-(``warming()``, ``capturing()``). It is off in runs: on an H200 (bench/RESULTS.md) captures
-that overlapped warm-ups failed, and the fix is not yet measured there.
+the device before it starts. Building a training step (``tuning()``: its graph capture, or an
+eager step's first call) keeps the trials that train or measure away too. With
+``tune_together``, other trials may build theirs at the same time: the warm-ups overlap, the
+captures themselves still run one at a time (``warming()``, ``capturing()``). It is off in
+runs: it was made for cuDNN autotuning, seconds of host work per model with the GPU idle, and
+runs no longer autotune (``torch_step.AUTOTUNE``; bench/RESULTS.md).
 
 Each trial holds a ``place()``: a CUDA stream of its own for its whole run, at one of
 PyTorch's four stream priorities. Trials that have the most training left get the highest
@@ -67,6 +66,7 @@ class GpuShare:
         self._streams: dict[str, list[list]] = {}  # device -> per place, one stream per priority level
         self._held: dict[int, float | None] = {}  # place taken -> its trial's training left (solo s), once known
         self._tuners = 0  # threads inside tuning() now
+        self._autotuners = 0  # of them, those with cuDNN autotuning on
         self._tuners_waiting = 0
         self._benchmark_before = False  # cuDNN's flag before the first tuner turned it on
         self._cap_cv = threading.Condition()
@@ -144,13 +144,15 @@ class GpuShare:
         return bool(self._exclusive or self._waiting or self._tuners or self._tuners_waiting)
 
     @contextlib.contextmanager
-    def tuning(self, device=None, reason: str = "capture") -> Iterator[None]:
-        """cuDNN autotuning on while this thread builds a training step (its warm-up meets each
-        convolution shape, builds candidate kernels and keeps the fastest). No trial trains or
-        measures meanwhile, so the flag, which is process-wide, reaches only tuners' work, and
-        the candidates are timed on a GPU that the neighbours' steps do not load. Other trials
-        may tune at the same time if ``tune_together``. Time inside counts towards ``alone()``
-        under ``reason``."""
+    def tuning(self, device=None, reason: str = "capture", autotune: bool = True) -> Iterator[None]:
+        """This thread builds a training step (a capture, or an eager step's first call) with
+        no trial training or measuring meanwhile: a neighbour's dropout would fail during a
+        capture, and a first call's seconds of host work would count in a neighbour's timings.
+        With ``autotune``, cuDNN autotuning is on inside (each convolution shape met gets
+        candidate kernels built and timed, and keeps the fastest); the flag is process-wide, so
+        it reaches only tuners' work, and the candidates are timed on a GPU that the
+        neighbours' steps do not load. Other trials may tune at the same time if
+        ``tune_together``. Time inside counts towards ``alone()`` under ``reason``."""
         import torch
 
         if getattr(self._local, "depth", 0):
@@ -163,9 +165,12 @@ class GpuShare:
                 self._cv.wait()
             self._tuners_waiting -= 1
             self._tuners += 1
+            if autotune:
+                self._autotuners += 1
+                if self._autotuners == 1:
+                    self._benchmark_before = torch.backends.cudnn.benchmark
+                    torch.backends.cudnn.benchmark = True
             if self._tuners == 1:
-                self._benchmark_before = torch.backends.cudnn.benchmark
-                torch.backends.cudnn.benchmark = True
                 if device is not None and getattr(device, "type", "") == "cuda" and not nested:
                     torch.cuda.synchronize(device)  # neighbours' queued steps end before tuning starts
         self._local.alone = True
@@ -177,8 +182,11 @@ class GpuShare:
             self._local.alone = nested
             with self._cv:
                 self._tuners -= 1
+                if autotune:
+                    self._autotuners -= 1
+                    if self._autotuners == 0:
+                        torch.backends.cudnn.benchmark = self._benchmark_before
                 if self._tuners == 0:
-                    torch.backends.cudnn.benchmark = self._benchmark_before
                     self._cv.notify_all()
             self._add_alone(reason, time.perf_counter() - t_held)
 

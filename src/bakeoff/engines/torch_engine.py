@@ -50,9 +50,8 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         torch.empty(1, device=device)  # the allocator must exist before its statistics can be reset
         if not gate.concurrent:  # one process-wide peak: per trial only when the trial is alone
             torch.cuda.reset_peak_memory_stats(device)
-        # cuDNN autotuning stays off (PyTorch's default) but for the training step's shapes,
-        # which torch_step.tuned tunes once, no trial training beside it: tuning pays off over
-        # thousands of steps, not over an evaluation pass or a latency measurement.
+        # cuDNN autotuning stays off (PyTorch's default): on an H200 it made no training step
+        # faster and cost seconds of host work per shape (torch_step.AUTOTUNE).
     bf16 = uses_bf16(protocol, device)
     channels_last = device.type == "cuda" and bf16
 

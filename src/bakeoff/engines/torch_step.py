@@ -1,5 +1,5 @@
 """One training step of a PyTorch model, eager or replayed from a captured CUDA graph: its
-optimizer, precision, cuDNN tuning, and how it is captured beside other trials."""
+optimizer, precision, kernel choice, and how it is captured beside other trials."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from bakeoff.gpu_share import NeedsGpuAlone, share
 from bakeoff.protocol import Protocol
 
-__all__ = ["uses_bf16", "autocast_for", "tuned", "capture_ways"]
+__all__ = ["uses_bf16", "autocast_for", "tuned", "capture_ways", "AUTOTUNE"]
 
 
 def uses_bf16(protocol: Protocol, device: torch.device) -> bool:
@@ -26,16 +26,22 @@ def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool =
     return contextlib.nullcontext()
 
 
-def tuned(device: torch.device, reason: str):
-    """cuDNN autotuning on, with no trial training or measuring beside it (other trials may be
-    tuning too: ``GpuShare.tuning``): each new convolution shape met inside gets candidate
-    kernels built and timed, and keeps the fastest. Only a training step's shapes are tuned
-    this way (at its capture or first eager step); cuDNN looks up its plan cache before it
-    looks at the flag, so they stay tuned after. Every other pass (an epoch's last, smaller
-    batch, evaluation, latency) takes cuDNN's heuristics, as a served model does by default:
-    tuning is host work that left the GPU idle and every neighbour waiting (seconds per model
-    and shape on an H200; bench/RESULTS.md)."""
-    return share().tuning(device, reason)
+# Whether a training step's convolutions are autotuned (cuDNN builds and times candidate kernels
+# for each shape and keeps the fastest) or take cuDNN's heuristics. Measured on an H200 for the
+# eight models of the speed benchmark (bench/tuning.py, bench/RESULTS.md): autotuning made no
+# step faster (heuristics' graphed steps ran from 1.4% slower to 2.9% faster) and cost 114 s of
+# host work at capture against 17 s, time in which every trial sharing the GPU waits.
+AUTOTUNE = False
+
+
+def tuned(device: torch.device, reason: str, autotune: bool | None = None):
+    """A training step's kernels picked with no trial training or measuring beside it (other
+    trials may be picking theirs too: ``GpuShare.tuning``): a graph capture, or an eager step's
+    first call. cuDNN autotunes the shapes met inside when ``autotune`` (``AUTOTUNE`` unless
+    given); cuDNN looks up its plan cache before it looks at the flag, so they stay tuned after.
+    Every other pass (an epoch's last, smaller batch, evaluation, latency) takes cuDNN's
+    heuristics, as a served model does by default."""
+    return share().tuning(device, reason, autotune=AUTOTUNE if autotune is None else autotune)
 
 
 def _optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
@@ -73,7 +79,7 @@ class _Step:
         self.mode = "eager"
         self.capture_error: str | None = None
         if device.type == "cuda" and protocol.cuda_graphs:
-            with tuned(device, "capture"):  # the warm-up picks the step's kernels
+            with tuned(device, "capture"):  # the warm-up meets the step's shapes first
                 captured, failed = _first_way(lambda way: self._capture(batch_shape, channels_last, way))
             if captured is not None:  # else some models cannot be captured: they train eagerly
                 self.graph, way = captured
@@ -91,7 +97,7 @@ class _Step:
             # The epoch's last, smaller batch is a new shape: its first call can take seconds on
             # the host (cuDNN's heuristics build a plan per convolution; 8 s for mobilenet_v2 on
             # an H200, bench/RESULTS.md), which would count as training time. Met here, it counts
-            # as capture time, like the tuning of the full batch.
+            # as capture time, like the full batch's first call.
             with share().shared():
                 self._undone(lambda: self(*_random_batch(last_batch, batch_shape, channels_last, device)))
 
