@@ -162,10 +162,14 @@ def test_cli_run_prints_the_table_and_interrupt_keeps_finished_work(tmp_path, co
                 if db.execute("SELECT count(*) FROM trials").fetchone()[0] >= 1:
                     break
         time.sleep(0.2)
+    t_int = time.time()
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:  # the second trial won the race: nothing left to interrupt
-        pytest.skip("run finished before the interrupt")
+        with sqlite3.connect(out / "bakeoff.db") as db:
+            rows = db.execute("SELECT model, started, finished FROM trials").fetchall()
+        pytest.skip(f"run finished before the interrupt: {[(m, round(s - t_int, 2), round(f - t_int, 2)) for m, s, f in rows]}"
+                    f" exit {time.time() - t_int:.2f}; {err[-400:]!r}")
     assert proc.returncode == 130 and "resume" in err and "Traceback" not in err
     with sqlite3.connect(out / "bakeoff.db") as db:
         assert db.execute("SELECT model FROM trials WHERE status='ok'").fetchall() == [("timm/test_resnet",)]
