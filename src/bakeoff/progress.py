@@ -1,4 +1,7 @@
-"""Progress bars: one for the run, one for the trial in flight (epoch, images/s, time left)."""
+"""Progress bars: one for the run, one for each trial in flight (epoch, images/s, time left).
+
+Several trials train at once when they share a GPU or run on several (Ray, several GPUs): each
+has its bar, which goes when the trial ends."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ class RunProgress(NullProgress):
         )
         self.n_trials = n_trials
         self.run_task = None
-        self.trial_task = None
+        self.trial_tasks: dict[str, int] = {}  # trial key -> its bar
 
     def __enter__(self):
         self.progress.__enter__()
@@ -52,18 +55,19 @@ class RunProgress(NullProgress):
 
     def on_event(self, kind, job, payload) -> None:
         model = job.spec["id"]
-        if kind == "start":
-            if self.trial_task is not None:
-                self.progress.remove_task(self.trial_task)
-            epochs = job.protocol["epochs"]
-            self.trial_task = self.progress.add_task(f"{model} epoch 1/{epochs}", total=None, rate="")
+        epochs = job.protocol["epochs"]
+        if kind == "start":  # a trial sent back to run alone starts again: a fresh bar
+            self._drop(job.key)
+            self.trial_tasks[job.key] = self.progress.add_task(f"{model} epoch 1/{epochs}", total=None, rate="")
         elif kind == "step":
             epoch, step, steps, elapsed = payload
-            epochs = job.protocol["epochs"]
+            if job.key not in self.trial_tasks:
+                self.trial_tasks[job.key] = self.progress.add_task(model, total=None, rate="")
             rate = step * job.protocol["batch_size"] / elapsed if elapsed > 0 else 0.0
-            self.progress.update(self.trial_task, description=f"{model} epoch {epoch + 1}/{epochs}",
+            self.progress.update(self.trial_tasks[job.key], description=f"{model} epoch {epoch + 1}/{epochs}",
                                  total=steps * epochs, completed=epoch * steps + step, rate=f"{rate:,.0f} img/s")
         elif kind in ("done", "failed", "resumed"):
+            self._drop(job.key)
             word = {"done": "[green]done[/]", "failed": "[red]failed[/]", "resumed": "[cyan]already done[/]"}[kind]
             extra = ""
             if kind == "done":
@@ -72,3 +76,8 @@ class RunProgress(NullProgress):
                 extra = f": {escape(str(payload['error']))}"
             self.console.print(f"{model}: {word}{extra}")
             self.progress.advance(self.run_task)
+
+    def _drop(self, key: str) -> None:
+        task = self.trial_tasks.pop(key, None)
+        if task is not None:
+            self.progress.remove_task(task)
