@@ -170,9 +170,8 @@ class GpuShare:
                 if self._autotuners == 1:
                     self._benchmark_before = torch.backends.cudnn.benchmark
                     torch.backends.cudnn.benchmark = True
-            if self._tuners == 1:
-                if device is not None and getattr(device, "type", "") == "cuda" and not nested:
-                    torch.cuda.synchronize(device)  # neighbours' queued steps end before tuning starts
+            if self._tuners == 1 and not nested and getattr(device, "type", "") == "cuda":
+                torch.cuda.synchronize(device)  # neighbours' queued steps end before tuning starts
         self._local.alone = True
         t_held = time.perf_counter()
         self._add_wait(t_held - t0)

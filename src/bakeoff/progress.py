@@ -58,13 +58,11 @@ class RunProgress(NullProgress):
         epochs = job.protocol["epochs"]
         if kind == "start":  # a trial sent back to run alone starts again: a fresh bar
             self._drop(job.key)
-            self.trial_tasks[job.key] = self.progress.add_task(f"{model} epoch 1/{epochs}", total=None, rate="")
+            self._bar(job)
         elif kind == "step":
             epoch, step, steps, elapsed = payload
-            if job.key not in self.trial_tasks:
-                self.trial_tasks[job.key] = self.progress.add_task(model, total=None, rate="")
             rate = step * job.protocol["batch_size"] / elapsed if elapsed > 0 else 0.0
-            self.progress.update(self.trial_tasks[job.key], description=f"{model} epoch {epoch + 1}/{epochs}",
+            self.progress.update(self._bar(job), description=f"{model} epoch {epoch + 1}/{epochs}",
                                  total=steps * epochs, completed=epoch * steps + step, rate=f"{rate:,.0f} img/s")
         elif kind in ("done", "failed", "resumed"):
             self._drop(job.key)
@@ -76,6 +74,13 @@ class RunProgress(NullProgress):
                 extra = f": {escape(str(payload['error']))}"
             self.console.print(f"{model}: {word}{extra}")
             self.progress.advance(self.run_task)
+
+    def _bar(self, job) -> int:
+        """The trial's bar, made at its first event."""
+        if job.key not in self.trial_tasks:
+            self.trial_tasks[job.key] = self.progress.add_task(
+                f"{job.spec['id']} epoch 1/{job.protocol['epochs']}", total=None, rate="")
+        return self.trial_tasks[job.key]
 
     def _drop(self, key: str) -> None:
         task = self.trial_tasks.pop(key, None)

@@ -118,6 +118,11 @@ def _own_process(job: TrialJob) -> bool:
     return job.spec["framework"] != "pytorch" or bool(job.extra.get("alone", False))
 
 
+def _shareable(jobs: list[TrialJob]) -> int:
+    """How many of ``jobs`` may share a worker (and its GPU) with other trials."""
+    return sum(not _own_process(j) for j in jobs)
+
+
 def prestart(device: str, target: Callable = worker_main) -> _Worker:
     """A worker started now, while the images are still being decoded: importing torch and
     starting CUDA (seconds) then overlap that work instead of delaying the first trial. Hand it
@@ -147,7 +152,7 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     share = max(1, per_device) if devices else 1
     # No more places per GPU than trials to fill them: a trial sharing with nobody is measured,
     # not projected.
-    shareable = sum(not _own_process(j) for j in pending)
+    shareable = _shareable(pending)
     share = max(1, min(share, -(-shareable // len(slots))))
     workers: dict[int, _Worker] = {}
     # A started process waiting for each slot's next trial: the first one the caller's (started
@@ -188,9 +193,9 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     if keras:
                         w.closing = True
                     elif (slot not in spares and str(job.device).startswith("cuda") and not reusable_after(job)
-                          and any(not _own_process(j) for j in pending)):
+                          and _shareable(pending)):
                         spares[slot] = prestart(job.device, target)
-            if not any(not _own_process(j) for j in pending):
+            if not _shareable(pending):
                 for w in workers.values():
                     w.last_wave()
             for w in workers.values():
