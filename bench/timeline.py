@@ -38,15 +38,17 @@ def timeline(out: Path, start: float | None = None, end: float | None = None) ->
     walls, evaluations and projected training time; the whole span to ``end``, or to the last
     output file."""
     out = Path(out)
-    store = Store(out / "bakeoff.db")
-    run = store.latest_run()
+    span = (f"from {'the command' if start is not None else 'the run (after the scan)'}'s start "
+            f"to {'the command' if end is not None else 'the last output file'}'s end")
+    run, stored = Store(out / "bakeoff.db").latest_trials() if (out / "bakeoff.db").is_file() else (None, [])
     if run is None:
         raise SystemExit(f"{out} holds no run: pass the output folder of a `bakeoff run`")
     t0 = run["started"] if start is None else start
     dataset = json.loads((out / "dataset.json").read_text()) if (out / "dataset.json").is_file() else {}
-    last_output = max(p.stat().st_mtime for p in out.iterdir() if p.is_file())
+    if end is None:
+        end = max([p.stat().st_mtime for p in out.iterdir() if p.is_file()] + [run["finished"] or 0.0])
     trials = []
-    for t in store.trials(list(run["trial_keys"].values())):
+    for t in stored:
         r = t["result"] or {}
         history = r.get("history", [])
         trials.append({
@@ -56,9 +58,7 @@ def timeline(out: Path, start: float | None = None, end: float | None = None) ->
             "epoch_walls_s": [h["epoch_wall_s"] for h in history], "evals_s": [h["eval_time_s"] for h in history],
             "epoch_times_s": [h["epoch_time_s"] for h in history], "shared": r.get("concurrent_trials", 1) > 1})
     ok = [t for t in trials if t["status"] == "ok" and t["epoch_walls_s"]]
-    report = {"span": f"from {'the command' if start is not None else 'the run (after the scan)'}'s start "
-                      f"to {'the command' if end is not None else 'the last output file'}'s end",
-              "whole_s": (end if end is not None else max(last_output, run["finished"] or last_output)) - t0,
+    report = {"span": span, "start": t0, "whole_s": end - t0,
               "scan_s": dataset.get("scan_time_s"), "decode_s": dataset.get("decode_time_s"), "trials": trials}
     if len(ok) > 1 and all(t["shared"] for t in ok):  # one at a time, epoch time and wall are the same
         solo = sum(statistics.mean(t["epoch_times_s"]) for t in ok)
@@ -90,13 +90,14 @@ def low_spans(csv_path: Path, t0: float, below: int = 50) -> tuple[int, list[tup
         when = dt.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=dt.timezone.utc).timestamp()
         samples.append((when - t0, int(util.split()[0])))
     spans: list[tuple[float, float]] = []
-    for (when, util), prev in zip(samples, [None, *samples]):
-        if util >= below:
-            continue
-        if spans and prev is not None and prev[1] < below:
+    was_low = False
+    for when, util in samples:
+        low = util < below
+        if low and was_low:
             spans[-1] = (spans[-1][0], when)
-        else:
+        elif low:
             spans.append((when, when))
+        was_low = low
     return len(samples), spans
 
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"projected to {a.project} epochs: {_f(span[0])}-{_f(span[1])} s (pace setter {rep['pace_setter']})"
               if span else "no trial finished: nothing to project from")
     if a.util:
-        n, spans = low_spans(a.util, a.start if a.start is not None else Store(a.out / "bakeoff.db").latest_run()["started"])
+        n, spans = low_spans(a.util, rep["start"])
         rep["util_samples"], rep["util_under_50"] = n, spans
         print(f"GPU under 50% in {len(spans)} spans of the {n} samples: "
               + ", ".join(f"{_f(s, 0)}-{_f(e, 0)} s" for s, e in spans))

@@ -55,12 +55,12 @@ class RunProgress(NullProgress):
 
     def on_event(self, kind, job, payload) -> None:
         model = job.spec["id"]
-        epochs = job.protocol["epochs"]
         if kind == "start":  # a trial sent back to run alone starts again: a fresh bar
             self._drop(job.key)
             self._bar(job)
         elif kind == "step":
             epoch, step, steps, elapsed = payload
+            epochs = job.protocol["epochs"]
             rate = step * job.protocol["batch_size"] / elapsed if elapsed > 0 else 0.0
             self.progress.update(self._bar(job), description=f"{model} epoch {epoch + 1}/{epochs}",
                                  total=steps * epochs, completed=epoch * steps + step, rate=f"{rate:,.0f} img/s")

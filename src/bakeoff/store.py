@@ -98,6 +98,11 @@ class Store:
             run[k] = json.loads(run[k])
         return run
 
+    def latest_trials(self) -> tuple[dict | None, list[dict]]:
+        """The latest run and its trials (in the order they finished); ``(None, [])`` before any run."""
+        run = self.latest_run()
+        return run, (self.trials(keys=list(run["trial_keys"].values())) if run is not None else [])
+
     def trials(self, keys: list[str] | None = None) -> list[dict]:
         with closing(self._connect()) as db:
             rows = [dict(r) for r in db.execute("SELECT * FROM trials ORDER BY finished")]

@@ -49,12 +49,10 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, infe
     db = out_dir / "bakeoff.db"
     if not db.exists():
         raise BakeoffError(f"{db} does not exist: pass the --out folder of an earlier `bakeoff run`")
-    store = Store(db)
-    run = store.latest_run()
+    run, trials = Store(db).latest_trials()
     if run is None:
         raise BakeoffError(f"{db} holds no run yet: start one with `bakeoff run`")
     order = list(run["trial_keys"])
-    trials = store.trials(keys=list(run["trial_keys"].values()))
     results = results_frame(trials, order)
     results.to_csv(out_dir / "results.csv", index=False)
     wanted = baseline or run.get("baseline")

@@ -159,11 +159,10 @@ def log_run(out_dir, uri: str) -> str:
     from mlflow.tracking import MlflowClient
 
     out_dir = Path(out_dir)
-    run = Store(out_dir / "bakeoff.db").latest_run()
+    run, trials = Store(out_dir / "bakeoff.db").latest_trials()
     if run is None:
         raise BakeoffError(f"{out_dir / 'bakeoff.db'} holds no run to log: start one with `bakeoff run`")
     name = experiment_name(out_dir, run)
-    trials = Store(out_dir / "bakeoff.db").trials(keys=list(run["trial_keys"].values()))
     try:
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(name)
