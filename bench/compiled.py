@@ -28,31 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from tuning import replay_rates  # bench/, beside this script
+
 ARCHS = ["densenet201", "resnet152", "inception_v3", "densenet121", "mobilenet_v2", "googlenet", "resnet34",
          "alexnet"]
-
-
-def _rate(step, shape, steps: int) -> dict:
-    import torch
-
-    for _ in range(20):
-        step.graph.replay()
-    rates = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step.graph.replay()
-        torch.cuda.synchronize()
-        rates.append(steps * shape[0] / (time.perf_counter() - t0))
-    return {"images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
-            "images_per_s_max": max(rates)}
 
 
 def child(arch: str, steps: int) -> dict:
@@ -89,18 +73,18 @@ def child(arch: str, steps: int) -> dict:
         if step.graph is None:
             row[name] = {"error": step.capture_error, "capture_s": capture_s}
             continue
-        step.static_x.copy_(torch.randn(shape, device=device))
-        step.static_y.copy_(torch.randint(0, 10, (shape[0],), device=device))
-        row[name] = {"capture_s": capture_s, "mode": step.mode} | _rate(step, shape, steps)
+        row[name] = {"capture_s": capture_s, "mode": step.mode} | replay_rates(step, shape, steps)
         del step, opt
     if "images_per_s" in row.get("compiled", {}) and "images_per_s" in row.get("eager", {}):
         row["speedup"] = row["compiled"]["images_per_s"] / row["eager"]["images_per_s"]
         twin.load_state_dict(eager.state_dict())  # trained apart: the same weights again
         x = torch.randn((64, *shape[1:]), device=device).contiguous(memory_format=torch.channels_last)
+        eager.eval()
+        twin.eval()
         with torch.no_grad(), tf.autocast_for(proto, device):
-            eager.eval(), twin.eval()
-            row["max_logit_diff"] = float((eager(x).float() - compiled(x).float()).abs().max())
-            row["logit_scale"] = float(eager(x).float().abs().max())
+            logits = eager(x).float()
+            row["max_logit_diff"] = float((logits - compiled(x).float()).abs().max())
+            row["logit_scale"] = float(logits.abs().max())
     return row
 
 

@@ -75,10 +75,10 @@ def child(arch: str, mode: str, steps: int) -> dict:
                                                                                             shape, steps)
 
 
-def _timed(step, model, proto, shape, steps: int) -> dict:
+def replay_rates(step, shape, steps: int) -> dict:
+    """A graphed step's images/s on random inputs: median, min and max of 3 timed stretches of
+    ``steps`` replays after 20 warm-up replays, device-synchronised."""
     import torch
-
-    import bakeoff.engines.torch_step as tf
 
     device = torch.device("cuda")
     step.static_x.copy_(torch.randn(shape, device=device))
@@ -93,6 +93,17 @@ def _timed(step, model, proto, shape, steps: int) -> dict:
             step.graph.replay()
         torch.cuda.synchronize()
         rates.append(steps * shape[0] / (time.perf_counter() - t0))
+    return {"images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
+            "images_per_s_max": max(rates)}
+
+
+def _timed(step, model, proto, shape, steps: int) -> dict:
+    import torch
+
+    import bakeoff.engines.torch_step as tf
+
+    device = torch.device("cuda")
+    rates = replay_rates(step, shape, steps)
     model.eval()
     x = torch.randn((128, *shape[1:]), device=device).contiguous(memory_format=torch.channels_last)
     calls = []
@@ -103,10 +114,9 @@ def _timed(step, model, proto, shape, steps: int) -> dict:
             model(x)
             torch.cuda.synchronize()
             calls.append(time.perf_counter() - t0)
-    return {"images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
-            "images_per_s_max": max(rates), "eval128_first_s": calls[0], "eval128_second_s": calls[1],
-            "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-            "cudnn": torch.backends.cudnn.version()}
+    return rates | {"eval128_first_s": calls[0], "eval128_second_s": calls[1],
+                    "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                    "cudnn": torch.backends.cudnn.version()}
 
 
 def together(archs: list[str], steps: int) -> list[dict]:
