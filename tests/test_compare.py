@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from bakeoff.compare.plots import plot_tradeoffs
-from bakeoff.compare.tables import pareto_mask, relative_frame
+from bakeoff.compare.tables import at_chance, chance_warning, pareto_mask, relative_frame
 from bakeoff.errors import BakeoffError
 
 
@@ -65,3 +65,26 @@ def test_plots_are_written(tmp_path):
     assert [p.name for p in paths] == ["accuracy_vs_training_time.png", "accuracy_vs_inference_time.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_a_model_at_chance_is_on_no_front_and_not_the_default_baseline():
+    df = _results().assign(chance_accuracy=0.1, above_chance=True)
+    collapsed = {"model": "collapsed", "framework": "pytorch", "status": "ok", "accuracy": 0.10,
+                 "train_time_s": 1.0, "latency_ms_p50": 0.5, "accuracy_ci_low": 0.09, "accuracy_ci_high": 0.11,
+                 "chance_accuracy": 0.1, "above_chance": False}
+    df = pd.concat([pd.DataFrame([collapsed]), df], ignore_index=True)  # listed first, cheapest of all
+    assert at_chance(df).tolist() == [True, False, False, False, False, False, False]
+    rel, base = relative_frame(df)
+    assert base == "base"  # the first model that learned
+    r = rel.set_index("model")
+    assert bool(r.loc["collapsed", "at_chance"]) and not r.loc["collapsed", "pareto"]
+    assert r["pareto_training"].drop("collapsed").to_dict() == {"base": True, "fast": True, "best": True,
+                                                                "worse": False, "mixed": False}
+    # without the check the collapsed model, cheapest of all, would sit on both fronts
+    unchecked = relative_frame(df.assign(above_chance=True))[0].set_index("model")
+    assert unchecked.loc["collapsed", "pareto_training"] and unchecked.loc["collapsed", "pareto_inference"]
+    assert relative_frame(df, "collapsed")[1] == "collapsed"  # asked for by name: still allowed
+    warning = chance_warning(df)
+    assert warning.startswith("collapsed 10.0% (95% CI 9.0–11.0%), chance 10.0%: not clearly above chance")
+    assert "left out of the Pareto front and the recommendations" in warning and "--lr" in warning
+    assert chance_warning(df.assign(above_chance=True)) is None and chance_warning(_results()) is None

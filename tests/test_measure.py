@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bakeoff.measure import classification_metrics, summarize_ms, time_calls, wilson_interval
+from bakeoff.measure import chance_level, classification_metrics, summarize_ms, time_calls, wilson_interval
 
 
 def test_wilson_interval_known_values():
@@ -24,6 +24,28 @@ def test_classification_metrics_values():
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["top5"] == 1.0 and m["accuracy_ci_low"] < 4 / 6 < m["accuracy_ci_high"]
     assert 0 < m["macro_f1"] < 1
+
+
+def test_a_model_that_answers_one_class_is_at_chance():
+    y = np.repeat(np.arange(10), 100)  # balanced: chance is 10%
+    collapsed = np.tile(np.eye(10)[3], (1000, 1))  # always class 3
+    m = classification_metrics(y, collapsed, list("abcdefghij"))
+    assert m["accuracy"] == 0.1 and m["chance_accuracy"] == 0.1 and m["above_chance"] is False
+    # imbalanced: always answering the big class scores 80%, which is chance here, not skill
+    y2 = np.array([0] * 80 + [1] * 20)
+    m2 = classification_metrics(y2, np.tile([0.9, 0.1], (100, 1)), ["a", "b"])
+    assert m2["accuracy"] == 0.8 and m2["chance_accuracy"] == 0.8 and m2["above_chance"] is False
+    # right 30% of the time on the balanced set: clearly above 10%
+    pred = np.where(np.arange(1000) % 10 < 3, y, (y + 1) % 10)
+    m3 = classification_metrics(y, np.eye(10)[pred], list("abcdefghij"))
+    assert m3["accuracy"] == pytest.approx(0.3) and m3["above_chance"] is True
+
+
+def test_chance_level_needs_the_interval_clear_of_chance():
+    assert chance_level([5] * 10, 15) == (0.1, True)  # 30% of 50: the interval starts near 19%
+    assert chance_level([1, 1, 1], 2) == (pytest.approx(1 / 3), False)  # 2 of 3 right proves nothing
+    assert chance_level([60, 40], 61) == (0.6, False)
+    assert chance_level([60, 40], 75) == (0.6, True)
 
 
 def test_time_calls_syncs_each_run_and_keeps_every_sample():

@@ -106,6 +106,18 @@ def test_failed_rows_ignored(results):
     assert recommend(failed_only) == []
 
 
+def test_models_at_chance_are_never_picked(results):
+    # "lazy" always answers the big class of an imbalanced split: top accuracy and fastest, yet no skill
+    lazy = _row("lazy", 0.960, 0.955, 0.965, 1.0, 0.5, chance_accuracy=0.96, above_chance=False)
+    checked = results.assign(chance_accuracy=0.5, above_chance=True)
+    recs = recommend(pd.concat([_table(lazy), checked], ignore_index=True))
+    assert all("lazy" not in (r.pick.model, getattr(r.runner_up, "model", None)) for r in recs)
+    assert [r.pick.model for r in recs if r.kind != "best-of-framework"] == ["big", "mid", "small"]
+    unchecked = recommend(pd.concat([_table(lazy | {"above_chance": True}), checked], ignore_index=True))
+    assert unchecked[0].pick.model == "lazy"
+    assert recommend(_table(lazy)) == []
+
+
 def test_ties_and_each_latency():
     # equal accuracy: the faster-training model is "most accurate"; one inference pick per latency kind
     t = _table(_row("slow", 0.9, 0.85, 0.95, 20.0, 5.0, endpoint_latency_ms_p50=7.0),

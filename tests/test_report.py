@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bakeoff.api import run_comparison
 from bakeoff.compare.outputs import write_outputs
 from bakeoff.compare.report_html import confusion_figure, worst_classes
+from bakeoff.measure import wilson_interval
 from bakeoff.store import Store
 from conftest import TINY
 
@@ -80,6 +84,40 @@ def test_failed_trial_and_escaping(varied_run):
     assert "endpoint latency p50 / p95" in md and "rel. inference time (endpoint)" in md
     line = next(x for x in md.splitlines() if x.startswith(f"| {MODELS[1]} |"))
     assert "15.00 / 16.00 ms" in line and "3.00x" in line
+
+
+def test_a_collapsed_model_is_marked_and_never_recommended(tiny_run, tmp_path):
+    src, comparison = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("cache", "models"))
+    store = Store(out / "bakeoff.db")
+    n = comparison.run["dataset"]["n_val"]
+    keys = store.latest_run()["trial_keys"]
+    third = n // 3
+    # rows stored before the chance check: the check is made from their confusion matrices
+    collapsed = [[third, 0, 0], [third, 0, 0], [n - 2 * third, 0, 0]]  # every image answered "first class"
+    right = [[third, 0, 0], [0, third, 0], [0, 0, n - 2 * third]]
+    for model, cm in ((MODELS[0], collapsed), (MODELS[1], right)):
+        correct = sum(cm[i][i] for i in range(3))
+        lo, hi = wilson_interval(correct, n)
+        store.update_result(keys[model], {"confusion_matrix": cm, "accuracy": correct / n, "accuracy_ci_low": lo,
+                                          "accuracy_ci_high": hi, "above_chance": None})
+    redone = write_outputs(out)
+    row = redone.results.set_index("model").loc[MODELS[0]]
+    assert row["above_chance"] is False or row["above_chance"] == False  # noqa: E712 (numpy bool)
+    assert redone.baseline == MODELS[1]  # the first model that learned
+    assert not pd.read_csv(out / "relative.csv").set_index("model").loc[MODELS[0], "pareto"]
+    md = (out / "report.md").read_text()
+    assert f"| {MODELS[0]} | pytorch | at chance |" in md
+    assert "not clearly above chance" in md and "try a lower --lr" in md
+    recs = md.split("## Recommendations")[1].split("## Results")[0]
+    assert MODELS[0] not in recs and f"**Most accurate:** {MODELS[1]}" in recs
+    proc = subprocess.run([sys.executable, "-m", "bakeoff.cli", "report", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if MODELS[0] in ln and "│" in ln)
+    assert "at chance" in line and "*" not in line.split("│")[-2]
+    assert "not clearly above chance" in proc.stdout.replace("\n", " ")
 
 
 def test_worst_classes_and_confusion():

@@ -230,6 +230,20 @@ def test_cli_run_prints_the_table_and_interrupt_keeps_finished_work(tmp_path, co
     assert "timm/test_resnet" in done.stdout and "relative to" in done.stdout
 
 
+def test_a_learning_rate_that_wrecks_training_is_reported_as_at_chance(tmp_path, shared_colour_folder):
+    # lr 10 drives the model to one answer for every image: the run finishes, and says so plainly
+    out = tmp_path / "out"
+    proc = _cli("run", shared_colour_folder, "--models", "timm/test_resnet", "--out", out, "--no-pretrained",
+                "--image-size", "32", "--epochs", "2", "--lr", "10", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    row = pd.read_csv(out / "results.csv").iloc[0]
+    assert row["status"] == "ok" and not row["above_chance"]
+    assert row["accuracy"] <= row["chance_accuracy"] == pytest.approx(1 / 3)
+    text = " ".join(proc.stdout.split())
+    assert "at chance" in text and "not clearly above chance" in text and "try a lower --lr" in text
+    assert "nothing to recommend" in (out / "report.md").read_text()
+
+
 def test_train_only_top_layer_trains_the_head_on_features_computed_once(shared_colour_folder, tmp_path):
     import torch
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["classification_metrics", "wilson_interval", "time_calls", "summarize_ms"]
+__all__ = ["classification_metrics", "wilson_interval", "chance_level", "time_calls", "summarize_ms"]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -22,8 +22,24 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def chance_level(support, correct: int) -> tuple[float, bool]:
+    """The accuracy of always answering the largest validation class, and whether ``correct``
+    answers out of ``sum(support)`` beat it beyond the 95% interval.
+
+    A model that collapsed onto one class (or never left its initial guess) scores exactly this
+    share: its accuracy says nothing about the model, only about the class balance.
+    """
+    support = np.asarray(support)
+    n = int(support.sum())
+    if n == 0:
+        return (math.nan, False)
+    chance = float(support.max() / n)
+    return (chance, bool(wilson_interval(correct, n)[0] > chance))
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
-    """Top-1 (with 95% CI), top-5, macro-F1, per-class accuracy and the confusion matrix."""
+    """Top-1 (with 95% CI), top-5, macro-F1, per-class accuracy, the confusion matrix, and the
+    chance level (the largest class's share) with whether top-1 is clearly above it."""
     from sklearn.metrics import confusion_matrix, f1_score
 
     k = len(classes)
@@ -35,6 +51,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     cm = confusion_matrix(y_true, pred, labels=labels)
     support = cm.sum(axis=1)
     per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    chance, above = chance_level(support, correct)
     top5 = float((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1).mean())
     return {
         "accuracy": correct / n,
@@ -45,6 +62,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         "per_class_accuracy": per_class,
         "confusion_matrix": cm.tolist(),
         "n_val": n,
+        "chance_accuracy": chance,
+        "above_chance": above,
     }
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 from bakeoff.compare.recommend import (LATENCIES, Recommendation, as_number, available_latencies, fmt_ci, fmt_ms,
                                        fmt_pct, fmt_seconds, is_number)
-from bakeoff.compare.tables import relative_frame
+from bakeoff.compare.tables import at_chance, relative_frame
 from bakeoff.errors import BakeoffError
 
 __all__ = ["Cell", "Column", "figure_table", "relative_by_latency", "report_markdown", "run_summary",
@@ -92,12 +92,14 @@ def figure_table(comparison, rel_by_latency: dict[str, pd.DataFrame]) -> tuple[l
     cols.append(Column("error", "error"))
     rels = {k: rel.set_index("model") for k, rel in rel_by_latency.items()}
     rows = []
-    for _, r in res.iterrows():
+    chance = at_chance(res)
+    for i, r in res.iterrows():
         model = r["model"]
+        status = "at chance" if chance[i] else str(r["status"])
         acc, lo, hi = as_number(r["accuracy"]), as_number(r["accuracy_ci_low"]), as_number(r["accuracy_ci_high"])
         row = {"model": Cell(model + (" (baseline)" if model == comparison.baseline else ""), model),
                "framework": Cell(str(r["framework"]), str(r["framework"])),
-               "status": Cell(str(r["status"]), str(r["status"])),
+               "status": Cell(status, status),
                "accuracy": Cell(f"{fmt_pct(acc)} ({fmt_ci(lo, hi)})" if acc is not None else "–", acc),
                "top5": Cell(fmt_pct(as_number(r["top5"])), as_number(r["top5"])),
                "macro_f1": Cell(f"{as_number(r['macro_f1']):.3f}" if as_number(r["macro_f1"]) is not None else "–",
@@ -169,7 +171,8 @@ def report_markdown(comparison, recommendations: list[Recommendation]) -> str:
         lines += [f"> **Note:** {_md(comparison.warning)}", ""]
     lines += ["## Recommendations", ""]
     if not recommendations:
-        lines.append("No model finished, so there is nothing to recommend (see the errors below).")
+        lines.append("No model finished above chance accuracy, so there is nothing to recommend (see the note "
+                     "above and the errors below).")
     for rec in recommendations:
         lines.append(f"- **{rec.title}:** {_md(rec.text)}")
         if rec.warning:

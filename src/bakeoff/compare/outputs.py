@@ -9,7 +9,7 @@ import pandas as pd
 from bakeoff.compare.plots import plot_tradeoffs
 from bakeoff.compare.recommend import LATENCIES
 from bakeoff.compare.report_html import write_reports
-from bakeoff.compare.tables import relative_frame, results_frame
+from bakeoff.compare.tables import chance_warning, relative_frame, results_frame
 from bakeoff.errors import BakeoffError
 from bakeoff.store import Store
 
@@ -68,12 +68,13 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, infe
         if inference != "in-process" and relative.loc[relative["baseline"], "relative_inference_time"].isna().all():
             raise BakeoffError(f"the baseline {used} has no {inference} latency in {db}: {_MEASURE_HINT[inference]}")
         out_cols = ["model", "framework", "relative_accuracy", "relative_training_time",
-                    "relative_inference_time", "pareto", "pareto_training", "pareto_inference", "baseline"]
+                    "relative_inference_time", "pareto", "pareto_training", "pareto_inference", "at_chance", "baseline"]
         relative[out_cols].to_csv(out_dir / "relative.csv", index=False)
         if plots:
             plot_tradeoffs(relative, out_dir, f"{LATENCIES[inference][2]} p50")
     else:
         warning = "no model finished successfully: nothing to compare (see the error column of results.csv)"
+    warning = "; ".join(w for w in (warning, chance_warning(results)) if w) or None
     comparison = Comparison(results, relative, used, run, warning, inference)
     write_reports(out_dir, comparison)  # report.md, and report.html where plotly is installed
     return comparison

@@ -41,7 +41,8 @@ def _plot(rel: pd.DataFrame, x: str, front: str, xlabel: str, title: str, path: 
     base = rel[rel["baseline"]]
     ax.scatter(base[x], base["relative_accuracy"], s=260, facecolors="none", edgecolors="black", lw=1.5,
                label=f"baseline ({base['model'].iloc[0]})", zorder=5)
-    texts = [ax.text(r[x], r["relative_accuracy"], short_label(r["model"]), fontsize=8)
+    texts = [ax.text(r[x], r["relative_accuracy"],
+                     short_label(r["model"]) + (" (at chance)" if bool(r.get("at_chance", False)) else ""), fontsize=8)
              for _, r in rel.iterrows()]
     ax.axhline(1.0, color="grey", lw=0.6)
     ax.axvline(1.0, color="grey", lw=0.6)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from bakeoff.compare.tables import at_chance
+
 __all__ = ["Recommendation", "Pick", "recommend", "LATENCIES", "available_latencies", "fmt_pct", "fmt_ci",
            "fmt_seconds", "fmt_ms", "is_number", "as_number", "cis_overlap"]
 
@@ -112,7 +114,7 @@ def _pick(row, latency_col: str | None = None) -> Pick:
 
 
 def _successful(results: pd.DataFrame) -> pd.DataFrame:
-    ok = results[results["status"] == "ok"].copy()
+    ok = results[(results["status"] == "ok") & ~at_chance(results)].copy()
     ok["accuracy"] = pd.to_numeric(ok["accuracy"], errors="coerce")
     ok = ok[ok["accuracy"].notna()]
     ok["_order"] = range(len(ok))
@@ -188,10 +190,11 @@ def _fastest(ok: pd.DataFrame, best: Pick, col: str, kind: str, title: str, what
 
 
 def recommend(results: pd.DataFrame, within: float = 0.01) -> list[Recommendation]:
-    """The recommendations for ``results`` (results.csv's columns); failed trials are ignored.
+    """The recommendations for ``results`` (results.csv's columns); failed trials, and trials whose
+    accuracy is not above chance, are ignored.
 
     ``within`` is the accuracy margin of the speed picks, as a fraction (0.01 = one point).
-    Returns an empty list when no model finished.
+    Returns an empty list when no model finished above chance.
     """
     ok = _successful(results)
     if ok.empty:
