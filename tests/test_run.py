@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +20,8 @@ import pytest
 from bakeoff.api import report, run_comparison
 from bakeoff.engines.torch_engine import load_saved
 from bakeoff.errors import BakeoffError
+from bakeoff.protocol import Protocol
+from bakeoff.store import Store
 from conftest import TINY
 
 BAKEOFF = [sys.executable, "-m", "bakeoff.cli"]
@@ -228,6 +231,34 @@ def test_cli_run_prints_the_table_and_interrupt_keeps_finished_work(tmp_path, co
     assert done.returncode == 0, done.stderr
     assert "trained 1, already done 1, failed 0" in done.stdout.replace("\n", " ")
     assert "timm/test_resnet" in done.stdout and "relative to" in done.stdout
+
+
+def test_val_every_skips_evaluations_and_trains_the_same(shared_colour_folder, tmp_path):
+    # validated after each of 3 epochs, then only after the last: evaluating changes no training,
+    # so the per-epoch training figures and the final accuracy are the same
+    runs = {n: run_comparison(shared_colour_folder, ["timm/test_resnet"], out=tmp_path / f"every{n}",
+                              **(TINY | {"epochs": 3}), val_every=n) for n in (1, 3)}
+    assert runs[3].run["protocol"]["val_every"] == 3
+    out = tmp_path / "every3"
+
+    def history(folder):
+        _, trials = Store(folder / "bakeoff.db").latest_trials()
+        return trials[0]["result"]["history"]
+
+    sparse, full = history(out), history(tmp_path / "every1")
+    assert [h["val_accuracy"] is None for h in sparse] == [True, True, False]
+    assert [h["val_accuracy"] is None for h in full] == [False, False, False]
+    assert [h["train_loss"] for h in sparse] == [h["train_loss"] for h in full]
+    assert sparse[-1]["val_accuracy"] == full[-1]["val_accuracy"]
+    assert sum(h["eval_time_s"] for h in sparse[:2]) < 0.01
+    assert "scored every 3 epochs and after the last" in (out / "report.md").read_text()
+    with pytest.raises(BakeoffError, match="--val-every must be at least 1"):
+        Protocol(val_every=0)
+    assert [Protocol(epochs=5, val_every=2).validates(e) for e in range(5)] == [False, True, False, True, True]
+    # the default leaves the trial keys of earlier runs as they were
+    legacy = {k: v for k, v in Protocol().to_dict().items() if k != "val_every"}
+    assert Protocol().key() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    assert Protocol(val_every=2).key() != Protocol().key()
 
 
 def test_a_learning_rate_that_wrecks_training_is_reported_as_at_chance(tmp_path, shared_colour_folder):

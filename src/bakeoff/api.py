@@ -76,7 +76,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    val_fraction: float = 0.2, seed: int = 0, pretrained=True, weights_dir=None,
                    device: str = "auto", preset: str | None = None, precision: str = "auto",
                    image_size: int | None = None, cache_dir=None, trials_per_gpu="auto",
-                   cuda_graphs: bool = True, progress: bool = True,
+                   cuda_graphs: bool = True, val_every: int = 1, progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
                    mlflow_uri: str | None = None, endpoint_latency: int = 0) -> Comparison:
     """Fine-tune every model with one protocol, measure, store, and compare (see ``run``).
@@ -84,6 +84,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     ``executor="ray"`` runs each trial as a task on the Ray cluster at ``ray_address``;
     ``mlflow_uri`` (or ``MLFLOW_TRACKING_URI``) logs every trial as an MLflow run.
     ``endpoint_latency=N`` serves each trained model locally and times N one-image HTTP requests.
+    ``val_every=N`` scores the validation split after every N-th epoch only (the last always).
     """
     if endpoint_latency:
         from bakeoff.serve.endpoint_latency import add_endpoint_latency, check_endpoint_latency
@@ -115,7 +116,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         if baseline not in ids:
             raise BakeoffError(f"--baseline {baseline} is not among --models ({', '.join(ids)}): add it there")
     protocol = Protocol(**settings, train_only_top_layer=train_only_top_layer, seed=seed, precision=precision,
-                        pretrained=pretrained, image_size=image_size, cuda_graphs=cuda_graphs)
+                        pretrained=pretrained, image_size=image_size, cuda_graphs=cuda_graphs,
+                        val_every=val_every)
     if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
         raise BakeoffError(f"--weights-dir {weights_dir} is not a folder: pass the folder that holds the weight files")
     t_scan = time.perf_counter()

@@ -103,6 +103,8 @@ def run_cmd(
     train_only_top_layer: bool = typer.Option(False, "--train-only-top-layer", help="Freeze all but the classifier."),
     val_dir: Optional[Path] = typer.Option(None, help="Separate validation folder (same class folders)."),
     val_fraction: float = typer.Option(0.2, help="Held-out fraction per class when there is no --val-dir."),
+    val_every: int = typer.Option(1, help="Score the validation split after every N-th epoch (the last one always): "
+                                  "1 draws full learning curves; 5 with 5 epochs skips four evaluation passes."),
     seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
     weights_dir: Optional[Path] = typer.Option(None, help="Folder of local weight files (no network needed)."),
@@ -133,7 +135,7 @@ def run_cmd(
         optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,
         seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
         precision=precision, image_size=image_size, trials_per_gpu=trials_per_gpu, cuda_graphs=cuda_graphs, cache_dir=cache_dir,
-        progress=sys.stderr.isatty(), executor=executor,
+        val_every=val_every, progress=sys.stderr.isatty(), executor=executor,
         ray_address=ray_address, mlflow_uri=mlflow_uri, endpoint_latency=endpoint_latency)
     print_comparison(comparison)
     if comparison.run.get("mlflow_experiment"):

@@ -34,6 +34,7 @@ class Protocol:
     pretrained: bool | str = True  # True, False, or "offline": weights only where they need no network
     image_size: int | None = None
     cuda_graphs: bool = True  # capture the training step in a CUDA graph on GPUs (same arithmetic, less overhead)
+    val_every: int = 1  # validate after every N-th epoch; the last epoch is always validated
     latency_runs: int = 50
     latency_warmup: int = 10
     throughput_batch: int = 64
@@ -55,15 +56,24 @@ class Protocol:
             raise BakeoffError(f"pretrained must be True, False or 'offline', got {self.pretrained!r}")
         if self.image_size is not None and self.image_size < 16:
             raise BakeoffError(f"--image-size must be at least 16, got {self.image_size}")
+        if self.val_every < 1:
+            raise BakeoffError(f"--val-every must be at least 1 (epochs), got {self.val_every}")
         if self.latency_runs < 50:
             raise BakeoffError("latency_runs must be at least 50 for a meaningful p95")
+
+    def validates(self, epoch: int) -> bool:
+        """Whether the validation split is scored after ``epoch`` (0-based)."""
+        return (epoch + 1) % self.val_every == 0 or epoch == self.epochs - 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def key(self) -> str:
         """A short stable hash: trials with the same protocol, model and data are the same trial."""
-        blob = json.dumps(self.to_dict(), sort_keys=True)
+        d = self.to_dict()
+        if d["val_every"] == 1:  # the default keeps the keys that runs stored before it existed
+            del d["val_every"]
+        blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -147,6 +147,8 @@ def run_summary(comparison) -> str:
             f"{p.get('batch_size')}")
     if p.get("train_only_top_layer"):
         text += ", only the top layer trained"
+    if (p.get("val_every") or 1) > 1:
+        text += f", the validation split scored every {p['val_every']} epochs and after the last"
     if p.get("image_size"):
         text += f", every image at {p['image_size']} px"
     text += "."

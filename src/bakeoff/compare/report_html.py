@@ -132,7 +132,8 @@ def scatter_figure(rel: pd.DataFrame, results: pd.DataFrame, x: str, front: str,
 
 
 def curves_figure(history: list[dict]) -> dict:
-    """Loss (left) and accuracy (right) by epoch, training and validation."""
+    """Loss (left) and accuracy (right) by epoch, training and validation (validation only after
+    the epochs that were scored, ``--val-every``; the line joins them)."""
     ep = [h.get("epoch") for h in history]
     data = []
     for key, axis, name, color, dash in (
@@ -140,7 +141,7 @@ def curves_figure(history: list[dict]) -> dict:
             ("val_loss", 1, "validation loss", "#ff7f0e", "dot"),
             ("train_accuracy", 2, "training accuracy", "#1f77b4", "solid"),
             ("val_accuracy", 2, "validation accuracy", "#ff7f0e", "dot")):
-        data.append({"type": "scatter", "mode": "lines+markers", "name": name, "x": ep,
+        data.append({"type": "scatter", "mode": "lines+markers", "name": name, "x": ep, "connectgaps": True,
                      "y": [h.get(key) for h in history], "xaxis": f"x{axis if axis > 1 else ''}",
                      "yaxis": f"y{axis if axis > 1 else ''}", "line": {"color": color, "dash": dash}})
     layout = {"height": 300, "margin": {"l": 50, "r": 20, "t": 50, "b": 40},

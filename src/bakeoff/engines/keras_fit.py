@@ -195,17 +195,21 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
         steps.sync()
         epoch_time = time.perf_counter() - t_epoch
         train_time += epoch_time
-        t_eval = time.perf_counter()
-        val_probs = predict_probs(steps, batcher, val_idx)
-        eval_time += time.perf_counter() - t_eval
         val_y = labels[val_idx]
+        val_loss = val_acc = None
+        if protocol.validates(epoch):
+            t_eval = time.perf_counter()
+            val_probs = predict_probs(steps, batcher, val_idx)
+            eval_time += time.perf_counter() - t_eval
+            val_loss = float(-np.log(np.clip(val_probs[np.arange(len(val_y)), val_y], 1e-12, None)).mean())
+            val_acc = float((val_probs.argmax(1) == val_y).mean())
         n = len(train_idx)
         history.append({
             "epoch": epoch + 1,
             "train_loss": sum(float(loss) * k for loss, _, k in outs) / n,
             "train_accuracy": sum(int(c) for _, c, _ in outs) / n,
-            "val_loss": float(-np.log(np.clip(val_probs[np.arange(len(val_y)), val_y], 1e-12, None)).mean()),
-            "val_accuracy": float((val_probs.argmax(1) == val_y).mean()),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
             "epoch_time_s": epoch_time,
             "images_per_s": n / epoch_time,
         })

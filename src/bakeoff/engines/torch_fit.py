@@ -132,15 +132,17 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
             train_time += epoch_time
             wall_time += epoch_wall
             t_eval, train_waited = time.perf_counter(), gate.waited() - waited
-            val_probs = predict_probs(model, batcher, val_idx, protocol, device)
+            scored = protocol.validates(epoch)
+            if scored:
+                val_probs = predict_probs(model, batcher, val_idx, protocol, device)
             epoch_eval = time.perf_counter() - t_eval
             eval_time += epoch_eval
             record = {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval}
             if gate.concurrent:  # where a shared epoch's wall time went
                 record |= {"wait_s": train_waited, "eval_wait_s": gate.waited() - waited - train_waited,
                            "stream_priority": priority, "pace_wait_s": paced}
-            history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen, val_probs,
-                                         labels[val_idx], epoch_time, seen) | record)
+            history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen,
+                                         val_probs if scored else None, labels[val_idx], epoch_time, seen) | record)
     kind = "measured"
     if window is not None:
         kind = (f"projected from {window[1] - window[0]} of {steps_per_epoch} steps per epoch run alone; "
@@ -171,11 +173,14 @@ def solo_window(steps: int, length: int = 48, skip: int = 8) -> tuple[int, int]:
 
 
 def _epoch_record(epoch, train_loss, train_acc, val_probs, val_y, epoch_time, seen) -> dict:
-    val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probs).clamp_min(1e-12)),
-                                            torch.from_numpy(val_y)))
+    """One epoch's figures; the validation ones are None after an epoch that was not validated."""
+    val_loss = val_acc = None
+    if val_probs is not None:
+        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probs).clamp_min(1e-12)),
+                                                torch.from_numpy(val_y)))
+        val_acc = float((val_probs.argmax(1) == val_y).mean())
     return {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
-            "val_accuracy": float((val_probs.argmax(1) == val_y).mean()), "epoch_time_s": epoch_time,
-            "images_per_s": seen / epoch_time}
+            "val_accuracy": val_acc, "epoch_time_s": epoch_time, "images_per_s": seen / epoch_time}
 
 
 def _one_shape(idx: np.ndarray, batch: int, device) -> np.ndarray:
@@ -262,10 +267,13 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
         if on_step is not None:
             on_step(epoch, steps, steps, epoch_time)
         train_time += epoch_time
+        scored = protocol.validates(epoch)
         with torch.no_grad(), gate.shared():
-            val_probs = torch.softmax(head(f_val.to(head.weight.dtype)).float(), 1).cpu().numpy()
+            if scored:
+                val_probs = torch.softmax(head(f_val.to(head.weight.dtype)).float(), 1).cpu().numpy()
             loss_sum, correct = float(many.loss_sum + one.loss_sum), float(many.correct + one.correct)
-        history.append(_epoch_record(epoch, loss_sum / n, correct / n, val_probs, labels[val_idx], epoch_time, n))
+        history.append(_epoch_record(epoch, loss_sum / n, correct / n, val_probs if scored else None,
+                                     labels[val_idx], epoch_time, n))
     return {"history": history, "train_time_s": train_time, "eval_time_s": 0.0, "final_val_probs": val_probs,
             "data_time_s": 0.0, "step_mode": f"cached-features, {many.mode}, {k} steps per replay",
             "feature_time_s": feature_s, "capture_time_s": 0.0, "capture_error": many.capture_error,
