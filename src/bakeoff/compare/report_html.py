@@ -69,6 +69,9 @@ def _hover(r, rel, baseline: str | None, kind: str | None) -> str:
     fronts = [n for n, c in (("training", "pareto_training"), ("inference", "pareto_inference")) if rel[c]]
     if fronts:
         lines.append("on the Pareto front: " + " and ".join(fronts))
+    if bool(rel.get("at_chance", False)):
+        lines.append(f"at chance ({fmt_pct(as_number(r.get('chance_accuracy')))}, the largest class): did not learn; "
+                     "on no Pareto front")
     return "<br>".join(lines)
 
 
