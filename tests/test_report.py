@@ -112,6 +112,7 @@ def test_a_collapsed_model_is_marked_and_never_recommended(tiny_run, tmp_path):
     assert "not clearly above chance" in md and "try a lower --lr" in md
     page = (out / "report.html").read_text()
     assert "the largest class): did not learn; on no Pareto front" in page and ">at chance<" in page
+    assert len(re.findall(r'<tr class="chance">', page)) == 1 and '<tr class="failed">' not in page
     recs = md.split("## Recommendations")[1].split("## Results")[0]
     assert MODELS[0] not in recs and f"**Most accurate:** {MODELS[1]}" in recs
     proc = subprocess.run([sys.executable, "-m", "bakeoff.cli", "report", str(out)], capture_output=True, text=True,
