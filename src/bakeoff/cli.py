@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bakeoff.compare.recommend import LATENCIES
-from bakeoff.compare.tables import at_chance
+from bakeoff.compare.tables import display_status
 from bakeoff.errors import BakeoffError
 from bakeoff.serve.commands import export_cmd, serve_cmd
 
@@ -43,13 +43,11 @@ def print_comparison(comparison) -> None:
                 "latency ms p50" + ("" if kind == "in-process" else f" ({kind})"), "img/s", "rel acc",
                 "rel train", "rel infer", "pareto"):
         table.add_column(col, justify="left" if col in ("model", "status") else "right")
-    chance = at_chance(df)
-    for i, r in df.iterrows():
+    colour = {"ok": "green", "at chance": "yellow"}
+    for (_, r), shown in zip(df.iterrows(), display_status(df)):
         acc = "-" if r["status"] != "ok" else \
             f"{r['accuracy']:.3f} ({r['accuracy_ci_low']:.3f}-{r['accuracy_ci_high']:.3f})"
-        status = "[green]ok[/]" if r["status"] == "ok" else f"[red]{r['status']}[/]"
-        if chance[i]:
-            status = "[yellow]at chance[/]"
+        status = f"[{colour.get(shown, 'red')}]{escape(shown)}[/]"
         table.add_row(r["model"], status, acc, _fmt(r["train_time_s"], ".1f"), _fmt(r.get(latency), ".2f"),
                       _fmt(r["throughput_img_s"], ",.0f"), _fmt(r.get("relative_accuracy"), ".3f"),
                       _fmt(r.get("relative_training_time"), ".2f"), _fmt(r.get("relative_inference_time"), ".2f"),

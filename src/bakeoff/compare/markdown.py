@@ -14,7 +14,7 @@ import pandas as pd
 
 from bakeoff.compare.recommend import (LATENCIES, Recommendation, as_number, available_latencies, fmt_ci, fmt_ms,
                                        fmt_pct, fmt_seconds, is_number)
-from bakeoff.compare.tables import at_chance, relative_frame
+from bakeoff.compare.tables import display_status, relative_frame
 from bakeoff.errors import BakeoffError
 
 __all__ = ["Cell", "Column", "figure_table", "relative_by_latency", "report_markdown", "run_summary",
@@ -92,10 +92,10 @@ def figure_table(comparison, rel_by_latency: dict[str, pd.DataFrame]) -> tuple[l
     cols.append(Column("error", "error"))
     rels = {k: rel.set_index("model") for k, rel in rel_by_latency.items()}
     rows = []
-    chance = at_chance(res)
+    statuses = display_status(res)
     for i, r in res.iterrows():
         model = r["model"]
-        status = "at chance" if chance[i] else str(r["status"])
+        status = statuses[i]
         acc, lo, hi = as_number(r["accuracy"]), as_number(r["accuracy_ci_low"]), as_number(r["accuracy_ci_high"])
         row = {"model": Cell(model + (" (baseline)" if model == comparison.baseline else ""), model),
                "framework": Cell(str(r["framework"]), str(r["framework"])),

@@ -8,7 +8,7 @@ import pandas as pd
 from bakeoff.errors import BakeoffError
 from bakeoff.measure import chance_level
 
-__all__ = ["results_frame", "relative_frame", "pareto_mask", "at_chance", "chance_warning", "RESULT_COLUMNS"]
+__all__ = ["results_frame", "relative_frame", "pareto_mask", "at_chance", "display_status", "chance_warning", "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = [
     "model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "top5", "macro_f1",
@@ -61,8 +61,12 @@ def at_chance(results: pd.DataFrame) -> pd.Series:
     Rows without the check (hand-made tables) count as above chance."""
     if "above_chance" not in results.columns:
         return pd.Series(False, index=results.index)
-    flag = results["above_chance"].map(lambda v: isinstance(v, (bool, np.bool_)) and not v)
-    return (results["status"] == "ok") & flag.astype(bool)
+    return (results["status"] == "ok") & results["above_chance"].eq(False)
+
+
+def display_status(results: pd.DataFrame) -> pd.Series:
+    """The status a table shows: the stored one, or "at chance" for a finished trial at chance."""
+    return results["status"].astype(str).mask(at_chance(results), "at chance")
 
 
 def chance_warning(results: pd.DataFrame) -> str | None:
