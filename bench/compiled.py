@@ -21,6 +21,14 @@ the largest difference of the two models' logits on one evaluation batch with th
     PYTHONPATH=src python3 bench/compiled.py --models densenet201,resnet152 --steps 100 --json out.json
 
 Models run one after another in the order given until ``--deadline`` seconds have passed.
+
+A compile cache kept across runs: with ``--cache DIR`` every child uses that one cache, and
+``--passes 2`` runs the models a second time over it (a re-run's cost: Dynamo still traces, the
+generated kernels are loaded, not generated). ``--parallel`` runs a pass's children all at
+once, as trials compiling side by side would; their step rates then overlap on the GPU and
+only their compile seconds mean anything (``--variants compiled`` skips the eager twin).
+
+    PYTHONPATH=src python3 bench/compiled.py --cache cc --passes 2 --parallel-first --steps 100
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ ARCHS = ["densenet201", "resnet152", "inception_v3", "densenet121", "mobilenet_v
          "alexnet"]
 
 
-def child(arch: str, steps: int) -> dict:
+def child(arch: str, steps: int, variants: tuple[str, ...] = ("compiled", "eager")) -> dict:
     import torch
 
     import bakeoff.engines.torch_step as tf
@@ -60,6 +68,8 @@ def child(arch: str, steps: int) -> dict:
            "cudnn": torch.backends.cudnn.version(), "batch": shape[0], "size": shape[2]}
     compiled = torch.compile(twin)
     for name, model in (("compiled", compiled), ("eager", eager)):
+        if name not in variants:
+            continue
         opt = tf._optimizer(proto, model.parameters(), capturable=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -94,41 +104,75 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--deadline", type=float, default=3600, help="start no model after this many seconds")
     ap.add_argument("--json", default=None, help="write the rows here as they come")
+    ap.add_argument("--cache", default=None, help="one compile cache for every child (default: a fresh one each)")
+    ap.add_argument("--passes", type=int, default=1, help="run the models this many times over --cache")
+    ap.add_argument("--parallel-first", action="store_true", help="the first pass's children all at once")
+    ap.add_argument("--variants", default="compiled,eager")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.steps)))
+        print(json.dumps(child(a.child, a.steps, tuple(a.variants.split(",")))))
         return
     t0, rows = time.perf_counter(), []
-    for arch in a.models.split(","):
-        left = a.deadline - (time.perf_counter() - t0)
-        if left < 30:
-            print(f"{arch}: not run, {left:.0f} s left")
-            continue
-        with tempfile.TemporaryDirectory() as cache:  # an empty compile cache: a first run's cost
-            env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
-            try:
-                done = subprocess.run([sys.executable, __file__, "--child", arch, "--steps", str(a.steps)],
-                                      capture_output=True, text=True, env=env, timeout=left)
-                found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-                row = found[0] if found else {"model": arch, "error": done.stderr.strip().splitlines()[-3:]}
-            except subprocess.TimeoutExpired:
-                row = {"model": arch, "error": f"not finished in {left:.0f} s"}
-        row["wall_s"] = time.perf_counter() - t0
+
+    def env_for(cache: str) -> dict:
+        return os.environ | {"TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+
+    def cmd(arch: str, variants: str) -> list[str]:
+        return [sys.executable, __file__, "--child", arch, "--steps", str(a.steps), "--variants", variants]
+
+    def parsed(arch: str, out: str, err: str) -> dict:
+        found = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return found[0] if found else {"model": arch, "error": err.strip().splitlines()[-3:]}
+
+    def keep(row: dict, pass_no: int) -> None:
+        row |= {"wall_s": time.perf_counter() - t0, "pass": pass_no, "cache": "shared" if a.cache else "fresh"}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=2)
-    print(f"\n{'model':13s} {'eager img/s (min-max)':>24s} {'compiled img/s (min-max)':>26s} {'x':>5s} "
-          f"{'capture s eager/compiled':>25s}")
+
+    archs = a.models.split(",")
+    for pass_no in range(1, a.passes + 1):
+        if pass_no == 1 and a.parallel_first and a.cache:
+            procs = {arch: subprocess.Popen(cmd(arch, "compiled"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True, env=env_for(a.cache)) for arch in archs}
+            for arch, proc in procs.items():
+                try:
+                    out, err = proc.communicate(timeout=max(1.0, a.deadline - (time.perf_counter() - t0)))
+                    keep(parsed(arch, out, err) | {"parallel": len(archs)}, pass_no)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    keep({"model": arch, "error": f"not finished in {a.deadline:.0f} s", "parallel": len(archs)},
+                         pass_no)
+            continue
+        for arch in archs:
+            left = a.deadline - (time.perf_counter() - t0)
+            if left < 30:
+                print(f"{arch}: not run, {left:.0f} s left")
+                continue
+            with tempfile.TemporaryDirectory() as fresh:  # an empty compile cache: a first run's cost
+                try:
+                    done = subprocess.run(cmd(arch, a.variants), capture_output=True, text=True,
+                                          env=env_for(a.cache or fresh), timeout=left)
+                    row = parsed(arch, done.stdout, done.stderr)
+                except subprocess.TimeoutExpired:
+                    row = {"model": arch, "error": f"not finished in {left:.0f} s"}
+            keep(row, pass_no)
+    print(f"\n{'pass':4s} {'model':13s} {'eager img/s (min-max)':>24s} {'compiled img/s (min-max)':>26s} "
+          f"{'x':>5s} {'capture s eager/compiled':>25s}")
     for r in rows:
         e, c = r.get("eager", {}), r.get("compiled", {})
         if "images_per_s" not in e or "images_per_s" not in c:
-            print(f"{r['model']:13s} error: {r.get('error') or e.get('error') or c.get('error')}")
+            if "capture_s" in c:
+                note = f"compiled capture {c['capture_s']:.1f} s" + (f" ({r['parallel']} at once)" if "parallel" in r else "")
+                print(f"{r['pass']:<4d} {r['model']:13s} {note}")
+            else:
+                print(f"{r['pass']:<4d} {r['model']:13s} error: {r.get('error') or e.get('error') or c.get('error')}")
             continue
         fmt = lambda v: f"{v['images_per_s']:,.0f} ({v['images_per_s_min']:,.0f}-{v['images_per_s_max']:,.0f})"  # noqa: E731
-        print(f"{r['model']:13s} {fmt(e):>24s} {fmt(c):>26s} {r['speedup']:5.2f} "
+        print(f"{r['pass']:<4d} {r['model']:13s} {fmt(e):>24s} {fmt(c):>26s} {r['speedup']:5.2f} "
               f"{e['capture_s']:12.1f} / {c['capture_s']:.1f}")
 
 
