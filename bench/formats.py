@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from tuning import replay_rates  # bench/, beside this script
+from tuning import _built, replay_rates  # bench/, beside this script
 
 ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "densenet201", "googlenet",
          "inception_v3"]
@@ -38,26 +38,16 @@ FORMATS = ["channels_last", "contiguous"]
 
 
 def _step(arch: str, fmt: str):
+    """The model's graphed step in ``fmt``, its batch shape, and the wall seconds building it took."""
     import torch
 
     import bakeoff.engines.torch_step as tf
-    from bakeoff.engines.torch_build import build_model
-    from bakeoff.protocol import Protocol
-    from bakeoff.zoo import resolve
 
-    device = torch.device("cuda")
-    spec, proto = resolve(f"torchvision/{arch}"), Protocol(pretrained=False)
-    shape = (proto.batch_size, 3, spec.input_size, spec.input_size)
     torch.manual_seed(0)
-    model, _ = build_model(spec, 10, False)
-    model = model.to(device)
-    if fmt == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    opt = tf._optimizer(proto, model.parameters(), capturable=True)
+    model, opt, proto, shape = _built(arch, channels_last=fmt == "channels_last")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    step = tf._Step(model, opt, proto, device, shape, channels_last=fmt == "channels_last")
+    step = tf._Step(model, opt, proto, torch.device("cuda"), shape, channels_last=fmt == "channels_last")
     torch.cuda.synchronize()
     return step, shape, time.perf_counter() - t0
 
@@ -77,25 +67,16 @@ def mix(formats: dict[str, str], rounds: int) -> dict:
     """Seconds per round of one replay of each model's graph, each on its own stream."""
     import torch
 
-    steps = {a: _step(a, f)[0] for a, f in formats.items()}
-    streams = {a: torch.cuda.Stream() for a in formats}
-    for step in steps.values():
+    from streams import _rate  # bench/, beside this script
+
+    steps = [_step(a, f)[0] for a, f in formats.items()]
+    for step in steps:
         shape = step.static_x.shape
         step.static_x.copy_(torch.randn(shape, device="cuda"))
         step.static_y.copy_(torch.randint(0, 10, (shape[0],), device="cuda"))
-
-    def stretch(n: int) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for a, step in steps.items():
-                with torch.cuda.stream(streams[a]):
-                    step.graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / n
-
-    stretch(10)
-    times = [stretch(rounds) for _ in range(3)]
+    streams, device, batch = [torch.cuda.Stream() for _ in steps], torch.device("cuda"), steps[0].batch
+    _rate(steps, streams, 10, batch, device)  # warm-up
+    times = [len(steps) * batch / _rate(steps, streams, rounds, batch, device) for _ in range(3)]
     return {"formats": formats, "round_s": statistics.median(times), "round_s_min": min(times),
             "round_s_max": max(times)}
 

@@ -38,7 +38,7 @@ ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "den
          "inception_v3"]
 
 
-def _built(arch: str):
+def _built(arch: str, channels_last: bool = True):
     import torch
 
     import bakeoff.engines.torch_step as tf
@@ -49,7 +49,10 @@ def _built(arch: str):
     spec = resolve(f"torchvision/{arch}")
     proto = Protocol(pretrained=False)
     model, _ = build_model(spec, 10, False)
-    model = model.to("cuda").to(memory_format=torch.channels_last).train()
+    model = model.to("cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
     opt = tf._optimizer(proto, model.parameters(), capturable=True)
     return model, opt, proto, (proto.batch_size, 3, spec.input_size, spec.input_size)
 
