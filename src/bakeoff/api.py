@@ -21,13 +21,14 @@ from bakeoff.compare.outputs import Comparison, write_outputs
 from bakeoff.data.cache import cache_side
 from bakeoff.data.prepare import prepare_data, storage_side, write_class_map
 from bakeoff.data.scan import scan_folder
+from bakeoff.engines.torch_compile import Compiles
 from bakeoff.errors import BakeoffError
 from bakeoff.progress import NullProgress, RunProgress
 from bakeoff.protocol import Protocol, apply_preset
 from bakeoff.provenance import provenance
 from bakeoff.runners.local import run_local
 from bakeoff.store import Store
-from bakeoff.trial import TrialJob
+from bakeoff.trial import TrialJob, device_name
 from bakeoff.zoo.registry import check_weights_reachable, list_specs, resolve, weights_available_offline
 
 __all__ = ["run", "run_comparison", "report", "models"]
@@ -76,7 +77,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    val_fraction: float = 0.2, seed: int = 0, pretrained=True, weights_dir=None,
                    device: str = "auto", preset: str | None = None, precision: str = "auto",
                    image_size: int | None = None, cache_dir=None, trials_per_gpu="auto",
-                   cuda_graphs: bool = True, val_every: int = 1, progress: bool = True,
+                   cuda_graphs: bool = True, val_every: int = 1, compile: str = "auto", progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
                    mlflow_uri: str | None = None, endpoint_latency: int = 0) -> Comparison:
     """Fine-tune every model with one protocol, measure, store, and compare (see ``run``).
@@ -85,6 +86,9 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     ``mlflow_uri`` (or ``MLFLOW_TRACKING_URI``) logs every trial as an MLflow run.
     ``endpoint_latency=N`` serves each trained model locally and times N one-image HTTP requests.
     ``val_every=N`` scores the validation split after every N-th epoch only (the last always).
+    ``compile="auto"``: on a CUDA GPU, graphed training steps switch to compiled kernels once
+    they are compiled in the background (``engines.torch_compile``); ``"off"`` keeps eager
+    kernels throughout.
     """
     if endpoint_latency:
         from bakeoff.serve.endpoint_latency import add_endpoint_latency, check_endpoint_latency
@@ -117,7 +121,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
             raise BakeoffError(f"--baseline {baseline} is not among --models ({', '.join(ids)}): add it there")
     protocol = Protocol(**settings, train_only_top_layer=train_only_top_layer, seed=seed, precision=precision,
                         pretrained=pretrained, image_size=image_size, cuda_graphs=cuda_graphs,
-                        val_every=val_every)
+                        val_every=val_every, compile=compile)
     if weights_dir is not None and not Path(weights_dir).expanduser().is_dir():
         raise BakeoffError(f"--weights-dir {weights_dir} is not a folder: pass the folder that holds the weight files")
     t_scan = time.perf_counter()
@@ -152,12 +156,20 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         from bakeoff.runners.local import prestart
 
         warm = prestart(gpu)  # torch and CUDA start while the images decode
-    with display, _stopped_on_error(warm):
+    compiles = Compiles()
+    with display, _stopped_on_error(warm), contextlib.ExitStack() as ending:
+        ending.callback(compiles.stop)  # what they finished stays in the cache for the next run
+        cache_root = Path(cache_dir).expanduser() if cache_dir else out / "cache"
+        compile_for = {}
+        if gpu is not None:  # compiled beside the decoding and the first epochs, at low priority
+            compile_for = compiles.start([(s.to_dict(), size) for s, (size, _, _) in zip(specs, sides)],
+                                         len(train_folder.classes), protocol.to_dict(), cache_root, gpu,
+                                         device_name(dev))
         # Decode once: every image is decoded a single time, at one size that serves all models.
         files = [str(train_folder.root / p) for p in train_folder.paths]
         store_side = storage_side([side for _, side, _ in sides], files)
         interp = sides[0][2]
-        data = prepare_data(data_dir, val_dir, val_fraction, seed, cache_dir or out / "cache",
+        data = prepare_data(data_dir, val_dir, val_fraction, seed, cache_root,
                             first_side=(store_side, interp), progress=display.decode(f"{store_side}px"),
                             decode_device=gpu, scanned=scanned)
         write_class_map(data.classes, out)
@@ -173,7 +185,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                                  side=side,
                                  labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
                                  classes=data.classes, out_dir=str(out), device=str(dev),
-                                 weights_dir=str(weights_dir) if weights_dir else None, key=key))
+                                 weights_dir=str(weights_dir) if weights_dir else None, key=key,
+                                 extra={"compile": compile_for[s.id]} if s.id in compile_for else {}))
         command = command or " ".join(shlex.quote(a) for a in sys.argv)
         run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, protocol.to_dict(),
                                  summary, provenance() | {"device": str(dev), "executor": executor})

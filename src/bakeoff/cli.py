@@ -118,6 +118,9 @@ def run_cmd(
                                        "time alone instead of projecting it."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
+    compile: str = typer.Option("auto", "--compile", help="auto (on CUDA GPUs, compile each model's training "
+                                "step in the background and switch to the compiled kernels at the next epoch "
+                                "once ready; kept for later runs) or off (eager kernels throughout)."),
     endpoint_latency: int = typer.Option(0, help="Serve each model locally and time N one-image HTTP requests."),
     executor: str = typer.Option("local", help="local (child processes on this machine) or ray (tasks on a Ray cluster)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, "
@@ -133,7 +136,7 @@ def run_cmd(
         optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,
         seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
         precision=precision, image_size=image_size, trials_per_gpu=trials_per_gpu, cuda_graphs=cuda_graphs, cache_dir=cache_dir,
-        val_every=val_every, progress=sys.stderr.isatty(), executor=executor,
+        val_every=val_every, compile=compile, progress=sys.stderr.isatty(), executor=executor,
         ray_address=ray_address, mlflow_uri=mlflow_uri, endpoint_latency=endpoint_latency)
     print_comparison(comparison)
     if comparison.run.get("mlflow_experiment"):

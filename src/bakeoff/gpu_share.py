@@ -68,6 +68,8 @@ class GpuShare:
         self._tuners = 0  # threads inside tuning() now
         self._autotuners = 0  # of them, those with cuDNN autotuning on
         self._tuners_waiting = 0
+        self._compiling = 0  # threads inside compiling() now
+        self._after_compiles = 0  # threads waiting for them to end before they go alone or tune
         self._benchmark_before = False  # cuDNN's flag before the first tuner turned it on
         self._cap_cv = threading.Condition()
         self._warming = 0  # tuners' warm-ups running now
@@ -118,6 +120,7 @@ class GpuShare:
             return
         t0 = time.perf_counter()
         with self._cv:
+            self._wait_for_compiles()
             self._waiting += 1
             while self._exclusive or self._active or self._tuners:
                 self._cv.wait()
@@ -160,6 +163,8 @@ class GpuShare:
         nested = getattr(self._local, "alone", False)
         t0 = time.perf_counter()
         with self._cv:
+            if not nested:
+                self._wait_for_compiles()
             self._tuners_waiting += 1
             while not nested and (self._exclusive or self._active or (self._tuners and not self.tune_together)):
                 self._cv.wait()
@@ -188,6 +193,39 @@ class GpuShare:
                 if self._tuners == 0:
                     self._cv.notify_all()
             self._add_alone(reason, time.perf_counter() - t_held)
+
+    def _wait_for_compiles(self) -> None:
+        """(Holding ``_cv``.) Until no neighbour compiles: a solo section or a capture waits
+        for them, while the other trials go on training; no new compile starts meanwhile."""
+        if not self._compiling:
+            return
+        self._after_compiles += 1
+        while self._compiling:
+            self._cv.wait()
+        self._after_compiles -= 1
+
+    @contextlib.contextmanager
+    def compiling(self) -> Iterator[None]:
+        """This thread compiles its training step: seconds of host work, and the first calls of
+        the compiled step on the GPU (a step's worth of work, on its own stream). It runs beside
+        the neighbours' training, so the GPU keeps busy; never beside a solo section (whose
+        timing the extra work would skew) or a capture (``warming``). Solo sections and
+        captures that want to start wait until the compiles running end; no new compile starts
+        while they wait or run."""
+        if getattr(self._local, "depth", 0) or getattr(self._local, "alone", False):
+            raise RuntimeError("compiling() inside shared(), exclusive() or tuning(): it must run beside them")
+        with self._cv:
+            while self._held_back() or self._after_compiles:
+                self._cv.wait()
+            self._compiling += 1
+        try:
+            with self.warming():
+                yield
+        finally:
+            with self._cv:
+                self._compiling -= 1
+                if self._compiling == 0:
+                    self._cv.notify_all()
 
     @contextlib.contextmanager
     def warming(self) -> Iterator[None]:

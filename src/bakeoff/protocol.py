@@ -13,6 +13,7 @@ __all__ = ["Protocol", "PRESETS", "apply_preset"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Protocol:
     image_size: int | None = None
     cuda_graphs: bool = True  # capture the training step in a CUDA graph on GPUs (same arithmetic, less overhead)
     val_every: int = 1  # validate after every N-th epoch; the last epoch is always validated
+    compile: str = "auto"  # auto: graphed CUDA steps switch to compiled kernels once compiled (torch_compile)
     latency_runs: int = 50
     latency_warmup: int = 10
     throughput_batch: int = 64
@@ -50,6 +52,8 @@ class Protocol:
             raise BakeoffError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             raise BakeoffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.compile not in COMPILES:
+            raise BakeoffError(f"--compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
         if self.augment not in ("rrc-flip", "none"):
             raise BakeoffError(f"augment must be 'rrc-flip' or 'none', got {self.augment!r}")
         if self.pretrained not in (True, False, "offline"):
@@ -71,8 +75,9 @@ class Protocol:
     def key(self) -> str:
         """A short stable hash: trials with the same protocol, model and data are the same trial."""
         d = self.to_dict()
-        if d["val_every"] == 1:  # the default keeps the keys that runs stored before it existed
-            del d["val_every"]
+        for name, default in (("val_every", 1), ("compile", "auto")):
+            if d[name] == default:  # a default keeps the keys that runs stored before it existed
+                del d[name]
         blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

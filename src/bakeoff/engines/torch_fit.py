@@ -13,6 +13,7 @@ from torch import nn
 
 from bakeoff.data.batches import Batcher
 from bakeoff.engines.torch_build import find_head
+from bakeoff.engines.torch_compile import compile_model
 from bakeoff.engines.torch_step import _first_way, _graph_of, _optimizer, _Pace, _Step, autocast_for, uses_bf16
 from bakeoff.gpu_share import share, stream_sync
 from bakeoff.measure import summarize_ms, time_calls
@@ -41,8 +42,8 @@ def sync_fn(device: torch.device) -> Callable[[], None]:
 
 
 def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
-        protocol: Protocol, device: torch.device, on_step: Callable[[int, int, int, float], None] | None = None
-        ) -> dict:
+        protocol: Protocol, device: torch.device, on_step: Callable[[int, int, int, float], None] | None = None,
+        compile_ready: Callable[[], bool] | None = None, compile_fn: Callable = compile_model) -> dict:
     """Train with the protocol; return per-epoch history and the training-loop time.
 
     Training time counts only the training loop, synchronised at each epoch's ends; the
@@ -55,6 +56,12 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     trial that has the most training left (``GpuShare.pacing``); each epoch records its waits
     at the gate (``wait_s``, ``eval_wait_s``), for the pace (``pace_wait_s``) and its
     ``stream_priority``.
+
+    ``compile_ready`` (``torch_compile``): whether the step's compiled kernels can be loaded now.
+    If so at the start, the step is compiled (``compile_fn``) before its first epoch; else it
+    is asked after each epoch, and the step switches to them (``_Step.adopt``) from the next
+    epoch on. The epoch it switched at (``compiled_from_epoch``) and the seconds spent
+    compiling (``compile_time_s``, apart from training time) are returned.
     """
     if protocol.train_only_top_layer:
         return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step)
@@ -70,10 +77,17 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     model.train()
     t_capture = time.perf_counter()
     last = len(train_idx) % bs
+    compiled_from, compile_error = None, None
+    early = compile_ready is not None and compile_ready()  # compiled by an earlier run: from the first epoch
+    fwd = compile_fn(model) if early else None
     step = _Step(model, opt, protocol, device, (min(bs, len(train_idx)), 3, batcher.input_size, batcher.input_size),
-                 batcher.channels_last, last_batch=last if last >= 2 else None)
+                 batcher.channels_last, last_batch=last if last >= 2 else None, fwd=fwd)
     sync()
-    capture_s = time.perf_counter() - t_capture
+    compile_s = step.compile_s
+    capture_s = time.perf_counter() - t_capture - compile_s
+    if early:
+        compile_error = step.compile_error
+        compiled_from = 1 if compile_error is None else None
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
     window = solo_window(steps_per_epoch) if gate.concurrent else None
     pace = _Pace() if gate.concurrent and device.type == "cuda" else None
@@ -141,15 +155,24 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
             if gate.concurrent:  # where a shared epoch's wall time went
                 record |= {"wait_s": train_waited, "eval_wait_s": gate.waited() - waited - train_waited,
                            "stream_priority": priority, "pace_wait_s": paced}
+            record["kernels"] = "compiled" if compiled_from is not None else "eager"
             history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen,
                                          val_probs if scored else None, labels[val_idx], epoch_time, seen) | record)
+            if (compile_ready is not None and compiled_from is None and compile_error is None
+                    and epoch + 1 < protocol.epochs and compile_ready()):
+                t_compile = time.perf_counter()
+                compile_error = step.adopt(compile_fn(model))
+                sync()
+                compile_s += time.perf_counter() - t_compile
+                compiled_from = epoch + 2 if compile_error is None else None
     kind = "measured"
     if window is not None:
         kind = (f"projected from {window[1] - window[0]} of {steps_per_epoch} steps per epoch run alone; "
                 f"{gate.trials} trials shared the GPU")
     return {"history": history, "train_time_s": train_time, "eval_time_s": eval_time, "final_val_probs": val_probs,
             "data_time_s": data_time, "step_mode": step.mode, "capture_time_s": capture_s,
-            "capture_error": step.capture_error, "train_time_kind": kind, "train_wall_s": wall_time}
+            "capture_error": step.capture_error, "train_time_kind": kind, "train_wall_s": wall_time,
+            "compiled_from_epoch": compiled_from, "compile_time_s": compile_s, "compile_error": compile_error}
 
 
 def _close_window(alone: contextlib.ExitStack, sync, t_start: float, steps: int,

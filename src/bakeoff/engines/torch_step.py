@@ -4,6 +4,7 @@ optimizer, precision, kernel choice, and how it is captured beside other trials.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable
 
 import torch
@@ -69,18 +70,26 @@ class _Step:
     """
 
     def __init__(self, model, opt, protocol, device, batch_shape, channels_last, source=None, steps: int = 1,
-                 last_batch: int | None = None):
+                 last_batch: int | None = None, capture: bool = True, fwd=None):
         self.model, self.opt, self.protocol, self.device = model, opt, protocol, device
+        self.fwd = model  # what the full-batch step calls: the model, or the model compiled (``adopt``)
         self.loss_fn = nn.CrossEntropyLoss()
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.source, self.steps, self.batch = source, steps if source is not None else 1, batch_shape[0]
+        self.batch_shape, self.channels_last = batch_shape, channels_last
         self.graph = None
         self.mode = "eager"
         self.capture_error: str | None = None
-        if device.type == "cuda" and protocol.cuda_graphs:
+        self.compile_error: str | None = None
+        self.compile_s = 0.0  # seconds spent compiling (first calls of the compiled step)
+        if fwd is not None:  # compiled first, so the capture's warm-up only loads it
+            self.compile_error = self._compile(fwd)
+        if device.type == "cuda" and protocol.cuda_graphs and capture:
             with tuned(device, "capture"):  # the warm-up meets the step's shapes first
-                captured, failed = _first_way(lambda way: self._capture(batch_shape, channels_last, way))
+                with share().warming():
+                    self._static()
+                captured, failed = _first_way(self._capture)
             if captured is not None:  # else some models cannot be captured: they train eagerly
                 self.graph, way = captured
                 self.mode = f"cuda-graph ({way})" if failed else "cuda-graph"
@@ -91,8 +100,10 @@ class _Step:
                 raise NeedsGpuAlone(self.capture_error)
         if device.type == "cuda" and self.graph is None:
             with tuned(device, "tune"), share().warming():  # an eager step's kernels, picked before training
-                self._static(batch_shape, channels_last)
+                self._static()
                 self._undone(self._static_step)
+        if self.fwd is not model:
+            self.mode += ", compiled"
         if device.type == "cuda" and source is None and last_batch and last_batch != batch_shape[0]:
             # The epoch's last, smaller batch is a new shape: its first call can take seconds on
             # the host (cuDNN's heuristics build a plan per convolution; 8 s for mobilenet_v2 on
@@ -101,16 +112,54 @@ class _Step:
             with share().shared():
                 self._undone(lambda: self(*_random_batch(last_batch, batch_shape, channels_last, device)))
 
+    def _compile(self, fwd) -> str | None:
+        """Make ``fwd`` (the model compiled) this step's: its first call compiles it, seconds of
+        host work that run beside the neighbours' training (``GpuShare.compiling``). Returns
+        why it failed (the step then keeps the model as it was), else None."""
+        before, t0 = self.fwd, time.perf_counter()
+        try:
+            with share().compiling():
+                self._static()
+                self.fwd = fwd
+                self._undone(self._static_step)
+        except Exception as exc:  # any failure: the step stays eager
+            self.fwd = before
+            return _why(exc)
+        finally:
+            self.compile_s += time.perf_counter() - t0
+        return None
+
+    def adopt(self, fwd) -> str | None:
+        """Train on with ``fwd`` (this step's model, compiled) from the next step, on weights
+        and optimizer state as they are: compiled (``_compile``), then captured in a new graph
+        that replaces the old one. On any failure the step goes on as it was; returns why."""
+        self.model.train()  # a graph bakes in the mode it was captured in: after an evaluation, it would be eval
+        why = self._compile(fwd)
+        if why is None and self.graph is not None:
+            with tuned(self.device, "capture"):
+                captured, failed = _first_way(self._capture)
+            if captured is None:
+                self.fwd = self.model
+                why = "; ".join(failed)
+            else:
+                self.graph = captured[0]
+        if why is None:
+            self.mode += ", compiled"
+        self.compile_error = why
+        return why
+
     def _undone(self, run: Callable[[], None]) -> None:
         """``run`` (a step), then weights, optimizer state and running counts put back."""
         restore = self._snapshot()
-        run()
-        restore()
-        self.reset_counts()
+        try:
+            run()
+        finally:
+            restore()
+            self.reset_counts()
 
-    def _body(self, x, y):
+    def _body(self, x, y, fwd):
         with autocast_for(self.protocol, self.device, cache_enabled=not self.protocol.cuda_graphs):
-            out = self.model(x)
+            out = fwd(x)
             loss = self.loss_fn(out.float(), y)
         loss.backward()
         self.opt.step()
@@ -122,13 +171,13 @@ class _Step:
         for lo in range(0, len(idx), self.batch):
             sel = idx[lo:lo + self.batch]
             self.opt.zero_grad(set_to_none=True)  # in a graph of several steps: each assigns its gradient
-            self._body(xs.index_select(0, sel), ys.index_select(0, sel))
+            self._body(xs.index_select(0, sel), ys.index_select(0, sel), self.fwd)
 
     def _run_static(self):
         if self.source is not None:
             self._gathered(self.static_idx)
         else:
-            self._body(self.static_x, self.static_y)
+            self._body(self.static_x, self.static_y, self.fwd)
 
     def _static_step(self):
         """One step on the static inputs: a warm-up, or the body of the captured graph."""
@@ -140,17 +189,24 @@ class _Step:
         self.loss_sum.zero_()
         self.correct.zero_()
 
-    def _static(self, batch_shape, channels_last) -> None:
-        """The static inputs a captured step reads (random: warm-up and capture only)."""
+    def _static(self) -> None:
+        """The static inputs a captured step reads (random: warm-up and capture only), made
+        once: a graph captured again reads the same ones."""
+        if getattr(self, "static_x", None) is not None or getattr(self, "static_idx", None) is not None:
+            return
         if self.source is not None:
             self.static_idx = torch.randint(0, len(self.source[1]), (self.steps * self.batch,), device=self.device)
         else:
-            self.static_x, self.static_y = _random_batch(batch_shape[0], batch_shape, channels_last, self.device)
+            self.static_x, self.static_y = _random_batch(self.batch, self.batch_shape, self.channels_last, self.device)
 
     def _snapshot(self) -> Callable[[], None]:
         """Warm-up steps change weights and optimizer state: a function that puts both back in
-        place (same addresses, so a graph captured after it starts from the untouched model)."""
+        place (same addresses, so a graph captured after it starts from the model as it was).
+        Optimizer state made after the snapshot (a first step's) goes back to zero, Adam's
+        starting state."""
         params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        kept = {id(t): (t, t.detach().clone()) for state in self.opt.state.values()
+                for t in state.values() if torch.is_tensor(t)}
 
         def restore():
             with torch.no_grad():
@@ -159,13 +215,16 @@ class _Step:
                 for state in self.opt.state.values():
                     for t in state.values():
                         if torch.is_tensor(t):
-                            t.zero_()
+                            before = kept.get(id(t))
+                            if before is not None and before[0] is t:
+                                t.copy_(before[1])
+                            else:
+                                t.zero_()
 
         return restore
 
-    def _capture(self, batch_shape, channels_last, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
+    def _capture(self, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
         with share().warming():
-            self._static(batch_shape, channels_last)
             restore = self._snapshot()
         graph = _graph_of(self._static_step, self.device, way, restore)
         with share().warming():
@@ -173,13 +232,14 @@ class _Step:
         return graph, way
 
     def __call__(self, x, y):
-        if self.graph is not None and x.shape == self.static_x.shape:
+        full = getattr(self, "static_x", None) is not None and x.shape == self.static_x.shape
+        if self.graph is not None and full:
             self.static_x.copy_(x)
             self.static_y.copy_(y)
             self.graph.replay()
-        else:  # eager, or the last partial batch of a graphed epoch
+        else:  # eager, or the last partial batch of a graphed epoch (never compiled: a new shape)
             self.opt.zero_grad(set_to_none=self.graph is None)
-            self._body(x, y)
+            self._body(x, y, self.fwd if full else self.model)
 
     def gathered(self, idx: torch.Tensor) -> None:
         """One step per ``batch`` indices of ``idx`` into ``source``, in order; replayed from the
@@ -259,5 +319,10 @@ def _first_way(attempt: Callable[[str], object]) -> tuple[object | None, list[st
         try:
             return attempt(way), failed
         except Exception as exc:  # any failure: the next way, or none
-            failed.append(f"{way}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+            failed.append(f"{way}: {_why(exc)}")
     return None, failed
+
+
+def _why(exc: Exception) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"

@@ -1,0 +1,241 @@
+"""Compiled training steps: background compiles, their markers, and a step that switches to
+compiled kernels between epochs without losing its optimizer's state."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from bakeoff.engines.torch_compile import Compiles, Marker, compile_key
+from bakeoff.gpu_share import GpuShare
+from bakeoff.protocol import Protocol
+
+RESNET = {"id": "pytorch-ic-resnet34", "framework": "pytorch"}
+
+
+def _learnable(n=96, size=24, classes=3, seed=0):
+    """Images whose class is the one bright colour channel: a task a small net learns."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 90, (n, size, size, 3), dtype=np.uint8)
+    images[np.arange(n), :, :, labels] += 120
+    return images, labels
+
+
+def _small_net(classes=3):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, classes))
+
+
+def _fit(device, compile_ready=None, compile_fn=None, epochs=3, **proto):
+    from bakeoff.data.batches import Batcher
+    from bakeoff.engines.torch_fit import fit
+
+    images, labels = _learnable()
+    model = _small_net().to(device)
+    batcher = Batcher.create(images, np.arange(len(labels)), 20, (0.5,) * 3, (0.25,) * 3, device)
+    protocol = Protocol(pretrained=False, epochs=epochs, lr=0.01, **proto)
+    kwargs = {} if compile_fn is None else {"compile_fn": compile_fn}
+    out = fit(model, batcher, np.arange(72), labels, np.arange(72, 96), protocol, device,
+              compile_ready=compile_ready, **kwargs)
+    return model, out
+
+
+def _after_epochs(n: int):
+    """A ``compile_ready`` that says yes once ``n`` epochs have ended (it is asked before the
+    first epoch, then after each)."""
+    asked = []
+    return lambda: asked.append(1) or len(asked) > n
+
+
+def test_a_step_switches_kernels_between_epochs_and_trains_on_as_before():
+    # The compiler's tracing backend without code generation: the same arithmetic as eager, so
+    # a switch that dropped Adam's moments or the batch-norm statistics would show in the weights.
+    traced = lambda m: torch.compile(m, backend="aot_eager", dynamic=False)  # noqa: E731
+    eager_model, eager = _fit(torch.device("cpu"))
+    model, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(1), compile_fn=traced)
+    assert [h["kernels"] for h in out["history"]] == ["eager", "compiled", "compiled"]
+    assert out["compiled_from_epoch"] == 2 and out["compile_error"] is None
+    assert 0 < out["compile_time_s"] and out["step_mode"] == "eager, compiled"
+    for (name, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), name
+    assert [h["train_loss"] for h in out["history"]] == pytest.approx([h["train_loss"] for h in eager["history"]],
+                                                                     rel=1e-4)
+    assert out["history"][-1]["val_accuracy"] > 0.6  # it learned: chance is 1/3
+
+
+def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_the_step_eager():
+    traced = lambda m: torch.compile(m, backend="aot_eager", dynamic=False)  # noqa: E731
+    _, out = _fit(torch.device("cpu"), compile_ready=lambda: True, compile_fn=traced, epochs=2)
+    assert [h["kernels"] for h in out["history"]] == ["compiled", "compiled"] and out["compiled_from_epoch"] == 1
+
+    def broken(model):
+        def fwd(x):
+            raise RuntimeError("no kernels for this model\nmore detail")
+        return fwd
+
+    model, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(1), compile_fn=broken)
+    assert [h["kernels"] for h in out["history"]] == ["eager"] * 3 and out["compiled_from_epoch"] is None
+    assert out["compile_error"] == "RuntimeError: no kernels for this model"
+    assert out["step_mode"] == "eager" and out["history"][-1]["val_accuracy"] > 0.6
+
+
+def test_undoing_a_warm_up_step_puts_weights_and_optimizer_state_back():
+    from bakeoff.engines.torch_step import _optimizer, _Step
+
+    model, proto = _small_net(), Protocol(pretrained=False)
+    opt = _optimizer(proto, model.parameters())
+    step = _Step(model, opt, proto, torch.device("cpu"), (8, 3, 20, 20), False)
+    x, y = torch.randn(8, 3, 20, 20), torch.arange(8) % 3
+    step(x, y)
+    step(x, y)  # Adam's moments and step count are non-zero now
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
+    step._undone(lambda: step(x * 2, y))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for kept, now in zip(moments, opt.state.values()):
+        assert all(torch.equal(kept[k], now[k]) for k in kept)
+    assert float(step.loss_sum) == 0.0
+
+
+def _inside(section, log, name, until: threading.Event) -> tuple[threading.Thread, threading.Event]:
+    """A started thread that logs ``name`` once inside ``section()`` and leaves it at ``until``."""
+    inside = threading.Event()
+
+    def hold():
+        with section():
+            log.append(name)
+            inside.set()
+            until.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    return t, inside
+
+
+def test_a_compile_runs_beside_training_and_never_beside_a_solo_section():
+    gate, log = GpuShare(3), []
+    end_compile, end_solo = threading.Event(), threading.Event()
+    compiler, compiling = _inside(gate.compiling, log, "compiling", end_compile)
+    assert compiling.wait(5)
+    with gate.shared():  # a neighbour's step goes on meanwhile
+        log.append("step")
+    solo, alone = _inside(gate.exclusive, log, "alone", end_solo)
+    assert not alone.wait(0.2)  # the solo section waits for the compile...
+    with gate.shared():  # ...without holding the other trials back
+        log.append("step")
+    end_compile.set()
+    assert alone.wait(5)
+    assert log == ["compiling", "step", "step", "alone"]
+    # Someone is alone now: a new compile waits until that section ends.
+    second, compiling = _inside(gate.compiling, log, "compiling again", threading.Event())
+    assert not compiling.wait(0.2)
+    end_solo.set()
+    assert compiling.wait(5) and log[-1] == "compiling again"
+    for t in (compiler, solo, second):
+        t.join(6)
+    with pytest.raises(RuntimeError, match="beside"):
+        with gate.shared(), gate.compiling():
+            pass
+
+
+def test_markers_say_ready_or_why_not():
+    with_dir = lambda p: Marker(str(p), "k1")  # noqa: E731
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        m = with_dir(d)
+        assert m.read() is None and not m.ready() and m.error() is None
+        m.write("failed", error="OutOfMemoryError: no room")
+        assert not m.ready() and m.error() == "OutOfMemoryError: no room"
+        m.write("ready", seconds=3.0)
+        assert m.ready() and m.error() is None and m.read()["seconds"] == 3.0
+
+
+def test_a_compiled_step_is_keyed_by_what_it_depends_on():
+    p = Protocol(pretrained=False).to_dict()
+    key = compile_key("pytorch-ic-resnet34", 10, 224, p, "NVIDIA H200")
+    assert key == compile_key("pytorch-ic-resnet34", 10, 224, p | {"lr": 0.1, "epochs": 2}, "NVIDIA H200")
+    others = {compile_key("pytorch-ic-resnet152", 10, 224, p, "NVIDIA H200"),
+              compile_key("pytorch-ic-resnet34", 11, 224, p, "NVIDIA H200"),
+              compile_key("pytorch-ic-resnet34", 10, 299, p, "NVIDIA H200"),
+              compile_key("pytorch-ic-resnet34", 10, 224, p | {"batch_size": 32}, "NVIDIA H200"),
+              compile_key("pytorch-ic-resnet34", 10, 224, p, "NVIDIA H100")}
+    assert key not in others and len(others) == 5
+
+
+@pytest.mark.parametrize("change", [dict(compile="off"), dict(cuda_graphs=False), dict(precision="fp32"),
+                                    dict(train_only_top_layer=True)])
+def test_no_background_compile_where_the_step_would_not_use_it(tmp_path, change):
+    found = Compiles().start([(RESNET, 224)], 10, Protocol(pretrained=False, **change).to_dict(), tmp_path,
+                             "cuda", "GPU")
+    assert found == {} and not (tmp_path / "compiled").exists()
+
+
+def test_an_earlier_runs_marker_means_no_second_compile(tmp_path):
+    p = Protocol(pretrained=False).to_dict()
+    keras = {"id": "tensorflow-ic-x", "framework": "tensorflow"}
+    key = compile_key(RESNET["id"], 10, 224, p, "GPU")
+    (tmp_path / "compiled").mkdir()
+    Marker(str(tmp_path / "compiled"), key).write("ready")
+    compiles = Compiles()
+    found = compiles.start([(RESNET, 224), (keras, 224)], 10, p, tmp_path, "cuda", "GPU")
+    assert found == {RESNET["id"]: {"folder": str(tmp_path / "compiled"), "key": key}}
+    assert compiles.procs == []
+
+
+def test_a_background_compile_that_fails_leaves_its_reason_and_the_trial_its_eager_step(tmp_path):
+    # No usable GPU for this child (here: none, or a device index that does not exist).
+    args = {"spec": {"id": "pytorch-ic-resnet34", "framework": "pytorch", "source": "torchvision",
+                     "architecture": "resnet34"},
+            "classes": 3, "input_size": 32, "protocol": Protocol(pretrained=False).to_dict(), "device": "cuda:99",
+            "folder": str(tmp_path), "key": "k"}
+    done = subprocess.run([sys.executable, "-m", "bakeoff.engines.torch_compile", json.dumps(args)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    marker = Marker(str(tmp_path), "k")
+    assert not marker.ready() and marker.error() and "Error" in marker.error().split(":")[0]
+
+
+def test_the_compile_switch_is_checked_and_keeps_stored_keys():
+    from bakeoff.errors import BakeoffError
+
+    with pytest.raises(BakeoffError, match="--compile must be one of auto, off"):
+        Protocol(compile="always")
+    assert Protocol().key() == Protocol(compile="auto").key() != Protocol(compile="off").key()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_graphed_step_switches_to_compiled_kernels_and_keeps_learning():
+    dev = torch.device("cuda")
+    _, eager = _fit(dev)
+    _, out = _fit(dev, compile_ready=_after_epochs(1))
+    assert out["step_mode"] == "cuda-graph, compiled" and out["compiled_from_epoch"] == 2, out["compile_error"]
+    assert out["history"][-1]["val_accuracy"] > 0.6
+    assert out["history"][-1]["train_loss"] == pytest.approx(eager["history"][-1]["train_loss"], rel=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dropout_in_a_replayed_compiled_step_draws_new_masks():
+    from bakeoff.engines.torch_compile import compile_model
+    from bakeoff.engines.torch_step import _graph_of
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Dropout(0.5)).cuda().train()
+    fwd, x, outs = compile_model(model), torch.randn(32, 64, device="cuda"), []
+    static = {}
+    graph = _graph_of(lambda: static.update(y=fwd(x)), torch.device("cuda"), "own stream, thread-local")
+    for _ in range(3):
+        graph.replay()
+        outs.append((static["y"] == 0).clone())
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    assert 0.4 < outs[0].float().mean().item() < 0.6
