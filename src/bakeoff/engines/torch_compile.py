@@ -130,7 +130,7 @@ class Compiles:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "bakeoff.engines.torch_compile", json.dumps(args)],
                     env=os.environ | cache_env(folder), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, preexec_fn=_lower_priority if os.name == "posix" else None))
+                    stdin=subprocess.DEVNULL))
         return found
 
     def stop(self) -> None:
@@ -143,11 +143,6 @@ class Compiles:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.procs.clear()
-
-
-def _lower_priority() -> None:
-    """Background compiles yield the CPU to the trials' own loops and to the image decoders."""
-    os.nice(10)
 
 
 def _compile_once(args: dict) -> None:
@@ -173,6 +168,8 @@ def _compile_once(args: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(os, "nice"):
+        os.nice(10)  # a background compile yields the CPU to the trials' loops and the image decoders
     args = json.loads((argv or sys.argv[1:])[0])
     marker = Marker(args["folder"], args["key"])
     t0 = time.perf_counter()
