@@ -2,8 +2,9 @@
 
 A run's `bakeoff.db` holds when each trial started and ended and, per epoch, its wall time and
 evaluation time; `dataset.json` holds the scan and decode times. This prints them as one table
-with the span of the whole command, the gain of trials sharing the GPU (their epochs' training
-time alone, added up, against the shared wall time of an epoch), and, with ``--project N``, the
+with the span of the whole command, the epoch each trial switched to compiled kernels at (and
+the seconds that took), the gain of trials sharing the GPU (their epochs' training time alone,
+added up, against the shared wall time of an epoch), and, with ``--project N``, the
 time the same run would take for N epochs: the run as measured plus, for each epoch more, one
 epoch of training and one evaluation of the trial that ended last (the one that sets the pace).
 
@@ -56,7 +57,8 @@ def timeline(out: Path, start: float | None = None, end: float | None = None) ->
             "accuracy": r.get("accuracy"), "train_time_s": r.get("train_time_s"),
             "capture_alone_s": (r.get("gpu_alone_s") or {}).get("capture"),
             "epoch_walls_s": [h["epoch_wall_s"] for h in history], "evals_s": [h["eval_time_s"] for h in history],
-            "epoch_times_s": [h["epoch_time_s"] for h in history], "shared": r.get("concurrent_trials", 1) > 1})
+            "epoch_times_s": [h["epoch_time_s"] for h in history], "shared": r.get("concurrent_trials", 1) > 1,
+            "compiled_from_epoch": r.get("compiled_from_epoch"), "compile_time_s": r.get("compile_time_s")})
     ok = [t for t in trials if t["status"] == "ok" and t["epoch_walls_s"]]
     report = {"span": span, "start": t0, "whole_s": end - t0,
               "scan_s": dataset.get("scan_time_s"), "decode_s": dataset.get("decode_time_s"), "trials": trials}
@@ -118,11 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"whole {_f(rep['whole_s'])} s ({rep['span']}); "
           f"scan {_f(rep['scan_s'])} s, decode {_f(rep['decode_s'])} s")
     print("| model | status | top-1 | training s | started s | ended s | capture alone s | epoch walls s | "
-          "evaluations s |\n|---|---|---|---|---|---|---|---|---|")
+          "evaluations s | compiled from epoch (s) |\n|---|---|---|---|---|---|---|---|---|---|")
     for t in rep["trials"]:
+        compiled = "-" if t["compiled_from_epoch"] is None else \
+            f"{t['compiled_from_epoch']} ({_f(t['compile_time_s'])})"
         print(f"| {t['model']} | {t['status']} | {_f(t['accuracy'], 3)} | {_f(t['train_time_s'])} | "
               f"{_f(t['started_s'])} | {_f(t['ended_s'])} | {_f(t['capture_alone_s'], 2)} | "
-              f"{' '.join(_f(w) for w in t['epoch_walls_s'])} | {' '.join(_f(e) for e in t['evals_s'])} |")
+              f"{' '.join(_f(w) for w in t['epoch_walls_s'])} | {' '.join(_f(e) for e in t['evals_s'])} | "
+              f"{compiled} |")
     if "sharing_gain" in rep:
         print(f"sharing: {_f(rep['solo_epoch_sum_s'])} s of training alone per epoch in "
               f"{_f(rep['shared_epoch_wall_s'])} s shared, a gain of {rep['sharing_gain']:.2f}x")

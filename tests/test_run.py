@@ -115,6 +115,7 @@ def test_the_timeline_reads_back_where_a_runs_time_went(finished_run, tmp_path, 
     assert len(resnet["epoch_walls_s"]) == len(resnet["evals_s"]) == 3
     assert resnet["train_time_s"] == pytest.approx(results.loc["timm/test_resnet", "train_time_s"])
     assert "sharing_gain" not in rep  # one trial at a time: nothing shared, no gain to state
+    assert resnet["compiled_from_epoch"] is None  # CPU steps stay eager
     setter = max((t for t in rows.values() if t["status"] == "ok"), key=lambda t: t["ended_s"])
     assert rep["pace_setter"] == setter["model"]
     cycles = [w + e for w, e in zip(setter["epoch_walls_s"], setter["evals_s"])]
@@ -195,6 +196,8 @@ def _cli(*args, **kw) -> subprocess.CompletedProcess:
     (lambda p: ["run", p / "data", "--models", "timm/test_resnet", "--val-dir", p / "missing"], "does not exist"),
     (lambda p: ["report", p / "nothing-here"], "does not exist"),
     (lambda p: ["run", p / "data", "--models", "pytorch-ic-resnet34", "--out", p / "o"], "--no-pretrained"),
+    (lambda p: ["run", p / "data", "--models", "timm/test_resnet", "--compile", "always"],
+     "--compile must be one of auto, off"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_no_traceback(tmp_path, colour_folder, make_args, message):
     proc = _cli(*make_args(tmp_path))
