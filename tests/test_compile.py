@@ -81,6 +81,10 @@ def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_th
             raise RuntimeError("no kernels for this model\nmore detail")
         return fwd
 
+    _, out = _fit(torch.device("cpu"), compile_ready=lambda: False, compile_fn=traced, epochs=2)
+    assert out["compiled_from_epoch"] is None and out["compile_error"] == (
+        "its compiled kernels were not ready before the last epoch began")
+
     model, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(1), compile_fn=broken)
     assert [h["kernels"] for h in out["history"]] == ["eager"] * 3 and out["compiled_from_epoch"] is None
     assert out["compile_error"] == "RuntimeError: no kernels for this model"
@@ -147,6 +151,16 @@ def test_a_compile_runs_beside_training_and_never_beside_a_solo_section():
             pass
 
 
+def test_a_trial_waits_only_for_kernels_compiled_on_its_own_gpu(tmp_path):
+    from bakeoff.engines.torch_compile import marker_for
+
+    found = {"folder": str(tmp_path), "key": "k", "device": "cuda:0"}
+    assert marker_for(found, torch.device("cuda:0")) == Marker(str(tmp_path), "k")
+    assert marker_for(found, torch.device("cuda:1")) is None
+    assert marker_for(found | {"device": "cuda:1"}, torch.device("cuda:1")) is not None
+    assert marker_for(found, torch.device("cpu")) is None and marker_for(None, torch.device("cuda:0")) is None
+
+
 def test_markers_say_ready_or_why_not():
     with_dir = lambda p: Marker(str(p), "k1")  # noqa: E731
     import tempfile
@@ -188,7 +202,7 @@ def test_an_earlier_runs_marker_means_no_second_compile(tmp_path):
     Marker(str(tmp_path / "compiled"), key).write("ready")
     compiles = Compiles()
     found = compiles.start([(RESNET, 224), (keras, 224)], 10, p, tmp_path, "cuda", "GPU")
-    assert found == {RESNET["id"]: {"folder": str(tmp_path / "compiled"), "key": key}}
+    assert found == {RESNET["id"]: {"folder": str(tmp_path / "compiled"), "key": key, "device": "cuda"}}
     assert compiles.procs == []
 
 

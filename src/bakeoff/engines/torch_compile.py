@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["compile_model", "compile_key", "Marker", "Compiles", "cache_env", "use_cache"]
+__all__ = ["compile_model", "compile_key", "Marker", "Compiles", "cache_env", "use_cache", "marker_for"]
 
 # Where, under the data cache folder, the compiled kernels and the markers live.
 FOLDER = "compiled"
@@ -98,6 +98,24 @@ class Marker:
         os.replace(tmp, self.path)
 
 
+def marker_for(found: dict | None, device) -> Marker | None:
+    """The marker a trial on ``device`` (a ``torch.device``) waits for, from its job's
+    ``extra["compile"]``; None where there is none or it was compiled for another GPU: a cache
+    entry made for one device may not be found for another, and a trial that compiled cold in
+    its own process (22-240 s per model on an H200) would hold its neighbours' solo windows
+    back all that time."""
+    import torch
+
+    if not found or device.type != "cuda":
+        return None
+    made_on = torch.device(found.get("device", "cuda:0"))
+
+    def index(d):
+        return d.index if d.index is not None else torch.cuda.current_device()
+
+    return Marker(found["folder"], found["key"]) if index(made_on) == index(device) else None
+
+
 class Compiles:
     """The background compiles of one run: started with ``start``, ended with ``stop`` (a run
     that ends first has no more use for them; what they finished stays in the cache)."""
@@ -121,7 +139,7 @@ class Compiles:
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             marker = Marker(str(folder), compile_key(spec["id"], classes, size, protocol, device_name))
-            found[spec["id"]] = {"folder": str(folder), "key": marker.key}
+            found[spec["id"]] = {"folder": str(folder), "key": marker.key, "device": device}
             if marker.read() is not None:
                 continue  # compiled (or failed) in an earlier run
             args = {"spec": spec, "classes": classes, "input_size": size, "protocol": protocol, "device": device,

@@ -75,13 +75,11 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
                              side=job.side, keep=bool(job.extra.get("keep_data")))
     load_s = time.perf_counter() - t_load
 
-    marker = None
-    if job.extra.get("compile") and device.type == "cuda":  # a background compile's (``torch_compile``)
-        from bakeoff.engines.torch_compile import Marker, use_cache
+    from bakeoff.engines.torch_compile import marker_for, use_cache
 
-        found = job.extra["compile"]
-        use_cache(found["folder"])
-        marker = Marker(found["folder"], found["key"])
+    marker = marker_for(job.extra.get("compile"), device)  # a background compile's (``torch_compile``)
+    if marker is not None:
+        use_cache(marker.folder)
     try:
         fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step,
                      compile_ready=marker.ready if marker is not None else None)
@@ -110,7 +108,7 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         capture_error=fitted.get("capture_error"), feature_time_s=fitted.get("feature_time_s"),
         train_time_kind=fitted.get("train_time_kind"), train_wall_s=fitted.get("train_wall_s"),
         compiled_from_epoch=fitted.get("compiled_from_epoch"), compile_time_s=fitted.get("compile_time_s"),
-        compile_error=fitted.get("compile_error") or (marker.error() if marker is not None else None),
+        compile_error=(marker.error() if marker is not None else None) or fitted.get("compile_error"),
         shared_gpu_error=job.extra.get("shared_gpu_error"), measure_time_s=measure_s, save_time_s=save_s,
         gpu_wait_s=gate.waited() - waited if gate.concurrent else None,
         gpu_alone_s={k: v - alone.get(k, 0.0) for k, v in gate.alone().items()} if gate.concurrent else None,

@@ -165,6 +165,8 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                 sync()
                 compile_s += time.perf_counter() - t_compile
                 compiled_from = epoch + 2 if compile_error is None else None
+    if compile_ready is not None and compiled_from is None and compile_error is None:
+        compile_error = "its compiled kernels were not ready before the last epoch began"
     kind = "measured"
     if window is not None:
         kind = (f"projected from {window[1] - window[0]} of {steps_per_epoch} steps per epoch run alone; "
