@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from bakeoff.store import Store
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timeline import timeline  # noqa: E402  (bench/, beside this script)
 
 BAKEOFF = [sys.executable, "-c", "from bakeoff.cli import main; main()"]
 
@@ -44,22 +45,14 @@ def one_run(data: str, work: Path, models: str, mode: str, seed: int, extra: lis
     if done.returncode != 0:
         row["stderr"] = done.stderr.strip().splitlines()[-3:]
     if (out / "bakeoff.db").is_file():
-        _, trials = Store(out / "bakeoff.db").latest_trials()
-        for t in trials:
-            r = t["result"] or {}
-            row["models"][t["model"]] = {
-                "status": t["status"], "accuracy": r.get("accuracy"), "ci": [r.get("accuracy_ci_low"),
-                                                                             r.get("accuracy_ci_high")],
-                "train_time_s": r.get("train_time_s"), "compiled_from_epoch": r.get("compiled_from_epoch"),
-                "compile_error": r.get("compile_error"),
-                "epoch_walls_s": [h["epoch_wall_s"] for h in r.get("history", [])]}
+        row["models"] = {t["model"]: t for t in timeline(out)["trials"]}
     return row
 
 
 def _acc(m: dict | None) -> str:
     if not m or m.get("accuracy") is None:
         return "-"
-    return f"{m['accuracy']:.3f} ({m['ci'][0]:.3f}-{m['ci'][1]:.3f})"
+    return f"{m['accuracy']:.3f} ({m['accuracy_ci'][0]:.3f}-{m['accuracy_ci'][1]:.3f})"
 
 
 def main(argv: list[str] | None = None) -> None:

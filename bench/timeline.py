@@ -58,7 +58,8 @@ def timeline(out: Path, start: float | None = None, end: float | None = None) ->
             "capture_alone_s": (r.get("gpu_alone_s") or {}).get("capture"),
             "epoch_walls_s": [h["epoch_wall_s"] for h in history], "evals_s": [h["eval_time_s"] for h in history],
             "epoch_times_s": [h["epoch_time_s"] for h in history], "shared": r.get("concurrent_trials", 1) > 1,
-            "compiled_from_epoch": r.get("compiled_from_epoch"), "compile_time_s": r.get("compile_time_s")})
+            "compiled_from_epoch": r.get("compiled_from_epoch"), "compile_time_s": r.get("compile_time_s"),
+            "accuracy_ci": [r.get("accuracy_ci_low"), r.get("accuracy_ci_high")], "compile_error": r.get("compile_error")})
     ok = [t for t in trials if t["status"] == "ok" and t["epoch_walls_s"]]
     report = {"span": span, "start": t0, "whole_s": end - t0,
               "scan_s": dataset.get("scan_time_s"), "decode_s": dataset.get("decode_time_s"), "trials": trials}

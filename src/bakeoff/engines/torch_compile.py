@@ -108,7 +108,7 @@ def marker_for(found: dict | None, device) -> Marker | None:
 
     if not found or device.type != "cuda":
         return None
-    made_on = torch.device(found.get("device", "cuda:0"))
+    made_on = torch.device(found["device"])
 
     def index(d):
         return d.index if d.index is not None else torch.cuda.current_device()
@@ -163,9 +163,10 @@ class Compiles:
         self.procs.clear()
 
 
-def _compile_once(args: dict) -> None:
+def _compile_once(args: dict) -> str | None:
     """Build the job's model as its trial does (random weights: values do not enter the
-    compiled code), compile its training step through the trial's own code path, once."""
+    compiled code), compile its training step through the trial's own code path, once;
+    returns why that failed, else None."""
     import torch
 
     from bakeoff.engines.torch_build import _create
@@ -180,9 +181,7 @@ def _compile_once(args: dict) -> None:
     opt = _optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=True)
     size = args["input_size"]
     step = _Step(model, opt, protocol, device, (protocol.batch_size, 3, size, size), True, capture=False)
-    why = step.adopt(compile_model(model))
-    if why:
-        raise RuntimeError(why)
+    return step.adopt(compile_model(model))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,10 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     marker = Marker(args["folder"], args["key"])
     t0 = time.perf_counter()
     try:
-        _compile_once(args)
-    except Exception as exc:  # any failure: the trial trains eagerly and stores why
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        marker.write("failed", error=f"{type(exc).__name__}: {first}", seconds=time.perf_counter() - t0)
+        why = _compile_once(args)
+    except Exception as exc:  # before the step could compile (no GPU, the model's build): in the step's own words
+        from bakeoff.engines.torch_step import _why
+
+        why = _why(exc)
+    if why:  # the trial trains eagerly and stores why
+        marker.write("failed", error=why, seconds=time.perf_counter() - t0)
         return 1
     marker.write("ready", seconds=time.perf_counter() - t0)
     return 0

@@ -78,8 +78,9 @@ class _Step:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.source, self.steps, self.batch = source, steps if source is not None else 1, batch_shape[0]
         self.batch_shape, self.channels_last = batch_shape, channels_last
+        self.static_x = self.static_y = self.static_idx = None  # made once, by ``_static``
         self.graph = None
-        self.mode = "eager"
+        self.graph_mode = "eager"  # or "cuda-graph", with the capture's way if it was not the first
         self.capture_error: str | None = None
         self.compile_error: str | None = None
         self.compile_s = 0.0  # seconds spent compiling (first calls of the compiled step)
@@ -91,8 +92,7 @@ class _Step:
                     self._static()
                 captured, failed = _first_way(self._capture)
             if captured is not None:  # else some models cannot be captured: they train eagerly
-                self.graph, way = captured
-                self.mode = f"cuda-graph ({way})" if failed else "cuda-graph"
+                self._take(captured, failed)
             self.capture_error = "; ".join(failed) or None
             if self.graph is None and share().concurrent:
                 # Eager steps beside graphed neighbours would crawl (one autograd thread, one
@@ -102,8 +102,6 @@ class _Step:
             with tuned(device, "tune"), share().warming():  # an eager step's kernels, picked before training
                 self._static()
                 self._undone(self._static_step)
-        if self.fwd is not model:
-            self.mode += ", compiled"
         if device.type == "cuda" and source is None and last_batch and last_batch != batch_shape[0]:
             # The epoch's last, smaller batch is a new shape: its first call can take seconds on
             # the host (cuDNN's heuristics build a plan per convolution; 8 s for mobilenet_v2 on
@@ -142,11 +140,19 @@ class _Step:
                 self.fwd = self.model
                 why = "; ".join(failed)
             else:
-                self.graph = captured[0]
-        if why is None:
-            self.mode += ", compiled"
+                self._take(captured, failed)
         self.compile_error = why
         return why
+
+    def _take(self, captured: tuple[torch.cuda.CUDAGraph, str], failed: list[str]) -> None:
+        """Replay ``captured`` (a graph and its capture's way) from now on."""
+        self.graph, way = captured
+        self.graph_mode = f"cuda-graph ({way})" if failed else "cuda-graph"
+
+    @property
+    def mode(self) -> str:
+        """How the step runs: eager or replayed from a graph, with compiled kernels or not."""
+        return self.graph_mode + (", compiled" if self.fwd is not self.model else "")
 
     def _undone(self, run: Callable[[], None]) -> None:
         """``run`` (a step), then weights, optimizer state and running counts put back."""
@@ -192,7 +198,7 @@ class _Step:
     def _static(self) -> None:
         """The static inputs a captured step reads (random: warm-up and capture only), made
         once: a graph captured again reads the same ones."""
-        if getattr(self, "static_x", None) is not None or getattr(self, "static_idx", None) is not None:
+        if self.static_x is not None or self.static_idx is not None:
             return
         if self.source is not None:
             self.static_idx = torch.randint(0, len(self.source[1]), (self.steps * self.batch,), device=self.device)
@@ -232,7 +238,7 @@ class _Step:
         return graph, way
 
     def __call__(self, x, y):
-        full = getattr(self, "static_x", None) is not None and x.shape == self.static_x.shape
+        full = self.static_x is not None and x.shape == self.static_x.shape
         if self.graph is not None and full:
             self.static_x.copy_(x)
             self.static_y.copy_(y)
