@@ -59,6 +59,8 @@ def timeline(out: Path, start: float | None = None, end: float | None = None) ->
             "epoch_walls_s": [h["epoch_wall_s"] for h in history], "evals_s": [h["eval_time_s"] for h in history],
             "epoch_times_s": [h["epoch_time_s"] for h in history], "shared": r.get("concurrent_trials", 1) > 1,
             "compiled_from_epoch": r.get("compiled_from_epoch"), "compile_time_s": r.get("compile_time_s"),
+            "compiled_from_step": next((h["compiled_from_step"] for h in history if "compiled_from_step" in h), None),
+            "solo_step_s": [h.get("solo_step_s") for h in history],
             "accuracy_ci": [r.get("accuracy_ci_low"), r.get("accuracy_ci_high")], "compile_error": r.get("compile_error")})
     ok = [t for t in trials if t["status"] == "ok" and t["epoch_walls_s"]]
     report = {"span": span, "start": t0, "whole_s": end - t0,
@@ -121,10 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"whole {_f(rep['whole_s'])} s ({rep['span']}); "
           f"scan {_f(rep['scan_s'])} s, decode {_f(rep['decode_s'])} s")
     print("| model | status | top-1 | training s | started s | ended s | capture alone s | epoch walls s | "
-          "evaluations s | compiled from epoch (s) |\n|---|---|---|---|---|---|---|---|---|---|")
+          "evaluations s | compiled from epoch (switch s) |\n|---|---|---|---|---|---|---|---|---|---|")
     for t in rep["trials"]:
+        step = "" if t["compiled_from_step"] is None else f", step {t['compiled_from_step']}"
         compiled = "-" if t["compiled_from_epoch"] is None else \
-            f"{t['compiled_from_epoch']} ({_f(t['compile_time_s'])})"
+            f"{t['compiled_from_epoch']}{step} ({_f(t['compile_time_s'])})"
         print(f"| {t['model']} | {t['status']} | {_f(t['accuracy'], 3)} | {_f(t['train_time_s'])} | "
               f"{_f(t['started_s'])} | {_f(t['ended_s'])} | {_f(t['capture_alone_s'], 2)} | "
               f"{' '.join(_f(w) for w in t['epoch_walls_s'])} | {' '.join(_f(e) for e in t['evals_s'])} | "

@@ -34,16 +34,17 @@ def _small_net(classes=3):
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, classes))
 
 
-def _fit(device, compile_ready=None, compile_fn=None, epochs=3, **proto):
+def _fit(device, compile_ready=None, compile_fn=None, epochs=3, n=96, **proto):
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.torch_fit import fit
 
-    images, labels = _learnable()
+    images, labels = _learnable(n)
     model = _small_net().to(device)
     batcher = Batcher.create(images, np.arange(len(labels)), 20, (0.5,) * 3, (0.25,) * 3, device)
     protocol = Protocol(pretrained=False, epochs=epochs, lr=0.01, **proto)
     kwargs = {} if compile_fn is None else {"compile_fn": compile_fn}
-    out = fit(model, batcher, np.arange(72), labels, np.arange(72, 96), protocol, device,
+    train = n * 3 // 4
+    out = fit(model, batcher, np.arange(train), labels, np.arange(train, n), protocol, device,
               compile_ready=compile_ready, **kwargs)
     return model, out
 
@@ -69,6 +70,53 @@ def test_a_step_switches_kernels_between_epochs_and_trains_on_as_before():
     assert [h["train_loss"] for h in out["history"]] == pytest.approx([h["train_loss"] for h in eager["history"]],
                                                                      rel=1e-4)
     assert out["history"][-1]["val_accuracy"] > 0.6  # it learned: chance is 1/3
+
+
+def test_a_step_switches_mid_epoch_as_soon_as_its_kernels_are_ready(monkeypatch):
+    from bakeoff.engines import torch_fit
+
+    monkeypatch.setattr(torch_fit, "SWITCH_CHECK", 10)
+    traced = lambda m: torch.compile(m, backend="aot_eager", dynamic=False)  # noqa: E731
+    long = dict(n=480, batch_size=4, epochs=2)  # 90 steps an epoch, asked after steps 10, 20, ...
+    eager_model, eager = _fit(torch.device("cpu"), **long)
+    # Asked at the start, then after steps 10 and 20 of the first epoch: ready at that third ask.
+    model, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(2), compile_fn=traced, **long)
+    first, second = out["history"]
+    assert (first["kernels"], first["compiled_from_step"], second["kernels"]) == (
+        "eager, then compiled", 21, "compiled")
+    assert out["compiled_from_epoch"] == 1 and out["compile_time_s"] > 0 and out["compile_error"] is None
+    # The switch kept weights, optimizer state and the epoch's running loss: as if it had not happened.
+    for (name, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), name
+    assert [h["train_loss"] for h in out["history"]] == pytest.approx([h["train_loss"] for h in eager["history"]],
+                                                                     rel=1e-4)
+
+
+def test_sharing_a_mid_epoch_switch_waits_for_the_solo_window_and_times_each_kernel_set_alone(monkeypatch):
+    from bakeoff.engines import torch_fit
+    from bakeoff.gpu_share import set_share
+
+    monkeypatch.setattr(torch_fit, "SWITCH_CHECK", 10)
+    traced = lambda m: torch.compile(m, backend="aot_eager", dynamic=False)  # noqa: E731
+    set_share(GpuShare(2))  # a GPU shared with one neighbour (none runs here): solo windows, projected times
+    try:
+        # 120 steps an epoch; the window is steps 9-56, so the first ask after it is at step 60,
+        # and 60 steps are left for a window on the new kernels (steps 69-116).
+        _, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(1), compile_fn=traced, n=640,
+                      batch_size=4, epochs=1)
+        _, late = _fit(torch.device("cpu"), compile_ready=_after_epochs(2), compile_fn=traced, n=640,
+                       batch_size=4, epochs=2)
+    finally:
+        set_share(None)
+    (only,) = out["history"]
+    assert out["compiled_from_epoch"] == 1 and only["compiled_from_step"] == 61, out["compile_error"]
+    eager_s, compiled_s = only["solo_step_s"]
+    assert only["epoch_time_s"] == pytest.approx(60 * eager_s + 60 * compiled_s)
+    assert "mid-epoch" in out["train_time_kind"]
+    # Not ready at step 60, the last ask with room for a window after it: the next ask is at the
+    # epoch's end, and the switch there.
+    assert [h["kernels"] for h in late["history"]] == ["eager", "compiled"] and late["compiled_from_epoch"] == 2
+    assert len(late["history"][0]["solo_step_s"]) == 1
 
 
 def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_the_step_eager():
@@ -253,3 +301,39 @@ def test_dropout_in_a_replayed_compiled_step_draws_new_masks():
         outs.append((static["y"] == 0).clone())
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
     assert 0.4 < outs[0].float().mean().item() < 0.6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_replayed_compiled_training_step_keeps_batch_norm_statistics_and_fresh_dropout():
+    # What evaluation reads after training: running statistics that a compiled graph failed to
+    # write back, or a dropout mask frozen into it, would leave train-mode accuracy intact and
+    # evaluation worse.
+    import copy
+
+    from bakeoff.engines.torch_compile import compile_model
+    from bakeoff.engines.torch_step import _optimizer, _Step, autocast_for
+
+    dev, proto = torch.device("cuda"), Protocol(pretrained=False, lr=1e-9)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3)).to(dev).to(memory_format=torch.channels_last).train()
+    eager = copy.deepcopy(model)
+    step = _Step(model, _optimizer(proto, model.parameters(), capturable=True), proto, dev, (16, 3, 20, 20), True,
+                 fwd=compile_model(model))
+    assert step.mode == "cuda-graph, compiled", (step.capture_error, step.compile_error)
+    x = (torch.randn(16, 3, 20, 20, device=dev) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(16, device=dev) % 3
+    losses = []
+    for _ in range(4):
+        step.reset_counts()
+        step(x, y)
+        losses.append(float(step.loss_sum))
+        with torch.no_grad(), autocast_for(proto, dev):
+            eager(x)
+    assert len(set(losses)) == 4  # each replay drew its own mask (the weights barely move at this lr)
+    bn, ref = model[1], eager[1]
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 4
+    assert torch.allclose(bn.running_mean, ref.running_mean, rtol=2e-2, atol=2e-3)
+    assert torch.allclose(bn.running_var, ref.running_var, rtol=2e-2, atol=2e-3)

@@ -59,9 +59,16 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
 
     ``compile_ready`` (``torch_compile``): whether the step's compiled kernels can be loaded now.
     If so at the start, the step is compiled (``compile_fn``) before its first epoch; else it
-    is asked after each epoch, and the step switches to them (``_Step.adopt``) from the next
-    epoch on. The epoch it switched at (``compiled_from_epoch``) and the seconds spent
-    compiling (``compile_time_s``, apart from training time) are returned.
+    is asked every ``SWITCH_CHECK`` steps and after each epoch, and the step switches to them
+    (``_Step.adopt``) there, mid-epoch too: a trial that waited for its epoch's end would train
+    on eager kernels for up to an epoch longer, and trials whose kernels were ready at about the
+    same time would all switch at once, each waiting for the others' compiles while the GPU
+    idles. Sharing, a trial switches mid-epoch only after its epoch's solo window, and then runs
+    a second window on the new kernels (so it needs room for one before the epoch ends): each
+    kernel set's steps are projected from its own window. The epoch it switched in
+    (``compiled_from_epoch``; its record's ``compiled_from_step`` says from which step, where
+    mid-epoch) and the seconds spent compiling (``compile_time_s``, apart from training time
+    and from the epoch's wall time) are returned.
     """
     if protocol.train_only_top_layer:
         return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step)
@@ -89,7 +96,6 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
         compile_error = step.compile_error
         compiled_from = 1 if compile_error is None else None
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
-    window = solo_window(steps_per_epoch) if gate.concurrent else None
     pace = _Pace() if gate.concurrent and device.type == "cuda" else None
     priority, step_s = 0, None
     history, train_time, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0, 0.0
@@ -105,7 +111,10 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                 pos = batcher.positions(order)
             sync()
             t_epoch = time.perf_counter()
+            window = solo_window(steps_per_epoch) if gate.concurrent else None
             seen, ran, solo, paced = 0, 0, None, 0.0
+            parts, since = [], 0  # (solo s per step, steps) of the kernels this epoch left; steps ran before these
+            switch_s, switched_at = 0.0, None
             alone = contextlib.ExitStack()
             try:
                 for i in range(steps_per_epoch):
@@ -133,7 +142,21 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                         step_s = solo
                     paced += keep_pace(left, step_s)
                     if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
-                        on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch)
+                        on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch - switch_s)
+                    room = steps_per_epoch - i - 1 >= (WINDOW_SKIP + WINDOW_STEPS if window is not None else 1)
+                    if (compile_ready is not None and compiled_from is None and compile_error is None
+                            and (i + 1) % SWITCH_CHECK == 0 and room and (window is None or i >= window[1] - 1)
+                            and compile_ready()):
+                        t_switch = time.perf_counter()
+                        compile_error = step.adopt(compile_fn(model))
+                        sync()
+                        switch_s += time.perf_counter() - t_switch
+                        if compile_error is None:
+                            compiled_from, switched_at = epoch + 1, i + 2
+                            if window is not None:  # the new kernels' own window, from a few steps on
+                                parts.append((solo, ran - since))
+                                since, solo = ran, None
+                                window = (i + 1 + WINDOW_SKIP, i + 1 + WINDOW_SKIP + WINDOW_STEPS)
                 if window is not None and solo is None:  # the window's last step was a skipped lone image
                     solo, priority = _close_window(alone, sync, t_solo, ran - ran_before,
                                                    steps_per_epoch * (protocol.epochs - epoch) - i - 1)
@@ -141,8 +164,9 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
             finally:
                 alone.close()
             sync()
-            epoch_wall = time.perf_counter() - t_epoch
-            epoch_time = solo * ran if solo is not None else epoch_wall
+            compile_s += switch_s
+            epoch_wall = time.perf_counter() - t_epoch - switch_s
+            epoch_time = (sum(s * n for s, n in parts) + solo * (ran - since)) if solo is not None else epoch_wall
             train_time += epoch_time
             wall_time += epoch_wall
             t_eval, train_waited = time.perf_counter(), gate.waited() - waited
@@ -154,8 +178,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
             record = {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval}
             if gate.concurrent:  # where a shared epoch's wall time went
                 record |= {"wait_s": train_waited, "eval_wait_s": gate.waited() - waited - train_waited,
-                           "stream_priority": priority, "pace_wait_s": paced}
+                           "stream_priority": priority, "pace_wait_s": paced,
+                           "solo_step_s": [s for s, _ in parts] + [solo]}  # per kernel set, in the order they ran
             record["kernels"] = "compiled" if compiled_from is not None else "eager"
+            if switched_at is not None:
+                record |= {"kernels": "eager, then compiled", "compiled_from_step": switched_at}
             history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen,
                                          val_probs if scored else None, labels[val_idx], epoch_time, seen) | record)
             if (compile_ready is not None and compiled_from is None and compile_error is None
@@ -168,8 +195,10 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     if compile_ready is not None and compiled_from is None and compile_error is None:
         compile_error = "its compiled kernels were not ready before the last epoch began"
     kind = "measured"
-    if window is not None:
-        kind = (f"projected from {window[1] - window[0]} of {steps_per_epoch} steps per epoch run alone; "
+    if gate.concurrent:
+        first, end = solo_window(steps_per_epoch)
+        kind = (f"projected from {end - first} of {steps_per_epoch} steps per epoch run alone"
+                f"{' (and as many after a mid-epoch switch of kernels)' if end - first < steps_per_epoch else ''}; "
                 f"{gate.trials} trials shared the GPU")
     return {"history": history, "train_time_s": train_time, "eval_time_s": eval_time, "final_val_probs": val_probs,
             "data_time_s": data_time, "step_mode": step.mode, "capture_time_s": capture_s,
@@ -188,7 +217,13 @@ def _close_window(alone: contextlib.ExitStack, sync, t_start: float, steps: int,
     return per_step, share().prioritize(per_step * steps_left)
 
 
-def solo_window(steps: int, length: int = 48, skip: int = 8) -> tuple[int, int]:
+# How often (in steps) a trial waiting for its compiled kernels looks whether they are ready.
+SWITCH_CHECK = 50
+# A solo window: the steps it times, after a few that start the stream (or a new graph) going.
+WINDOW_SKIP, WINDOW_STEPS = 8, 48
+
+
+def solo_window(steps: int, length: int = WINDOW_STEPS, skip: int = WINDOW_SKIP) -> tuple[int, int]:
     """Which steps of an epoch run alone to time it while other trials share the GPU: a stretch
     after the epoch's first few steps (whose launches start the stream), or the whole epoch
     when it is short."""

@@ -132,6 +132,7 @@ class _Step:
         and optimizer state as they are: compiled (``_compile``), then captured in a new graph
         that replaces the old one. On any failure the step goes on as it was; returns why."""
         self.model.train()  # a graph bakes in the mode it was captured in: after an evaluation, it would be eval
+        counts = self.loss_sum.clone(), self.correct.clone()  # mid-epoch, the epoch's running figures go on
         why = self._compile(fwd)
         if why is None and self.graph is not None:
             with tuned(self.device, "capture"):
@@ -141,6 +142,8 @@ class _Step:
                 why = "; ".join(failed)
             else:
                 self._take(captured, failed)
+        self.loss_sum.copy_(counts[0])
+        self.correct.copy_(counts[1])
         self.compile_error = why
         return why
 
