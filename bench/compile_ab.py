@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         cells = []
         for m in a.models.split(","):
             found = next((v for k, v in r["models"].items() if k == m or k.endswith(m)), None)
-            note = "" if not found or found["compiled_from_epoch"] is None else f", compiled from {found['compiled_from_epoch']}"
+            note = ""
+            if found and found["compiled_from_epoch"] is not None:
+                at = found.get("compiled_from_step")
+                note = f", compiled from {found['compiled_from_epoch']}" + (f" step {at}" if at else "")
             cells.append(_acc(found) + note)
         print(f"| {r['run']} | {r['whole_s']:.1f} | " + " | ".join(cells) + " |")
 
