@@ -337,3 +337,15 @@ def test_a_replayed_compiled_training_step_keeps_batch_norm_statistics_and_fresh
     assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 4
     assert torch.allclose(bn.running_mean, ref.running_mean, rtol=2e-2, atol=2e-3)
     assert torch.allclose(bn.running_var, ref.running_var, rtol=2e-2, atol=2e-3)
+
+
+def test_a_started_compile_hands_its_trial_the_process_to_keep_out_of_solo_sections(tmp_path):
+    compiles = Compiles()
+    p = Protocol(pretrained=False).to_dict()
+    try:
+        found = compiles.start([(RESNET, 224)], 10, p, tmp_path, "cuda", "GPU")
+        (proc,) = compiles.procs
+        assert found[RESNET["id"]]["pid"] == proc.pid and proc.poll() is None
+    finally:
+        compiles.stop()
+    assert proc.returncode is not None and compiles.procs == []

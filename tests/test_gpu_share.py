@@ -440,3 +440,73 @@ def test_the_last_smaller_batch_is_met_before_training_and_leaves_no_trace():
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics put back
     assert all(float(t.sum()) == 0 for state in opt.state.values() for t in state.values() if torch.is_tensor(t))
     assert float(step.loss_sum) == 0 and int(step.correct) == 0
+
+
+def _spinning_child(code: str = ""):
+    """A Python process that prints "ready" and then wakes every 5 ms until it is ended."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n" + code +
+                              "print('ready', flush=True)\nwhile True: time.sleep(0.005)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    return child
+
+
+def _state(pid: int) -> str:
+    from pathlib import Path
+
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # R, S, T (stopped), ...
+
+
+def _becomes(pid: int, stopped: bool) -> bool:
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        if (_state(pid) == "T") == stopped:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads process states from /proc")
+def test_a_background_compile_is_stopped_for_each_solo_section_and_continued_after():
+    child = _spinning_child()
+    gate = GpuShare(2)
+    try:
+        with gate.exclusive():  # not kept out: it runs on
+            time.sleep(0.05)
+            assert _state(child.pid) != "T"
+        with gate.keeping_out(child.pid), gate.keeping_out(child.pid):  # two trials, one process
+            with gate.exclusive(reason="window"):
+                assert _becomes(child.pid, stopped=True)
+            assert _becomes(child.pid, stopped=False)
+            with gate.shared():  # the neighbours' training: it runs beside it
+                time.sleep(0.05)
+                assert _state(child.pid) != "T"
+        with gate.exclusive():  # no trial keeps it out any more
+            time.sleep(0.05)
+            assert _state(child.pid) != "T"
+    finally:
+        child.kill()
+        child.wait()
+    with gate.keeping_out(child.pid), gate.exclusive():  # ended and reaped: nothing to stop, no error
+        pass
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="sends SIGSTOP")
+def test_ending_the_compiles_continues_a_stopped_one_so_it_can_exit():
+    import os
+    import signal
+
+    from bakeoff.engines.torch_compile import Compiles
+
+    # It handles SIGTERM itself, as a compiler's worker pool may: stopped, it would never see it.
+    child = _spinning_child("signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))\n")
+    os.kill(child.pid, signal.SIGSTOP)
+    assert _becomes(child.pid, stopped=True)
+    compiles = Compiles()
+    compiles.procs.append(child)
+    t0 = time.perf_counter()
+    compiles.stop()
+    assert child.returncode == 3 and time.perf_counter() - t0 < 5

@@ -25,12 +25,18 @@ batch 16; kept in step, all of them share the GPU until the end. A worker turns 
 (``pace``) once no more trials will join: before that, a trial that ends early makes room for
 the next one.
 
+Processes outside the gate that use the same GPU, the run's background compiles (which run
+the steps they compile), are stopped for each solo section and continued after it
+(``keeping_out``), so a solo window times the trial's own work only.
+
 One process-wide gate; when trials run one at a time it is a no-op.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 import time
 from typing import Callable, Iterator
@@ -75,6 +81,7 @@ class GpuShare:
         self._warming = 0  # tuners' warm-ups running now
         self._capturing = False
         self._captures_waiting = 0
+        self._kept_out: dict[int, int] = {}  # process id -> trials that asked (``keeping_out``)
         self._pace_cv = threading.Condition()
         self._pace: dict[int, tuple[int, float | None]] = {}  # thread -> (steps left, solo s per step)
         self._ratio: dict[int, tuple[int, float]] = {}  # thread -> (trial it keeps pace with, steps-left ratio)
@@ -126,9 +133,11 @@ class GpuShare:
                 self._cv.wait()
             self._waiting -= 1
             self._exclusive = True
+            stopped = list(self._kept_out)
         self._local.alone = True
         t_held = time.perf_counter()
         try:
+            _signal(stopped, "SIGSTOP")
             if device is not None and getattr(device, "type", "") == "cuda":
                 import torch
 
@@ -136,11 +145,33 @@ class GpuShare:
             self._add_wait(time.perf_counter() - t0)
             yield
         finally:
+            _signal(stopped, "SIGCONT")
             self._local.alone = False
             with self._cv:
                 self._exclusive = False
                 self._cv.notify_all()
             self._add_alone(reason, time.perf_counter() - t_held)
+
+    @contextlib.contextmanager
+    def keeping_out(self, pid: int | None) -> Iterator[None]:
+        """While inside, process ``pid`` (a background compile of this run, which runs the steps
+        it compiles on the same GPU) is stopped for every solo section (``exclusive``) and
+        continued after it. Its GPU work would otherwise land inside a trial's solo window,
+        and the trial's projected training time would read high. The caller keeps ``pid`` from
+        being reused meanwhile (its parent reaps it only after the trials end). Where the
+        system cannot stop processes (no SIGSTOP), nothing changes."""
+        if pid is None or not hasattr(signal, "SIGSTOP"):
+            yield
+            return
+        with self._cv:
+            self._kept_out[pid] = self._kept_out.get(pid, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                left = self._kept_out.pop(pid) - 1
+                if left:
+                    self._kept_out[pid] = left
 
     def _held_back(self) -> bool:
         """A new shared section must wait: someone is (or is waiting to be) alone or tuning."""
@@ -390,6 +421,15 @@ class _Alone(GpuShare):
 
 
 _SHARE: GpuShare = _Alone()
+
+
+def _signal(pids: list[int], name: str) -> None:
+    """Send signal ``name`` to each of ``pids`` that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, getattr(signal, name))
+        except (ProcessLookupError, PermissionError):  # ended (and reaped), or not ours
+            pass
 
 
 def share() -> GpuShare:

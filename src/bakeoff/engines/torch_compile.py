@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -149,11 +150,16 @@ class Compiles:
                     [sys.executable, "-m", "bakeoff.engines.torch_compile", json.dumps(args)],
                     env=os.environ | cache_env(folder), stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL))
+            # For the trial's solo sections (``GpuShare.keeping_out``): the process is not
+            # reaped before ``stop``, so its id stays its own until the trials have ended.
+            found[spec["id"]]["pid"] = self.procs[-1].pid
         return found
 
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
+                if hasattr(signal, "SIGCONT"):  # stopped by a solo section whose trial died meanwhile
+                    proc.send_signal(signal.SIGCONT)
                 proc.terminate()
         for proc in self.procs:
             try:

@@ -80,16 +80,18 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
     marker = marker_for(job.extra.get("compile"), device)  # a background compile's (``torch_compile``)
     if marker is not None:
         use_cache(marker.folder)
-    try:
-        fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step,
-                     compile_ready=marker.ready if marker is not None else None)
-        with gate.shared():
-            metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
-        t_measure = time.perf_counter()
-        timing = time_inference(model, batcher, job.val_idx, protocol, device)
-        measure_s = time.perf_counter() - t_measure
-    finally:
-        batcher.close()
+    # The background compile's process stops while a trial of this process times steps alone.
+    with gate.keeping_out(job.extra["compile"].get("pid") if marker is not None else None):
+        try:
+            fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step,
+                         compile_ready=marker.ready if marker is not None else None)
+            with gate.shared():
+                metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
+            t_measure = time.perf_counter()
+            timing = time_inference(model, batcher, job.val_idx, protocol, device)
+            measure_s = time.perf_counter() - t_measure
+        finally:
+            batcher.close()
     t_save = time.perf_counter()
     with gate.shared():
         weights_path = save_model(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights)
