@@ -234,16 +234,17 @@ def test_a_compiled_step_is_keyed_by_what_it_depends_on():
     assert key not in others and len(others) == 5
 
 
-@pytest.mark.parametrize("change", [dict(compile="off"), dict(cuda_graphs=False), dict(precision="fp32"),
-                                    dict(train_only_top_layer=True)])
-def test_no_background_compile_where_the_step_would_not_use_it(tmp_path, change):
+@pytest.mark.parametrize("change", [dict(), dict(compile="off"), dict(compile="auto", cuda_graphs=False),
+                                    dict(compile="auto", precision="fp32"),
+                                    dict(compile="auto", train_only_top_layer=True)])
+def test_no_background_compile_unless_asked_for_or_where_the_step_would_not_use_it(tmp_path, change):
     found = Compiles().start([(RESNET, 224)], 10, Protocol(pretrained=False, **change).to_dict(), tmp_path,
                              "cuda", "GPU")
     assert found == {} and not (tmp_path / "compiled").exists()
 
 
 def test_an_earlier_runs_marker_means_no_second_compile(tmp_path):
-    p = Protocol(pretrained=False).to_dict()
+    p = Protocol(pretrained=False, compile="auto").to_dict()
     keras = {"id": "tensorflow-ic-x", "framework": "tensorflow"}
     key = compile_key(RESNET["id"], 10, 224, p, "GPU")
     (tmp_path / "compiled").mkdir()
@@ -272,7 +273,9 @@ def test_the_compile_switch_is_checked_and_keeps_stored_keys():
 
     with pytest.raises(BakeoffError, match="--compile must be one of auto, off"):
         Protocol(compile="always")
-    assert Protocol().key() == Protocol(compile="auto").key() != Protocol(compile="off").key()
+    # Off by default, as every run before compiled steps existed trained: their keys stay.
+    assert Protocol().compile == "off"
+    assert Protocol().key() == Protocol(compile="off").key() != Protocol(compile="auto").key()
 
 
 @pytest.mark.gpu
@@ -341,7 +344,7 @@ def test_a_replayed_compiled_training_step_keeps_batch_norm_statistics_and_fresh
 
 def test_a_started_compile_hands_its_trial_the_process_to_keep_out_of_solo_sections(tmp_path):
     compiles = Compiles()
-    p = Protocol(pretrained=False).to_dict()
+    p = Protocol(pretrained=False, compile="auto").to_dict()
     try:
         found = compiles.start([(RESNET, 224)], 10, p, tmp_path, "cuda", "GPU")
         (proc,) = compiles.procs
@@ -349,3 +352,4 @@ def test_a_started_compile_hands_its_trial_the_process_to_keep_out_of_solo_secti
     finally:
         compiles.stop()
     assert proc.returncode is not None and compiles.procs == []
+

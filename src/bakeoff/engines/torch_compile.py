@@ -8,15 +8,16 @@ a cold cache, more than a 5-epoch run saves if the trials wait for it. So nobody
 - When a run starts, one background process per model (``start``), at low CPU priority,
   compiles that model's training step into a compile cache kept beside the decoded images, and
   leaves a marker saying whether it worked (``<key>.json``).
-- Trials train meanwhile with eager kernels in their CUDA graph. At each epoch's end a trial
-  looks for its marker (``Marker.ready``); once it is there, the trial compiles its step again
-  from the cache (seconds: the kernels are loaded, not generated), captures it in a new graph and
-  trains the rest of its epochs with it. The epoch it switched at is stored with the trial.
+- Trials train meanwhile with eager kernels in their CUDA graph. Every few dozen steps and at
+  each epoch's end a trial looks for its marker (``Marker.ready``); once it is there, the trial
+  compiles its step again from the cache (seconds: the kernels are loaded, not generated),
+  captures it in a new graph and trains on with it. Where it switched is stored with the trial.
 - A later run on the same GPU and library versions finds the markers and compiles before its
   first epoch.
 
 Compilation is an optimisation only: a model that does not compile trains eagerly as before,
-its reason stored.
+its reason stored. It is asked for with ``--compile auto``; the default is off until compiled
+runs are shown to end at the accuracy of eager ones (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class Compiles:
         marker. Returns, per model id, what its trial needs (``job.extra["compile"]``): the
         cache folder and the marker's key."""
         if (protocol.get("train_only_top_layer") or not protocol.get("cuda_graphs")
-                or protocol.get("compile", "auto") != "auto" or protocol.get("precision") == "fp32"):
+                or protocol.get("compile", "off") != "auto" or protocol.get("precision") == "fp32"):
             return {}
         folder = Path(cache_root) / FOLDER
         found: dict[str, dict] = {}
