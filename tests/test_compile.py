@@ -353,3 +353,41 @@ def test_a_started_compile_hands_its_trial_the_process_to_keep_out_of_solo_secti
         compiles.stop()
     assert proc.returncode is not None and compiles.procs == []
 
+
+def _dropout_grads_follow_masks(device: torch.device, replays: int = 3) -> list[bool]:
+    """Whether the gradient reaching a compiled dropout's input follows the mask its forward
+    drew (kept: 1 / (1 - p); dropped: 0), on ``device``; on a GPU, in a replayed graph."""
+    from bakeoff.engines.torch_compile import compile_model
+    from bakeoff.engines.torch_step import _graph_of
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64).to(device)
+    fwd = compile_model(torch.nn.Sequential(lin, torch.nn.Dropout(0.5)).train())
+    x, kept, grads = torch.randn(32, 64, device=device) + 3, {}, []
+
+    def step():
+        lin.zero_grad(set_to_none=False)
+        out = fwd(x)
+        out.backward(torch.ones_like(out))
+        kept["mask"] = out != 0  # the linear layer's outputs are never exactly 0 here
+
+    if device.type == "cuda":
+        lin.bias.grad = torch.zeros_like(lin.bias)
+        graph = _graph_of(step, device, "own stream, thread-local")
+        runs = [graph.replay] * replays
+    else:
+        runs = [step] * replays
+    for run in runs:
+        run()
+        grads.append(torch.allclose(lin.bias.grad, kept["mask"].float().sum(0) * 2))
+    return grads
+
+
+def test_a_compiled_dropouts_gradient_follows_the_mask_it_drew():
+    assert _dropout_grads_follow_masks(torch.device("cpu")) == [True] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_compiled_dropouts_gradient_follows_its_mask_in_a_replayed_graph():
+    assert _dropout_grads_follow_masks(torch.device("cuda")) == [True] * 3
