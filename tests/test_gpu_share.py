@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 
@@ -445,7 +446,6 @@ def test_the_last_smaller_batch_is_met_before_training_and_leaves_no_trace():
 def _spinning_child(code: str = ""):
     """A Python process that prints "ready" and then wakes every 5 ms until it is ended."""
     import subprocess
-    import sys
 
     child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n" + code +
                               "print('ready', flush=True)\nwhile True: time.sleep(0.005)"],
@@ -469,7 +469,7 @@ def _becomes(pid: int, stopped: bool) -> bool:
     return False
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads process states from /proc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
 def test_a_background_compile_is_stopped_for_each_solo_section_and_continued_after():
     child = _spinning_child()
     gate = GpuShare(2)
@@ -494,7 +494,7 @@ def test_a_background_compile_is_stopped_for_each_solo_section_and_continued_aft
         pass
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="sends SIGSTOP")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sends SIGSTOP")
 def test_ending_the_compiles_continues_a_stopped_one_so_it_can_exit():
     import os
     import signal

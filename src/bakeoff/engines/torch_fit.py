@@ -96,6 +96,10 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
         compile_error = step.compile_error
         compiled_from = 1 if compile_error is None else None
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
+
+    def pending() -> bool:  # waiting for compiled kernels: neither switched nor failed yet
+        return compile_ready is not None and compiled_from is None and compile_error is None
+
     pace = _Pace() if gate.concurrent and device.type == "cuda" else None
     priority, step_s = 0, None
     history, train_time, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0, 0.0
@@ -143,14 +147,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                     paced += keep_pace(left, step_s)
                     if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
                         on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch - switch_s)
-                    room = steps_per_epoch - i - 1 >= (WINDOW_SKIP + WINDOW_STEPS if window is not None else 1)
-                    if (compile_ready is not None and compiled_from is None and compile_error is None
-                            and (i + 1) % SWITCH_CHECK == 0 and room and (window is None or i >= window[1] - 1)
-                            and compile_ready()):
-                        t_switch = time.perf_counter()
-                        compile_error = step.adopt(compile_fn(model))
-                        sync()
-                        switch_s += time.perf_counter() - t_switch
+                    if ((i + 1) % SWITCH_CHECK == 0 and pending() and (window is None or i >= window[1] - 1)
+                            and steps_per_epoch - i - 1 >= (WINDOW_SKIP + WINDOW_STEPS if window is not None else 1)
+                            and compile_ready()):  # after the solo window, with room for one on the new kernels
+                        compile_error, seconds = _switch(step, compile_fn, model, sync)
+                        switch_s += seconds
                         if compile_error is None:
                             compiled_from, switched_at = epoch + 1, i + 2
                             if window is not None:  # the new kernels' own window, from a few steps on
@@ -185,14 +186,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                 record |= {"kernels": "eager, then compiled", "compiled_from_step": switched_at}
             history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen,
                                          val_probs if scored else None, labels[val_idx], epoch_time, seen) | record)
-            if (compile_ready is not None and compiled_from is None and compile_error is None
-                    and epoch + 1 < protocol.epochs and compile_ready()):
-                t_compile = time.perf_counter()
-                compile_error = step.adopt(compile_fn(model))
-                sync()
-                compile_s += time.perf_counter() - t_compile
+            if pending() and epoch + 1 < protocol.epochs and compile_ready():
+                compile_error, seconds = _switch(step, compile_fn, model, sync)
+                compile_s += seconds
                 compiled_from = epoch + 2 if compile_error is None else None
-    if compile_ready is not None and compiled_from is None and compile_error is None:
+    if pending():
         compile_error = "its compiled kernels were not ready before the last epoch began"
     kind = "measured"
     if gate.concurrent:
@@ -204,6 +202,15 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
             "data_time_s": data_time, "step_mode": step.mode, "capture_time_s": capture_s,
             "capture_error": step.capture_error, "train_time_kind": kind, "train_wall_s": wall_time,
             "compiled_from_epoch": compiled_from, "compile_time_s": compile_s, "compile_error": compile_error}
+
+
+def _switch(step: _Step, compile_fn: Callable, model: nn.Module, sync) -> tuple[str | None, float]:
+    """``step`` switched to compiled kernels now (``_Step.adopt``): why that failed (None if it
+    did not) and the seconds it took, the GPU work included."""
+    t0 = time.perf_counter()
+    why = step.adopt(compile_fn(model))
+    sync()
+    return why, time.perf_counter() - t0
 
 
 def _close_window(alone: contextlib.ExitStack, sync, t_start: float, steps: int,
