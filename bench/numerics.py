@@ -27,6 +27,9 @@ def one(arch: str, device: str, size: int, batch: int) -> dict:
     from bakeoff.zoo import resolve
 
     dev = torch.device(device)
+    # fp32 means fp32: on a GPU, convolutions and matmuls would otherwise take TF32 by default.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model, _ = build_model(resolve(f"torchvision/{arch}"), 10, False)
     model = model.to(dev).train()
