@@ -234,10 +234,9 @@ def test_a_compiled_step_is_keyed_by_what_it_depends_on():
     assert key not in others and len(others) == 5
 
 
-@pytest.mark.parametrize("change", [dict(), dict(compile="off"), dict(compile="auto", cuda_graphs=False),
-                                    dict(compile="auto", precision="fp32"),
-                                    dict(compile="auto", train_only_top_layer=True)])
-def test_no_background_compile_unless_asked_for_or_where_the_step_would_not_use_it(tmp_path, change):
+@pytest.mark.parametrize("change", [dict(compile="off"), dict(cuda_graphs=False), dict(precision="fp32"),
+                                    dict(train_only_top_layer=True)])
+def test_no_background_compile_when_turned_off_or_where_the_step_would_not_use_it(tmp_path, change):
     found = Compiles().start([(RESNET, 224)], 10, Protocol(pretrained=False, **change).to_dict(), tmp_path,
                              "cuda", "GPU")
     assert found == {} and not (tmp_path / "compiled").exists()
@@ -273,9 +272,9 @@ def test_the_compile_switch_is_checked_and_keeps_stored_keys():
 
     with pytest.raises(BakeoffError, match="--compile must be one of auto, off"):
         Protocol(compile="always")
-    # Off by default, as every run before compiled steps existed trained: their keys stay.
-    assert Protocol().compile == "off"
-    assert Protocol().key() == Protocol(compile="off").key() != Protocol(compile="auto").key()
+    # On by default; off keys a trial as every run before compiled steps existed was keyed.
+    assert Protocol().compile == "auto"
+    assert Protocol().key() == Protocol(compile="auto").key() != Protocol(compile="off").key()
 
 
 @pytest.mark.gpu

@@ -258,10 +258,12 @@ def test_val_every_skips_evaluations_and_trains_the_same(shared_colour_folder, t
     with pytest.raises(BakeoffError, match="--val-every must be at least 1"):
         Protocol(val_every=0)
     assert [Protocol(epochs=5, val_every=2).validates(e) for e in range(5)] == [False, True, False, True, True]
-    # the default leaves the trial keys of earlier runs as they were
+    # the default validation, with eager kernels, leaves the trial keys of earlier runs as they were
     legacy = {k: v for k, v in Protocol().to_dict().items() if k not in ("val_every", "compile")}
-    assert Protocol().key() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    eager = Protocol(compile="off")
+    assert eager.key() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
     assert Protocol(val_every=2).key() != Protocol().key()
+    assert Protocol(val_every=2, compile="off").key() != eager.key()
 
 
 def test_a_learning_rate_that_wrecks_training_is_reported_as_at_chance(tmp_path, shared_colour_folder):

@@ -77,7 +77,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    val_fraction: float = 0.2, seed: int = 0, pretrained=True, weights_dir=None,
                    device: str = "auto", preset: str | None = None, precision: str = "auto",
                    image_size: int | None = None, cache_dir=None, trials_per_gpu="auto",
-                   cuda_graphs: bool = True, val_every: int = 1, compile: str = "off", progress: bool = True,
+                   cuda_graphs: bool = True, val_every: int = 1, compile: str = "auto", progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
                    mlflow_uri: str | None = None, endpoint_latency: int = 0) -> Comparison:
     """Fine-tune every model with one protocol, measure, store, and compare (see ``run``).
@@ -87,7 +87,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     ``endpoint_latency=N`` serves each trained model locally and times N one-image HTTP requests.
     ``val_every=N`` scores the validation split after every N-th epoch only (the last always).
     ``compile="auto"``: on a CUDA GPU, graphed training steps switch to compiled kernels once
-    they are compiled in the background (``engines.torch_compile``); ``"off"`` (the default)
+    they are compiled in the background (``engines.torch_compile``), the default; ``"off"``
     keeps eager kernels throughout.
     """
     if endpoint_latency:

@@ -118,10 +118,9 @@ def run_cmd(
                                        "time alone instead of projecting it."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
-    compile: str = typer.Option("off", "--compile", help="off (eager kernels throughout) or auto (on CUDA GPUs, "
-                                "compile each model's training step in the background and switch to the "
-                                "compiled kernels once ready; kept for later runs). auto is faster; whether "
-                                "its runs end at the same accuracy is not yet settled (see the README)."),
+    compile: str = typer.Option("auto", "--compile", help="auto (on CUDA GPUs, compile each model's training "
+                                "step in the background and switch to the compiled kernels once ready; kept "
+                                "for later runs) or off (eager kernels throughout)."),
     endpoint_latency: int = typer.Option(0, help="Serve each model locally and time N one-image HTTP requests."),
     executor: str = typer.Option("local", help="local (child processes on this machine) or ray (tasks on a Ray cluster)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. HOST:6379 (default: RAY_ADDRESS, "
