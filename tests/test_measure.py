@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bakeoff.measure import chance_level, classification_metrics, summarize_ms, time_calls, wilson_interval
+from bakeoff.measure import (chance_level, classification_metrics, summarize_ms, time_calls, validation_figures,
+                             wilson_interval)
 
 
 def test_wilson_interval_known_values():
@@ -54,3 +55,17 @@ def test_time_calls_syncs_each_run_and_keeps_every_sample():
     assert len(samples) == 50 and calls[:4] == ["f", "f", "f", "s"] and calls.count("s") == 51
     s = summarize_ms([1.0] * 94 + [10.0] * 6)
     assert s["p50"] == 1.0 and s["p95"] == 10.0 and s["n"] == 100
+
+
+def test_validation_figures_match_the_log_loss_and_accuracy_of_scikit_learn():
+    from sklearn.metrics import accuracy_score, log_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 4))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = rng.integers(0, 4, 50)
+    loss, acc = validation_figures(probs, y)
+    assert loss == pytest.approx(log_loss(y, probs, labels=range(4)), rel=1e-9)
+    assert acc == accuracy_score(y, probs.argmax(1))
+    # a certain wrong answer costs -log(1e-12), not infinity
+    assert validation_figures(np.array([[1.0, 0.0]]), np.array([1]))[0] == pytest.approx(-np.log(1e-12))

@@ -37,6 +37,14 @@ def chance_level(support, correct: int) -> tuple[float, bool]:
     return (chance, bool(wilson_interval(correct, n)[0] > chance))
 
 
+def validation_figures(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """An epoch's validation loss and accuracy from predicted probabilities ``probs`` (one row
+    per image) and labels ``y``: mean cross-entropy (a zero probability counts as 1e-12) and
+    top-1. Every engine scores its epochs with this, so their curves compare."""
+    picked = np.clip(probs[np.arange(len(y)), y], 1e-12, None)
+    return float(-np.log(picked).mean()), float((probs.argmax(1) == y).mean())
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Top-1 (with 95% CI), top-5, macro-F1, per-class accuracy, the confusion matrix, and the
     chance level (the largest class's share) with whether top-1 is clearly above it."""

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from bakeoff.data.batches import Batcher
-from bakeoff.measure import summarize_ms, time_calls
+from bakeoff.measure import summarize_ms, time_calls, validation_figures
 from bakeoff.protocol import Protocol
 
 __all__ = ["make_optimizer", "Steps", "fit", "predict_probs", "time_inference", "nhwc"]
@@ -201,8 +201,7 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
             t_eval = time.perf_counter()
             val_probs = predict_probs(steps, batcher, val_idx)
             eval_time += time.perf_counter() - t_eval
-            val_loss = float(-np.log(np.clip(val_probs[np.arange(len(val_y)), val_y], 1e-12, None)).mean())
-            val_acc = float((val_probs.argmax(1) == val_y).mean())
+            val_loss, val_acc = validation_figures(val_probs, val_y)
         n = len(train_idx)
         history.append({
             "epoch": epoch + 1,

@@ -16,7 +16,7 @@ from bakeoff.engines.torch_build import find_head
 from bakeoff.engines.torch_compile import compile_model
 from bakeoff.engines.torch_step import _first_way, _graph_of, _optimizer, _Pace, _Step, autocast_for, uses_bf16
 from bakeoff.gpu_share import share, stream_sync
-from bakeoff.measure import summarize_ms, time_calls
+from bakeoff.measure import summarize_ms, time_calls, validation_figures
 from bakeoff.protocol import Protocol
 
 # autocast_for and uses_bf16 are the step's (torch_step), named here too for the engines that
@@ -241,11 +241,7 @@ def solo_window(steps: int, length: int = WINDOW_STEPS, skip: int = WINDOW_SKIP)
 
 def _epoch_record(epoch, train_loss, train_acc, val_probs, val_y, epoch_time, seen) -> dict:
     """One epoch's figures; the validation ones are None after an epoch that was not validated."""
-    val_loss = val_acc = None
-    if val_probs is not None:
-        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_probs).clamp_min(1e-12)),
-                                                torch.from_numpy(val_y)))
-        val_acc = float((val_probs.argmax(1) == val_y).mean())
+    val_loss, val_acc = validation_figures(val_probs, val_y) if val_probs is not None else (None, None)
     return {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
             "val_accuracy": val_acc, "epoch_time_s": epoch_time, "images_per_s": seen / epoch_time}
 
