@@ -49,19 +49,22 @@ def _fit(device, compile_ready=None, compile_fn=None, epochs=3, n=96, **proto):
     return model, out
 
 
-def _after_epochs(n: int):
-    """A ``compile_ready`` that says yes once ``n`` epochs have ended (it is asked before the
-    first epoch, then after each)."""
+def _ready_after(n: int):
+    """A ``compile_ready`` that says no to its first ``n`` asks and yes after (``fit`` asks before
+    the first epoch, every ``SWITCH_CHECK`` steps while it may switch, and after each epoch)."""
     asked = []
     return lambda: asked.append(1) or len(asked) > n
 
 
+def _traced(model):
+    """The compiler's tracing backend without code generation: the same arithmetic as eager, so
+    a switch that dropped Adam's moments or the batch-norm statistics would show in the weights."""
+    return torch.compile(model, backend="aot_eager", dynamic=False)
+
+
 def test_a_step_switches_kernels_between_epochs_and_trains_on_as_before():
-    # The compiler's tracing backend without code generation: the same arithmetic as eager, so
-    # a switch that dropped Adam's moments or the batch-norm statistics would show in the weights.
-    traced = lambda m: torch.compile(m, backend="aot_eager", dynamic=False)  # noqa: E731
     eager_model, eager = _fit(torch.device("cpu"))
-    model, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(1), compile_fn=traced)
+    model, out = _fit(torch.device("cpu"), compile_ready=_ready_after(1), compile_fn=_traced)
     assert [h["kernels"] for h in out["history"]] == ["eager", "compiled", "compiled"]
     assert out["compiled_from_epoch"] == 2 and out["compile_error"] is None
     assert 0 < out["compile_time_s"] and out["step_mode"] == "eager, compiled"
@@ -76,11 +79,10 @@ def test_a_step_switches_mid_epoch_as_soon_as_its_kernels_are_ready(monkeypatch)
     from bakeoff.engines import torch_fit
 
     monkeypatch.setattr(torch_fit, "SWITCH_CHECK", 10)
-    traced = lambda m: torch.compile(m, backend="aot_eager", dynamic=False)  # noqa: E731
     long = dict(n=480, batch_size=4, epochs=2)  # 90 steps an epoch, asked after steps 10, 20, ...
     eager_model, eager = _fit(torch.device("cpu"), **long)
     # Asked at the start, then after steps 10 and 20 of the first epoch: ready at that third ask.
-    model, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(2), compile_fn=traced, **long)
+    model, out = _fit(torch.device("cpu"), compile_ready=_ready_after(2), compile_fn=_traced, **long)
     first, second = out["history"]
     assert (first["kernels"], first["compiled_from_step"], second["kernels"]) == (
         "eager, then compiled", 21, "compiled")
@@ -97,14 +99,13 @@ def test_sharing_a_mid_epoch_switch_waits_for_the_solo_window_and_times_each_ker
     from bakeoff.gpu_share import set_share
 
     monkeypatch.setattr(torch_fit, "SWITCH_CHECK", 10)
-    traced = lambda m: torch.compile(m, backend="aot_eager", dynamic=False)  # noqa: E731
     set_share(GpuShare(2))  # a GPU shared with one neighbour (none runs here): solo windows, projected times
     try:
         # 120 steps an epoch; the window is steps 9-56, so the first ask after it is at step 60,
         # and 60 steps are left for a window on the new kernels (steps 69-116).
-        _, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(1), compile_fn=traced, n=640,
+        _, out = _fit(torch.device("cpu"), compile_ready=_ready_after(1), compile_fn=_traced, n=640,
                       batch_size=4, epochs=1)
-        _, late = _fit(torch.device("cpu"), compile_ready=_after_epochs(2), compile_fn=traced, n=640,
+        _, late = _fit(torch.device("cpu"), compile_ready=_ready_after(2), compile_fn=_traced, n=640,
                        batch_size=4, epochs=2)
     finally:
         set_share(None)
@@ -120,8 +121,7 @@ def test_sharing_a_mid_epoch_switch_waits_for_the_solo_window_and_times_each_ker
 
 
 def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_the_step_eager():
-    traced = lambda m: torch.compile(m, backend="aot_eager", dynamic=False)  # noqa: E731
-    _, out = _fit(torch.device("cpu"), compile_ready=lambda: True, compile_fn=traced, epochs=2)
+    _, out = _fit(torch.device("cpu"), compile_ready=lambda: True, compile_fn=_traced, epochs=2)
     assert [h["kernels"] for h in out["history"]] == ["compiled", "compiled"] and out["compiled_from_epoch"] == 1
 
     def broken(model):
@@ -129,11 +129,11 @@ def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_th
             raise RuntimeError("no kernels for this model\nmore detail")
         return fwd
 
-    _, out = _fit(torch.device("cpu"), compile_ready=lambda: False, compile_fn=traced, epochs=2)
+    _, out = _fit(torch.device("cpu"), compile_ready=lambda: False, compile_fn=_traced, epochs=2)
     assert out["compiled_from_epoch"] is None and out["compile_error"] == (
         "its compiled kernels were not ready before the last epoch began")
 
-    model, out = _fit(torch.device("cpu"), compile_ready=_after_epochs(1), compile_fn=broken)
+    model, out = _fit(torch.device("cpu"), compile_ready=_ready_after(1), compile_fn=broken)
     assert [h["kernels"] for h in out["history"]] == ["eager"] * 3 and out["compiled_from_epoch"] is None
     assert out["compile_error"] == "RuntimeError: no kernels for this model"
     assert out["step_mode"] == "eager" and out["history"][-1]["val_accuracy"] > 0.6
@@ -282,7 +282,7 @@ def test_the_compile_switch_is_checked_and_keeps_stored_keys():
 def test_a_graphed_step_switches_to_compiled_kernels_and_keeps_learning():
     dev = torch.device("cuda")
     _, eager = _fit(dev)
-    _, out = _fit(dev, compile_ready=_after_epochs(1))
+    _, out = _fit(dev, compile_ready=_ready_after(1))
     assert out["step_mode"] == "cuda-graph, compiled" and out["compiled_from_epoch"] == 2, out["compile_error"]
     assert out["history"][-1]["val_accuracy"] > 0.6
     assert out["history"][-1]["train_loss"] == pytest.approx(eager["history"][-1]["train_loss"], rel=0.1)

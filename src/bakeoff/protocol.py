@@ -78,8 +78,10 @@ class Protocol:
     def key(self) -> str:
         """A short stable hash: trials with the same protocol, model and data are the same trial."""
         d = self.to_dict()
-        for name, default in (("val_every", 1), ("compile", "off")):
-            if d[name] == default:  # a default keeps the keys that runs stored before it existed
+        # Fields added later are left out at the value every run before them had (validation
+        # each epoch, eager kernels), so the trials those runs stored keep their keys.
+        for name, before in (("val_every", 1), ("compile", "off")):
+            if d[name] == before:
                 del d[name]
         blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
