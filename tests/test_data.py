@@ -253,3 +253,91 @@ def test_only_upright_rgb_or_grey_jpegs_go_to_the_batched_decoder(tmp_path):
     assert not batchable(encoded("RGB", orientation=6))  # a GPU decoder would leave it sideways
     assert not batchable(encoded("CMYK")) and not batchable(encoded("RGB", "PNG"))
     assert not batchable(b"\xff\xd8 not really") and not batchable(None)
+
+
+@pytest.mark.timeout(30)
+def test_link_loops_and_second_paths_list_each_real_file_once(tmp_path):
+    data = make_colour_folder(tmp_path / "d", 6, classes={"daisy": (200, 0, 0), "rose": (0, 0, 200)})
+    (data / "daisy" / "loop").symlink_to("..")  # the data folder again, so rose inside daisy
+    (data / "rose" / "self").symlink_to(".")
+    (data / "rose" / "sub").mkdir()
+    (data / "rose" / "sub" / "up").symlink_to("../..")
+    (data / "rose" / "twin.png").symlink_to("rose_000.png")
+    (data / "rose" / "hard.png").hardlink_to(data / "rose" / "rose_001.png")
+    outside = make_colour_folder(tmp_path / "elsewhere", 2, classes={"more": (0, 0, 190)}) / "more"
+    (data / "rose" / "ext").symlink_to(outside)  # images kept elsewhere: followed, once
+    (data / "rose" / "ext2").symlink_to(outside)
+    folder = scan_folder(data)
+    assert folder.counts() == {"daisy": 6, "rose": 8}
+    assert len(set(folder.paths)) == len(folder.paths) == 14
+    assert "rose/ext/more_000.png" in folder.paths
+    reasons = {s["path"]: s["reason"] for s in folder.skipped}
+    # hard.png comes first by name, so its twin is the one left out
+    assert set(reasons) == {"daisy/loop", "rose/self", "rose/sub/up", "rose/twin.png", "rose/rose_001.png", "rose/ext2"}
+    assert "loop" in reasons["daisy/loop"] and "rose/rose_000.png" in reasons["rose/twin.png"]
+    assert "rose/hard.png" in reasons["rose/rose_001.png"]
+
+    prepared = prepare_data(data, cache_dir=tmp_path / "cache")
+    train = {prepared.files[i] for i in prepared.train_idx}
+    val = {prepared.files[i] for i in prepared.val_idx}
+    assert not train & val and len(train) + len(val) == 14
+
+
+def test_a_class_folder_that_leads_back_to_the_data_folder_is_refused(tmp_path):
+    data = make_colour_folder(tmp_path / "d", 2, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    (data / "c").symlink_to(".")
+    with pytest.raises(BakeoffError, match=r"class folder .*/c leads back to the data folder"):
+        scan_folder(data)
+    (data / "c").unlink()
+    (data / "c").symlink_to("a")
+    with pytest.raises(BakeoffError, match=r"class folders .*/a and .*/c hold the same files"):
+        scan_folder(data)
+
+
+@pytest.mark.timeout(30)
+def test_a_named_pipe_and_dangling_links_are_skipped_and_listed_never_opened(tmp_path):
+    import json
+    import os
+
+    data = make_colour_folder(tmp_path / "d", 4, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    os.mkfifo(data / "a" / "x.jpg")  # opening it would wait for a writer forever
+    (data / "b" / "gone.jpg").symlink_to("nowhere.jpg")
+    (data / "b" / "ouroboros.jpg").symlink_to("ouroboros.jpg")
+    prepared = prepare_data(data, cache_dir=tmp_path / "cache")
+    reasons = {s["path"].split("/")[-1]: s["reason"] for s in prepared.skipped}
+    assert reasons["x.jpg"] == "not a regular file (a named pipe)"
+    assert reasons["gone.jpg"].startswith("a link to nothing (nowhere.jpg)")
+    assert set(reasons) == {"x.jpg", "gone.jpg", "ouroboros.jpg"}
+    assert len(prepared.train_idx) + len(prepared.val_idx) == 8
+    assert json.loads(json.dumps(prepared.summary()))["n_skipped"] == 3
+    with pytest.raises(OSError, match="not a regular file"):
+        load_rgb(data / "a" / "x.jpg")
+
+
+def test_a_validation_file_that_is_also_a_training_file_is_not_scored(tmp_path):
+    train = make_colour_folder(tmp_path / "train", 3, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    val = make_colour_folder(tmp_path / "val", 2, seed=1, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    (val / "a" / "copy.png").symlink_to(train / "a" / "a_000.png")
+    prepared = prepare_data(train, val, cache_dir=tmp_path / "cache")
+    assert [s["reason"] for s in prepared.skipped] == ["the same file is in the training folder"]
+    assert len(prepared.val_idx) == 4 and len(prepared.train_idx) == 6
+
+
+def test_thin_classes_are_warned_about_in_the_dataset_info(tmp_path, caplog):
+    data = make_colour_folder(tmp_path / "d", 5, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    make_colour_folder(data, 1, classes={"lone": (0, 200, 0)})
+    with caplog.at_level("WARNING", logger="bakeoff"):
+        prepared = prepare_data(data, cache_dir=tmp_path / "cache")
+    warnings = prepared.summary()["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("class lone has only 1 usable image")
+    assert "none is held out for validation" in warnings[0]
+    assert [r.getMessage() for r in caplog.records] == warnings
+
+    val = make_colour_folder(tmp_path / "v", 2, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+    (val / "b" / "b_000.png").write_bytes(b"not a png")
+    (val / "b" / "b_001.png").unlink()
+    (val / "lone").mkdir()
+    (val / "lone" / "bad.png").write_bytes(b"broken")
+    warnings = prepare_data(data, val, cache_dir=tmp_path / "cache").summary()["warnings"]
+    assert any(w.startswith("class lone has only 1 usable image") for w in warnings)
+    assert sum("no readable image of class" in w for w in warnings) == 2  # b and lone

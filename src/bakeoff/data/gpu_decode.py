@@ -14,13 +14,12 @@ import io
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from bakeoff.data.images import square_resize_tensor
+from bakeoff.data.images import open_regular, square_resize_tensor
 
 __all__ = ["decode_batched", "batchable"]
 
@@ -44,7 +43,8 @@ def batchable(data: bytes | None) -> bool:
 
 def _read(path: str) -> tuple[bytes | None, bool]:
     try:
-        data = Path(path).read_bytes()
+        with open_regular(path) as f:  # a named pipe would block the reader forever
+            data = f.read()
     except OSError:
         return None, False  # the PIL path reports the error
     return data, batchable(data)

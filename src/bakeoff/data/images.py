@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image, ImageOps
+import os
+import stat
+from contextlib import contextmanager, nullcontext
 
-__all__ = ["load_rgb", "square_resize", "square_resize_tensor", "INTERPOLATION"]
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["load_rgb", "open_regular", "square_resize", "square_resize_tensor", "INTERPOLATION"]
 
 INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -38,12 +42,40 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")
 
 
+def open_regular(path):
+    """Open ``path`` for reading if it is a regular file; raise OSError for anything else.
+
+    A named pipe called ``x.jpg`` would block a plain ``open`` forever: it is opened without
+    blocking and checked on the open descriptor, so it cannot be swapped in after a check.
+    File objects (already open) pass through unchanged.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        return nullcontext(path)
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK))
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise OSError(f"{os.fspath(path)} is not a regular file")
+    os.set_blocking(f.fileno(), True)
+    return f
+
+
+@contextmanager
+def _named(path):
+    """PIL names an open file object by its repr: say which file instead, as for a path."""
+    try:
+        yield
+    except UnidentifiedImageError:
+        if not isinstance(path, (str, os.PathLike)):
+            raise
+        raise UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}") from None
+
+
 def load_rgb(path, draft_size: int | None = None) -> Image.Image:
     """Open ``path`` and return an upright RGB image; raises OSError/ValueError if unreadable.
 
     ``draft_size`` lets the JPEG decoder skip work when the image will be shrunk anyway.
     """
-    with Image.open(path) as img:
+    with open_regular(path) as f, _named(path), Image.open(f) as img:
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()  # truncated or corrupt data fails here, not later

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,8 @@ from bakeoff.data.scan import CLASS_MAP_FILE, scan_folder, stratified_split
 from bakeoff.errors import BakeoffError
 
 __all__ = ["PreparedData", "prepare_data"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +36,7 @@ class PreparedData:
     source: dict = field(default_factory=dict)
     decode_device: str | None = None  # a GPU that decodes the JPEGs, or None for the CPU
     timings: dict = field(default_factory=dict)  # seconds: scanning, decoding (0 when cached)
+    warnings: list[str] = field(default_factory=list)  # what the run can use but measures poorly
 
     def cache_for(self, side: int, interpolation: str, progress: Callable | None = None) -> DecodedImages:
         """The decoded images at ``side`` (built on first use, then shared)."""
@@ -47,7 +52,7 @@ class PreparedData:
         return {**self.source, "fingerprint": self.fingerprint, "classes": self.classes,
                 "n_train": int(len(self.train_idx)), "n_val": int(len(self.val_idx)),
                 "train_counts": counts, "val_counts": val_counts,
-                "n_skipped": len(self.skipped), "skipped": self.skipped,
+                "n_skipped": len(self.skipped), "skipped": self.skipped, "warnings": self.warnings,
                 **{f"{k}_time_s": round(v, 3) for k, v in self.timings.items()}}
 
 
@@ -74,11 +79,19 @@ def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 
     fp = hashlib.sha256(train.fingerprint().encode())
     if val is not None:
         val_root = val.root.resolve()
-        files += [str(val_root / p) for p in val.paths]
-        labels += list(val.labels)
-        is_val += [True] * len(val.paths)
         skipped += [{"path": str(val.root / s["path"]), "reason": s["reason"]} for s in val.skipped]
+        in_train, n_files = {_identity(f) for f in files}, len(files)
+        for p, label in zip(val.paths, val.labels):
+            path = str(val_root / p)
+            if _identity(path) in in_train:  # scored on an image it trained on: not a validation
+                skipped.append({"path": path, "reason": "the same file is in the training folder"})
+                continue
+            files.append(path)
+            labels.append(label)
+            is_val.append(True)
         fp.update(val.fingerprint().encode())
+        if len(files) - n_files < len(val.paths):  # the cache holds these files only (keys unchanged otherwise)
+            fp.update(f"without {len(val.paths) - len(files) + n_files} shared".encode())
     fingerprint = fp.hexdigest()[:16]
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "bakeoff"
     labels = np.asarray(labels, dtype=np.int64)
@@ -112,18 +125,49 @@ def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 
         if len(data.val_idx) == 0:
             raise BakeoffError(f"data folder {data_dir} is too small to hold out a validation split: "
                                f"add images, raise --val-fraction or pass --val-dir")
+    data.warnings = split_warnings(data, data_dir, val_dir)
+    for w in data.warnings:
+        log.warning(w)
     return data
+
+
+def _identity(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:  # gone since the scan: the decoder reports it
+        return (path,)
+    return st.st_dev, st.st_ino
+
+
+def split_warnings(data: PreparedData, data_dir, val_dir) -> list[str]:
+    """Classes the run trains on but measures poorly: one with fewer than 2 usable images, and
+    one with no validation image (its accuracy is not measured at all)."""
+    out = []
+    train = np.bincount(data.labels[data.train_idx], minlength=len(data.classes))
+    val = np.bincount(data.labels[data.val_idx], minlength=len(data.classes))
+    for i, cls in enumerate(data.classes):
+        n = int(train[i] + (0 if val_dir else val[i]))
+        if n < 2:
+            held = "" if val_dir else ", so none is held out for validation"
+            out.append(f"class {cls} has only {n} usable image in {data_dir}{held}: add images to it")
+        if val[i] == 0 and (val_dir or n >= 2):
+            where = f"{val_dir} has no readable image of class {cls}" if val_dir else \
+                f"the validation split has no image of class {cls}"
+            out.append(f"{where}: its accuracy is not measured; add images to it")
+    return out
 
 
 def typical_side(files: list[str], sample: int = 64, seed: int = 0) -> int:
     """The median shorter side of a sample of the images (headers only, nothing decoded)."""
     from PIL import Image
 
+    from bakeoff.data.images import open_regular
+
     rng = np.random.default_rng(seed)
     sides = []
     for i in rng.choice(len(files), size=min(sample, len(files)), replace=False):
         try:
-            with Image.open(files[i]) as img:
+            with open_regular(files[i]) as f, Image.open(f) as img:
                 sides.append(min(img.size))
         except Exception:
             continue

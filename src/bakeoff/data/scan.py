@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,27 +78,129 @@ def scan_folder(root, classes: list[str] | None = None, what: str = "data folder
                 f"{what} {root} has classes the training data lacks: {', '.join(unknown)}; "
                 f"rename or remove them (training classes: {', '.join(classes)})"
             )
+    reals = {cls: os.path.realpath(root / cls) for cls in subdirs}
+    _refuse_overlapping_classes(root, reals, what)
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels, skipped = [], [], []
+    walk = _Walk(root, set(reals.values()))
+    paths, labels = [], []
     for cls in subdirs:
         found = 0
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-            for name in sorted(filenames):
-                if _is_hidden(name):
-                    continue
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                    paths.append(rel)
-                    labels.append(index[cls])
-                    found += 1
-                else:
-                    skipped.append({"path": rel, "reason": "not an image file (by its extension)"})
+        for rel in walk.files(cls):
+            if Path(rel).suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(rel)
+                labels.append(index[cls])
+                found += 1
+            else:
+                walk.skipped.append({"path": rel, "reason": "not an image file (by its extension)"})
         if found == 0:
             raise BakeoffError(
                 f"class folder {root / cls} holds no images: add images to it or remove the folder"
             )
-    return ImageFolder(root, list(classes), paths, np.asarray(labels, dtype=np.int64), skipped)
+    return ImageFolder(root, list(classes), paths, np.asarray(labels, dtype=np.int64), walk.skipped)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _refuse_overlapping_classes(root: Path, reals: dict[str, str], what: str) -> None:
+    """A class folder that is (a link to) the data folder, an ancestor of it, or another class's
+    folder would label one image as two classes."""
+    top = os.path.realpath(root)
+    for cls, real in reals.items():
+        if _within(top, real):
+            raise BakeoffError(f"class folder {root / cls} leads back to the {what} itself (a link to {real}): "
+                               f"remove it")
+    for cls, real in reals.items():
+        for other, other_real in reals.items():
+            if other != cls and _within(real, other_real):
+                raise BakeoffError(f"class folders {root / cls} and {root / other} hold the same files "
+                                   f"(one leads into the other): remove one of them")
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+            (stat.S_ISBLK, "a device"))
+
+
+class _Walk:
+    """Depth-first listing of the class folders that follows links but lists each real file once.
+
+    Links are followed (a class folder often links to images kept elsewhere), so every folder
+    and file is keyed by (st_dev, st_ino): a link loop (``daisy/loop -> ..``) or a second path to
+    the same files would otherwise list them many times, and put copies of one image in both the
+    training and the validation split. A link into a class folder is not followed (its files
+    are listed where they really are). Only regular files are listed: opening a named pipe
+    blocks forever. Everything left out goes to ``skipped`` with its reason.
+    """
+
+    def __init__(self, root: Path, class_reals: set[str]):
+        self.root, self.class_reals = root, class_reals
+        self.top = os.path.realpath(root)
+        self.seen_dirs: set[tuple[int, int]] = set()
+        self.seen_files: dict[tuple[int, int], str] = {}
+        self.skipped: list[dict] = []
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped.append({"path": os.path.relpath(path, self.root), "reason": reason})
+
+    def files(self, cls: str):
+        """Relative paths of the regular files under ``root/cls``: files of a folder first (sorted
+        by name), then each sub-folder in name order, as ``os.walk`` lists them (the data set's
+        fingerprint hashes this order)."""
+        folder = str(self.root / cls)
+        try:
+            st = os.stat(folder)
+        except OSError as exc:
+            self.skip(folder, f"unreadable folder: {exc.strerror}")
+            return
+        self.seen_dirs.add((st.st_dev, st.st_ino))
+        yield from self._folder(folder)
+
+    def _folder(self, folder: str):
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not _is_hidden(e.name)), key=lambda e: e.name)
+        except OSError as exc:
+            self.skip(folder, f"unreadable folder: {exc.strerror}")
+            return
+        subfolders = []
+        for entry in entries:
+            try:
+                st = entry.stat()  # follows a link; a dangling or looping link raises
+            except OSError as exc:
+                target = os.readlink(entry.path) if entry.is_symlink() else ""
+                self.skip(entry.path, f"a link to nothing ({target}): {exc.strerror}" if target
+                          else f"unreadable: {exc.strerror}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                subfolders.append((entry, st))
+            elif stat.S_ISREG(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in self.seen_files:
+                    self.skip(entry.path, f"the same file as {self.seen_files[key]} (a link): listed once")
+                else:
+                    rel = os.path.relpath(entry.path, self.root)
+                    self.seen_files[key] = rel
+                    yield rel
+            else:
+                kind = next((name for test, name in _SPECIAL if test(st.st_mode)), "a special file")
+                self.skip(entry.path, f"not a regular file ({kind})")
+        for entry, st in subfolders:
+            key = (st.st_dev, st.st_ino)
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+                if _within(self.top, real):
+                    self.skip(entry.path, f"a link to a folder that holds the data folder ({real}): a loop")
+                    continue
+                if any(_within(real, c) for c in self.class_reals):
+                    self.skip(entry.path, f"a link back into a class folder ({real}): "
+                                          "its files are listed once, where they are")
+                    continue
+            if key in self.seen_dirs:
+                self.skip(entry.path, "a folder listed already (through a link): listed once")
+                continue
+            self.seen_dirs.add(key)
+            yield from self._folder(entry.path)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
