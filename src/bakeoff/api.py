@@ -23,6 +23,7 @@ from bakeoff.data.prepare import prepare_data, storage_side, write_class_map
 from bakeoff.data.scan import scan_folder
 from bakeoff.engines.torch_compile import Compiles
 from bakeoff.errors import BakeoffError
+from bakeoff.lifetime import hold_folder, remove_stale_temps
 from bakeoff.progress import NullProgress, RunProgress
 from bakeoff.protocol import Protocol, apply_preset
 from bakeoff.provenance import provenance
@@ -142,78 +143,82 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         dev = resolve_device(device)
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    store = Store(out / "bakeoff.db")
-    t0 = time.time()
+    # One run writes a folder at a time, for its whole life: a second is refused with one line.
+    with hold_folder(out):
+        store = Store(out / "bakeoff.db")
+        store.mark_interrupted()  # runs left "running" by a killed process: none is live, we hold the folder
+        t0 = time.time()
 
-    sides = []
-    for s in specs:
-        size = image_size or s.input_size
-        sides.append((size, cache_side(size, s.crop_pct), s.interpolation))
-    display = RunProgress(len(specs)) if progress else NullProgress()
-    gpu = _local_gpu(executor, dev)
-    warm = None
-    if gpu is not None:  # on a CPU the decoders want every core
-        from bakeoff.runners.local import prestart
+        sides = []
+        for s in specs:
+            size = image_size or s.input_size
+            sides.append((size, cache_side(size, s.crop_pct), s.interpolation))
+        display = RunProgress(len(specs)) if progress else NullProgress()
+        gpu = _local_gpu(executor, dev)
+        warm = None
+        if gpu is not None:  # on a CPU the decoders want every core
+            from bakeoff.runners.local import prestart
 
-        warm = prestart(gpu)  # torch and CUDA start while the images decode
-    compiles = Compiles()
-    with display, _stopped_on_error(warm), contextlib.ExitStack() as ending:
-        ending.callback(compiles.stop)  # what they finished stays in the cache for the next run
-        cache_root = Path(cache_dir).expanduser() if cache_dir else out / "cache"
-        compile_for = {}
-        if gpu is not None:  # compiled beside the decoding and the first epochs, at low priority
-            compile_for = compiles.start([(s.to_dict(), size) for s, (size, _, _) in zip(specs, sides)],
-                                         len(train_folder.classes), protocol.to_dict(), cache_root, gpu,
-                                         device_name(dev))
-        # Decode once: every image is decoded a single time, at one size that serves all models.
-        files = [str(train_folder.root / p) for p in train_folder.paths]
-        store_side = storage_side([side for _, side, _ in sides], files)
-        interp = sides[0][2]
-        data = prepare_data(data_dir, val_dir, val_fraction, seed, cache_root,
-                            first_side=(store_side, interp), progress=display.decode(f"{store_side}px"),
-                            decode_device=gpu, scanned=scanned)
-        write_class_map(data.classes, out)
-        summary = data.summary()
-        (out / "dataset.json").write_text(json.dumps(summary, indent=2))
-        (out / "split.json").write_text(json.dumps({
-            "train": [data.files[i] for i in data.train_idx], "val": [data.files[i] for i in data.val_idx]}))
-        jobs = []
-        for s, (size, side, _) in zip(specs, sides):
-            key = hashlib.sha256(f"{s.id}|{protocol.key()}|{data.fingerprint}|{dev.type}".encode()).hexdigest()[:20]
-            jobs.append(TrialJob(spec=s.to_dict(), protocol=protocol.to_dict(),
-                                 cache_path=str(data.caches[(store_side, interp)].path), input_size=size,
-                                 side=side,
-                                 labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
-                                 classes=data.classes, out_dir=str(out), device=str(dev),
-                                 weights_dir=str(weights_dir) if weights_dir else None, key=key,
-                                 extra={"compile": compile_for[s.id]} if s.id in compile_for else {}))
-        command = command or " ".join(shlex.quote(a) for a in sys.argv)
-        run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, protocol.to_dict(),
-                                 summary, provenance() | {"device": str(dev), "executor": executor})
-        status = "interrupted"
-        try:
-            if executor == "ray":
-                from bakeoff.runners.ray_runner import run_ray
+            warm = prestart(gpu)  # torch and CUDA start while the images decode
+        compiles = Compiles()
+        with display, _stopped_on_error(warm), contextlib.ExitStack() as ending:
+            ending.callback(compiles.stop)  # what they finished stays in the cache for the next run
+            cache_root = Path(cache_dir).expanduser() if cache_dir else out / "cache"
+            remove_stale_temps(cache_root)  # what a killed run was writing: a half-decoded cache, a marker
+            compile_for = {}
+            if gpu is not None:  # compiled beside the decoding and the first epochs, at low priority
+                compile_for = compiles.start([(s.to_dict(), size) for s, (size, _, _) in zip(specs, sides)],
+                                             len(train_folder.classes), protocol.to_dict(), cache_root, gpu,
+                                             device_name(dev))
+            # Decode once: every image is decoded a single time, at one size that serves all models.
+            files = [str(train_folder.root / p) for p in train_folder.paths]
+            store_side = storage_side([side for _, side, _ in sides], files)
+            interp = sides[0][2]
+            data = prepare_data(data_dir, val_dir, val_fraction, seed, cache_root,
+                                first_side=(store_side, interp), progress=display.decode(f"{store_side}px"),
+                                decode_device=gpu, scanned=scanned)
+            write_class_map(data.classes, out)
+            summary = data.summary()
+            (out / "dataset.json").write_text(json.dumps(summary, indent=2))
+            (out / "split.json").write_text(json.dumps({
+                "train": [data.files[i] for i in data.train_idx], "val": [data.files[i] for i in data.val_idx]}))
+            jobs = []
+            for s, (size, side, _) in zip(specs, sides):
+                key = hashlib.sha256(f"{s.id}|{protocol.key()}|{data.fingerprint}|{dev.type}".encode()).hexdigest()[:20]
+                jobs.append(TrialJob(spec=s.to_dict(), protocol=protocol.to_dict(),
+                                     cache_path=str(data.caches[(store_side, interp)].path), input_size=size,
+                                     side=side,
+                                     labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
+                                     classes=data.classes, out_dir=str(out), device=str(dev),
+                                     weights_dir=str(weights_dir) if weights_dir else None, key=key,
+                                     extra={"compile": compile_for[s.id]} if s.id in compile_for else {}))
+            command = command or " ".join(shlex.quote(a) for a in sys.argv)
+            run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, protocol.to_dict(),
+                                     summary, provenance() | {"device": str(dev), "executor": executor})
+            status = "interrupted"
+            try:
+                if executor == "ray":
+                    from bakeoff.runners.ray_runner import run_ray
 
-                counts = run_ray(jobs, store, run_id, display.on_event, ray_address)
-            else:
-                devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides,
-                                                 protocol.train_only_top_layer)
-                counts = run_local(jobs, store, run_id, display.on_event, devices, per_device, warm)
-            status = "finished"
-        finally:
-            store.finish_run(run_id, status)
-    problems = add_endpoint_latency(out, store, [j.key for j in jobs], endpoint_latency, device, seed) \
-        if endpoint_latency else []
-    comparison = write_outputs(out, baseline)
-    comparison.warning = "; ".join(filter(None, [comparison.warning, *problems])) or None
-    if mlflow_uri:  # after write_outputs, so the plots and report files exist to be logged
-        from bakeoff.tracking import log_run
+                    counts = run_ray(jobs, store, run_id, display.on_event, ray_address)
+                else:
+                    devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides,
+                                                     protocol.train_only_top_layer)
+                    counts = run_local(jobs, store, run_id, display.on_event, devices, per_device, warm)
+                status = "finished"
+            finally:
+                store.finish_run(run_id, status)
+        problems = add_endpoint_latency(out, store, [j.key for j in jobs], endpoint_latency, device, seed) \
+            if endpoint_latency else []
+        comparison = write_outputs(out, baseline)
+        comparison.warning = "; ".join(filter(None, [comparison.warning, *problems])) or None
+        if mlflow_uri:  # after write_outputs, so the plots and report files exist to be logged
+            from bakeoff.tracking import log_run
 
-        comparison.run["mlflow_experiment"] = log_run(out, mlflow_uri)
-    comparison.run["counts"] = counts
-    comparison.run["wall_time_s"] = time.time() - t0
-    return comparison
+            comparison.run["mlflow_experiment"] = log_run(out, mlflow_uri)
+        comparison.run["counts"] = counts
+        comparison.run["wall_time_s"] = time.time() - t0
+        return comparison
 
 
 def _local_gpu(executor: str, dev) -> str | None:

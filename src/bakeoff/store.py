@@ -8,6 +8,8 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+from bakeoff.lifetime import folder_in_use
+
 __all__ = ["Store"]
 
 SCHEMA = """
@@ -65,6 +67,16 @@ class Store:
         with closing(self._connect()) as db, db:
             db.execute("UPDATE runs SET finished = ?, status = ? WHERE id = ?", (time.time(), status, run_id))
 
+    def mark_interrupted(self) -> int:
+        """Mark the runs still "running" as interrupted (their process was killed: a run that
+        ends in any other way says how it ended), as of their last stored trial. Call only
+        while holding the folder (``lifetime.hold_folder``), so that none of them is live."""
+        with closing(self._connect()) as db, db:
+            return db.execute(
+                "UPDATE runs SET status = 'interrupted', finished = COALESCE("
+                "(SELECT MAX(finished) FROM trials WHERE trials.run_id = runs.id), started)"
+                " WHERE status = 'running'").rowcount
+
     def finished_keys(self) -> set[str]:
         with closing(self._connect()) as db:
             return {r["key"] for r in db.execute("SELECT key FROM trials WHERE status = 'ok'")}
@@ -99,9 +111,19 @@ class Store:
         return run
 
     def latest_trials(self) -> tuple[dict | None, list[dict]]:
-        """The latest run and its trials (in the order they finished); ``(None, [])`` before any run."""
+        """The latest run and its trials (in the order they finished); ``(None, [])`` before any run.
+
+        The run's ``missing`` lists its models that have no stored trial yet, and a run still
+        marked "running" whose process is gone (no run holds the folder) reads "interrupted"."""
         run = self.latest_run()
-        return run, (self.trials(keys=list(run["trial_keys"].values())) if run is not None else [])
+        if run is None:
+            return None, []
+        trials = self.trials(keys=list(run["trial_keys"].values()))
+        stored = {t["key"] for t in trials}
+        run["missing"] = [m for m, k in run["trial_keys"].items() if k not in stored]
+        if run["status"] == "running" and folder_in_use(self.path.parent) is False:
+            run["status"] = "interrupted"
+        return run, trials
 
     def trials(self, keys: list[str] | None = None) -> list[dict]:
         with closing(self._connect()) as db:

@@ -74,7 +74,18 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, infe
             plot_tradeoffs(relative, out_dir, f"{LATENCIES[inference][2]} p50")
     else:
         warning = "no model finished successfully: nothing to compare (see the error column of results.csv)"
-    warning = "; ".join(w for w in (warning, chance_warning(results)) if w) or None
+    warning = "; ".join(w for w in (warning, chance_warning(results), _missing_warning(run)) if w) or None
     comparison = Comparison(results, relative, used, run, warning, inference)
     write_reports(out_dir, comparison)  # report.md, and report.html where plotly is installed
     return comparison
+
+
+def _missing_warning(run: dict) -> str | None:
+    """Names the run's models with no result yet (``run["missing"]``, from the store)."""
+    missing = run.get("missing") or []
+    if not missing:
+        return None
+    why = {"running": "still being trained by the run writing this folder",
+           "interrupted": "the run was interrupted before training them: run the same command again"}
+    return f"{len(missing)} of {len(run['trial_keys'])} models have no result ({', '.join(missing)}): " \
+           + why.get(run.get("status"), "not trained")

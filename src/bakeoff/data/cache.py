@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from bakeoff.data.images import load_rgb, square_resize
+from bakeoff.lifetime import die_with_parent, temp_path
 
 __all__ = ["DecodedImages", "build_cache", "cache_side"]
 
@@ -62,7 +64,8 @@ def _decode_into(npy_path: str, start: int, paths: list[str], side: int, interpo
 def _decode_in_processes(tmp: Path, files: list[str], side: int, interpolation: str, workers: int,
                          progress: Callable[[int, int], None] | None) -> dict[int, str]:
     chunk, done, errors = 512, 0, {}
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_decode_into, str(tmp), start, files[start:start + chunk], side, interpolation):
                    len(files[start:start + chunk]) for start in range(0, len(files), chunk)}
         for fut in as_completed(futures):
@@ -116,15 +119,12 @@ def build_cache(
     stem = f"s{side}-{interpolation}"
     npy, meta = folder / f"{stem}.npy", folder / f"{stem}.json"
     if npy.exists() and meta.exists():
-        info = json.loads(meta.read_text())
-        if info.get("n") == len(files):
-            errors = {int(k): v for k, v in info["errors"].items()}
-            ok = np.ones(len(files), dtype=bool)
-            ok[list(errors)] = False
+        found = _read_entry(npy, meta, len(files), side)
+        if found is not None:
             if progress:
                 progress(len(files), len(files))
-            return DecodedImages(npy, side, ok, errors)
-    tmp = folder / f".{stem}.{os.getpid()}.npy"
+            return DecodedImages(npy, side, *_ok_mask(len(files), found))
+    tmp = temp_path(npy)  # names its writer: a later run removes it if this one is killed
     # The file with its .npy header; the decoders fill its rows in place.
     np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), side, side, 3)).flush()
     workers = workers or min(32, os.cpu_count() or 1)
@@ -147,8 +147,34 @@ def build_cache(
     if errors is None:
         errors = _decode_in_threads(np.load(tmp, mmap_mode="r+"), files, side, interpolation, workers, progress)
     os.replace(tmp, npy)
-    meta.write_text(json.dumps({"n": len(files), "side": side, "interpolation": interpolation, "decoder": decoder,
-                                "errors": {str(k): v for k, v in errors.items()}}))
-    ok = np.ones(len(files), dtype=bool)
+    meta_tmp = temp_path(meta)  # renamed into place too: a reader never sees half of it
+    meta_tmp.write_text(json.dumps({"n": len(files), "side": side, "interpolation": interpolation,
+                                    "decoder": decoder, "errors": {str(k): v for k, v in errors.items()}}))
+    os.replace(meta_tmp, meta)
+    return DecodedImages(npy, side, *_ok_mask(len(files), errors))
+
+
+def _ok_mask(n: int, errors: dict[int, str]) -> tuple[np.ndarray, dict[int, str]]:
+    ok = np.ones(n, dtype=bool)
     ok[list(errors)] = False
-    return DecodedImages(npy, side, ok, errors)
+    return ok, errors
+
+
+def _read_entry(npy: Path, meta: Path, n: int, side: int) -> dict[int, str] | None:
+    """The decode errors of a complete cache entry for ``n`` images; None where it is for
+    another file list, or damaged (a truncated or unreadable file, say from a full disk or an
+    older version that wrote in place): then it is decoded again, with a one-line warning."""
+    try:
+        info = json.loads(meta.read_text())
+        if info.get("n") != n:
+            return None
+        errors = {int(k): v for k, v in info["errors"].items()}
+        images = np.load(npy, mmap_mode="r")  # a file shorter than its header says fails here
+        expected = (n, side, side, 3)
+        if images.shape != expected or images.dtype != np.uint8:
+            raise ValueError(f"holds {images.shape} {images.dtype}, not {expected} uint8")
+        return errors
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        print(f"warning: decoded-image cache {npy.parent / npy.stem}.* is damaged ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}): decoding the images again", file=sys.stderr)
+        return None

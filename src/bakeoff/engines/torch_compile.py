@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bakeoff.lifetime import die_with_parent, temp_path
+
 __all__ = ["compile_model", "compile_key", "Marker", "Compiles", "cache_env", "use_cache", "marker_for"]
 
 # Where, under the data cache folder, the compiled kernels and the markers live.
@@ -96,7 +98,7 @@ class Marker:
         return found.get("error") if found.get("status") == "failed" else None
 
     def write(self, status: str, **fields) -> None:
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = temp_path(self.path)
         tmp.write_text(json.dumps({"status": status, **fields}))
         os.replace(tmp, self.path)
 
@@ -146,7 +148,7 @@ class Compiles:
             if marker.read() is not None:
                 continue  # compiled (or failed) in an earlier run
             args = {"spec": spec, "classes": classes, "input_size": size, "protocol": protocol, "device": device,
-                    "folder": str(folder), "key": marker.key}
+                    "folder": str(folder), "key": marker.key, "parent": os.getpid()}
             with open(folder / f"{marker.key}.log", "w") as log:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "bakeoff.engines.torch_compile", json.dumps(args)],
@@ -193,9 +195,11 @@ def _compile_once(args: dict) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = json.loads((argv or sys.argv[1:])[0])
+    if "parent" in args:  # a run killed outright takes its compiles with it (``stop`` is for the rest)
+        die_with_parent(args["parent"])
     if hasattr(os, "nice"):
         os.nice(10)  # a background compile yields the CPU to the trials' loops and the image decoders
-    args = json.loads((argv or sys.argv[1:])[0])
     marker = Marker(args["folder"], args["key"])
     t0 = time.perf_counter()
     try:

@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import signal
 import time
 from typing import Callable
 
+from bakeoff.lifetime import die_with_parent
 from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
 from bakeoff.trial import TrialJob, reusable_after, worker_main
 
 __all__ = ["run_local", "prestart"]
+
+
+def _child_main(target: Callable, parent: int, *args) -> None:
+    """A worker's first act: tie its life to the run's process. ``daemon=True`` stops it only
+    when the run exits normally; a run killed outright (out of memory, SIGKILL) would leave it
+    training and writing into the output folder that the next run owns."""
+    die_with_parent(parent)
+    target(*args)
 
 
 class _Worker:
@@ -28,7 +38,8 @@ class _Worker:
     def __init__(self, ctx, capacity: int = 1, prewarm: str | None = None, target: Callable = worker_main) -> None:
         self.capacity = capacity
         self.jobs, self.queue = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=target, args=(self.jobs, self.queue, capacity, prewarm), daemon=True)
+        self.proc = ctx.Process(target=_child_main, args=(target, os.getpid(), self.jobs, self.queue, capacity,
+                                                          prewarm), daemon=True)
         self.running: dict[str, tuple[TrialJob, float]] = {}
         self.closing = False  # takes no more jobs; stopped once its running ones finish
         self.told_last = False  # told that no more trials will join the ones it runs

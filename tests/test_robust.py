@@ -1,0 +1,221 @@
+"""Nothing lost, nobody in: a run killed outright takes its worker with it, leaves nothing the
+next run does not clean, and a second run into a folder in use is refused. Real processes
+throughout (Linux: the tests read /proc)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bakeoff.api import run_comparison
+from bakeoff.compare.outputs import write_outputs
+from bakeoff.data.cache import build_cache
+from bakeoff.lifetime import hold_folder, temp_path
+from conftest import TINY
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+
+BAKEOFF = [sys.executable, "-m", "bakeoff.cli"]
+MODELS = "timm/test_resnet,timm/test_efficientnet"
+
+
+def _args(data, out, epochs, models=MODELS) -> list[str]:
+    return [*BAKEOFF, "run", str(data), "--models", models, "--out", str(out), "--no-pretrained",
+            "--image-size", "32", "--epochs", str(epochs), "--device", "cpu"]
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter (Z: ended, not yet reaped by whoever adopted it); None: gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid``, with their command lines."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, shared_colour_folder):
+    """A run killed outright (SIGKILL to the main process alone, as the out-of-memory killer
+    does) while its worker trains the first of two models; a second run and a report started
+    while it was still alive."""
+    out = tmp_path_factory.mktemp("robust") / "out"
+    run = subprocess.Popen(_args(shared_colour_folder, out, 10_000), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        def training_worker():  # the trial process, once it has mapped the images (it trains next)
+            for pid, cmd in _children(run.pid).items():
+                try:
+                    if "multiprocessing" in cmd and ".npy" in Path(f"/proc/{pid}/maps").read_text():
+                        return pid
+                except OSError:
+                    continue
+            assert run.poll() is None, run.communicate()
+            return None
+
+        worker = _wait(training_worker, 120, "the trial worker to start training")
+        second = subprocess.Popen(_args(shared_colour_folder, out, 1), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        during = subprocess.run([*BAKEOFF, "report", str(out)], capture_output=True, text=True, timeout=120)
+        second_out, second_err = second.communicate(timeout=120)
+        assert run.poll() is None and _alive(worker)  # all of the above happened while the run lived
+        run.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        run.wait(timeout=30)
+        _wait(lambda: not _alive(worker), 30, f"worker {worker} to end")
+        ended_s = time.time() - killed_at
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    time.sleep(1.0)  # a worker that lived on would write its model or its row in this time
+    return SimpleNamespace(out=out, data=shared_colour_folder, run_pid=run.pid, worker=worker, ended_s=ended_s,
+                           second=(second.returncode, second_out, second_err), during=during)
+
+
+def test_killing_the_main_process_ends_its_worker_within_seconds(killed):
+    assert killed.ended_s < 5.0, killed.ended_s
+    assert not (killed.out / "models").exists() or not any((killed.out / "models").iterdir())
+    with sqlite3.connect(killed.out / "bakeoff.db") as db:
+        assert db.execute("SELECT count(*) FROM trials").fetchone() == (0,)
+        assert db.execute("SELECT status FROM runs").fetchall() == [("running",)]  # nobody said otherwise
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_with_one_line(killed):
+    code, stdout, stderr = killed.second
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr + stdout, stderr
+    assert "in use by another run" in lines[0] and f"pid {killed.run_pid}" in lines[0]
+    with sqlite3.connect(killed.out / "bakeoff.db") as db:  # it started no run of its own
+        assert db.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+
+
+def test_report_names_the_models_without_a_result(killed):
+    # while the run trains: the report reads the folder and says who is still being trained
+    assert killed.during.returncode == 0, killed.during.stderr
+    during = " ".join(killed.during.stdout.split())
+    assert "2 of 2 models have no result (timm/test_resnet, timm/test_efficientnet)" in during
+    assert "still being trained" in during
+    # after the kill: the run reads as interrupted, and the report file says so too
+    after = write_outputs(killed.out)
+    assert after.run["missing"] == ["timm/test_resnet", "timm/test_efficientnet"]
+    assert "(timm/test_resnet, timm/test_efficientnet): the run was interrupted before training them" \
+        in after.warning
+    report = " ".join((killed.out / "report.md").read_text().split())
+    assert "(timm/test_resnet, timm/test_efficientnet): the run was interrupted" in report
+
+
+def test_the_next_run_marks_the_killed_one_and_cleans_what_it_left(killed, capfd):
+    cache = next((killed.out / "cache").iterdir())
+    meta = next(cache.glob("*.json"))
+    # what a run killed while decoding leaves: a cache-sized temporary named for its (dead) writer
+    ours = temp_path(cache / "s32-bilinear.npy")
+    stale = ours.with_name(ours.name.replace(f"-{os.getpid()}.tmp", f"-{killed.run_pid}.tmp"))
+    stale.write_bytes(b"\0" * 1024)
+    live = temp_path(cache / "s40-bilinear.npy")  # this process's: a live writer's file stays
+    live.write_bytes(b"\0" * 1024)
+    meta.write_text(meta.read_text()[:10])  # truncated metadata
+    capfd.readouterr()
+    rerun = run_comparison(killed.data, ["timm/test_resnet"], out=killed.out, **(TINY | {"epochs": 1}))
+    assert rerun.run["counts"]["trained"] == 1
+    assert not stale.exists() and live.exists()
+    live.unlink()
+    assert json.loads(meta.read_text())["n"] > 0  # rebuilt
+    warned = [ln for ln in capfd.readouterr().err.splitlines() if "damaged" in ln]
+    assert len(warned) == 1 and "decoding the images again" in warned[0]
+    with sqlite3.connect(killed.out / "bakeoff.db") as db:
+        runs = db.execute("SELECT status, finished IS NOT NULL FROM runs ORDER BY id").fetchall()
+    assert runs == [("interrupted", 1), ("finished", 1)]
+
+
+def test_a_truncated_cache_file_is_decoded_again(tmp_path, colour_folder, capfd):
+    files = sorted(str(p) for p in colour_folder.rglob("*.png"))[:6]
+    first = build_cache(files, tmp_path, "k", 16)
+    expected = first.array().copy()
+    with open(first.path, "r+b") as f:  # cut off halfway through the images
+        f.truncate(first.path.stat().st_size // 2)
+    again = build_cache(files, tmp_path, "k", 16)
+    assert np.array_equal(again.array(), expected)
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "damaged" in lines[0] and "decoding the images again" in lines[0], lines
+    assert not list((tmp_path / "k").glob(".*.tmp"))  # its own temporaries renamed into place
+
+
+def test_a_child_ends_when_its_parent_is_killed(tmp_path):
+    # the portable watchdog alone (no parent-death signal): a child of a plain process, not of
+    # multiprocessing, polls its parent's id
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, sys, time; from bakeoff.lifetime import watch_parent; "
+             "watch_parent(int(sys.argv[1]), poll_s=0.1); open(sys.argv[2], 'w').write(str(os.getpid())); "
+             "time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import os, subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid()), {str(pid_file)!r}]);"
+                               " time.sleep(60)"])
+    try:
+        pid = int(_wait(lambda: pid_file.exists() and pid_file.read_text(), 30, "the child to start"))
+        assert _alive(pid)
+        parent.kill()
+        parent.wait()
+        _wait(lambda: not _alive(pid), 5, f"child {pid} to end")
+    finally:
+        parent.kill()
+
+
+def test_the_folder_lock_is_free_once_its_holder_is_gone(tmp_path):
+    from bakeoff.errors import BakeoffError
+    from bakeoff.lifetime import folder_in_use
+
+    assert folder_in_use(tmp_path) is False
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from bakeoff.lifetime import hold_folder\n"
+                               "with hold_folder(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert folder_in_use(tmp_path) is True
+        with pytest.raises(BakeoffError, match=f"in use by another run \\(pid {holder.pid} on "):
+            with hold_folder(tmp_path, wait_s=0.1):
+                pass
+        holder.kill()  # killed outright: the lock goes with the process
+        holder.wait()
+        assert folder_in_use(tmp_path) is False
+        with hold_folder(tmp_path):
+            assert folder_in_use(tmp_path) is True
+    finally:
+        holder.kill()
