@@ -4,6 +4,10 @@ Request bodies: ``application/x-image`` (one JPEG/PNG/... image as raw bytes) or
 ``application/json`` (a JSON list of base64-encoded images, answered in order as a JSON list).
 Answers: ``Accept: application/json`` -> ``{"probabilities": [...]}``;
 ``Accept: application/json;verbose`` -> ``{"probabilities", "labels", "predicted_label"}``.
+
+Memory is bounded whatever the clients send: bodies held at once by a byte budget, decoding by a
+pixel budget checked on each image's header before it is decoded, images waiting for the device
+by a count; a client's bad request gets a 4xx with a message, never a 5xx.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time.
@@ -11,10 +15,13 @@ import asyncio
 import base64
 import binascii
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from bakeoff.errors import BakeoffError
 from bakeoff.serve.batching import MicroBatcher
+from bakeoff.serve.limits import Budget, ServeLimits
 from bakeoff.serve.predictor import Predictor, describe
 
 __all__ = ["create_app", "IMAGE_TYPES", "JSON_TYPE", "VERBOSE_ACCEPT"]
@@ -48,13 +55,18 @@ def _verbose(accept: str | None) -> bool:
     raise RequestError(406, f"cannot answer with Accept: {accept}; use {JSON_TYPE} or {VERBOSE_ACCEPT}")
 
 
-def _decode_json_images(body: bytes) -> list[bytes]:
+def _decode_json_images(body: bytes, max_images: int) -> list[bytes]:
     try:
         items = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the body is not valid JSON: {exc}")
+    except RecursionError:  # thousands of nested brackets
+        raise RequestError(400, "the body is not a flat JSON list: send a list of base64-encoded images")
     if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
         raise RequestError(400, "a JSON body must be a non-empty list of base64-encoded images")
+    if len(items) > max_images:
+        raise RequestError(413, f"{len(items)} images in one request, over the limit of {max_images} "
+                                f"(--max-images): send them in several requests")
     images = []
     for n, item in enumerate(items):
         if item.startswith("data:") and "," in item:  # a data URL: keep what follows "base64,"
@@ -66,29 +78,38 @@ def _decode_json_images(body: bytes) -> list[bytes]:
     return images
 
 
-def create_app(predictor: Predictor, max_body_bytes: int = 10 * 2**20, max_batch: int = 32,
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits(), max_batch: int = 32,
                batch_wait_ms: float = 2.0):
     """The FastAPI app serving ``predictor``; ``app.state.batcher`` is its MicroBatcher."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
+    from starlette.requests import ClientDisconnect
 
     batcher = MicroBatcher(predictor.predict, max_batch, batch_wait_ms)
     labels = list(predictor.classes)
+    max_body_bytes, max_pixels = limits.max_body_bytes, limits.max_pixels
+    # A JSON body's parsed form and decoded images take about 2.5x its bytes: four bodies of the
+    # largest size, or many small ones, are in memory at once; the others wait unread.
+    bodies = Budget(4 * max_body_bytes)
+    pixels = Budget(max_pixels)  # one image at the limit decodes alone; small ones side by side
+    waiting = asyncio.Semaphore(2 * max_batch)  # decoded images not yet through the device
+    decoders = ThreadPoolExecutor(_cores(), thread_name_prefix="bakeoff-decode")
 
     @asynccontextmanager
     async def lifespan(app):
         await batcher.start()
         yield
         await batcher.stop()
+        decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title=f"bakeoff: {predictor.model_id}", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.predictor = batcher, predictor
 
     async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_body_bytes} bytes "
-                                    f"(--max-body-mb)")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -97,6 +118,14 @@ def create_app(predictor: Predictor, max_body_bytes: int = 10 * 2**20, max_batch
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def read_body_in_time(request: Request) -> bytes:
+        try:
+            return await asyncio.wait_for(read_body(request), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {limits.body_timeout_s:g} s (--body-timeout)")
+        except ClientDisconnect:
+            raise RequestError(400, "the client closed the connection before sending the whole body")
+
     def answer(probs, verbose: bool) -> dict:
         p = [float(v) for v in probs]
         if not verbose:
@@ -104,15 +133,22 @@ def create_app(predictor: Predictor, max_body_bytes: int = 10 * 2**20, max_batch
         return {"probabilities": p, "labels": labels, "predicted_label": labels[max(range(len(p)), key=p.__getitem__)]}
 
     async def classify(data: bytes, n: int | None):
-        try:
-            x = await asyncio.to_thread(predictor.preprocess, data)
-        except BakeoffError as exc:
-            where = "" if n is None else f"image {n} of the list: "
-            raise RequestError(400, f"{where}{exc}")
-        try:
-            return await batcher.submit(x)
-        except Exception as exc:  # e.g. out of device memory: this request fails, the server stays up
-            raise RequestError(500, f"prediction failed: {describe(exc)}")
+        where = "" if n is None else f"image {n} of the list: "
+        loop = asyncio.get_running_loop()
+        async with waiting:
+            try:  # the header only, before any pixel is decoded
+                w, h, cost = await loop.run_in_executor(decoders, predictor.preprocess.decode_cost, data)
+                if cost > max_pixels:
+                    raise RequestError(413, f"{where}an image of {w}x{h} pixels takes {cost:,} pixels to decode and "
+                                            f"resize, over the limit of {max_pixels:,} (--max-pixels)")
+                async with pixels.take(cost):
+                    x = await loop.run_in_executor(decoders, predictor.preprocess, data)
+            except BakeoffError as exc:
+                raise RequestError(400, f"{where}{exc}")
+            try:
+                return await batcher.submit(x)
+            except Exception as exc:  # e.g. out of device memory: this request fails, the server stays up
+                raise RequestError(500, f"prediction failed: {describe(exc)}")
 
     @app.exception_handler(RequestError)
     async def request_error(request, exc: RequestError):
@@ -134,15 +170,26 @@ def create_app(predictor: Predictor, max_body_bytes: int = 10 * 2**20, max_batch
             raise RequestError(415, f"unsupported Content-Type {ctype or '(none)'}: send application/x-image "
                                     f"(image bytes) or application/json (a list of base64 images)")
         verbose = _verbose(request.headers.get("accept"))
-        body = await read_body(request)
-        if not body:
-            raise RequestError(400, "empty body: send the image bytes")
-        if ctype == JSON_TYPE:
-            images = _decode_json_images(body)
-            probs = await asyncio.gather(*(classify(b, n) for n, b in enumerate(images)))
-            content = [answer(p, verbose) for p in probs]
-        else:
-            content = answer(await classify(body, None), verbose)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_body_bytes} bytes "
+                                    f"(--max-body-mb)")
+        async with bodies.take(int(declared) if declared.isdigit() else max_body_bytes):
+            body = await read_body_in_time(request)
+            if not body:
+                raise RequestError(400, "empty body: send the image bytes")
+            if ctype == JSON_TYPE:
+                images = _decode_json_images(body, limits.max_images)
+                del body
+                # Every image finishes before the answer, a refused one too: the body's budget
+                # then covers all the work the request started.
+                probs = await asyncio.gather(*(classify(b, n) for n, b in enumerate(images)), return_exceptions=True)
+                for p in probs:
+                    if isinstance(p, BaseException):
+                        raise p
+                content = [answer(p, verbose) for p in probs]
+            else:
+                content = answer(await classify(body, None), verbose)
         return Response(json.dumps(content), media_type=JSON_TYPE)
 
     return app

@@ -16,13 +16,23 @@ def serve_cmd(
     port: int = typer.Option(8080, help="Port (0 picks a free one)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     max_body_mb: float = typer.Option(10.0, help="Larger request bodies get 413."),
+    max_pixels: int = typer.Option(10_000_000, help="Pixels one image may take to decode and resize, read from its "
+                                   "header before decoding (a JPEG counts after its decoder's shrink); more get 413."),
+    max_images: int = typer.Option(32, help="Images one JSON request may hold; more get 413."),
+    max_connections: int | None = typer.Option(None, help="Open connections at most (default 1000, or half the open-file "
+                                        "limit); at the cap the one longest without its headers is closed."),
+    header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send a request's headers."),
+    body_timeout: float = typer.Option(60.0, help="Seconds a request has to send its body; later gets 408."),
     max_batch: int = typer.Option(32, help="Most requests grouped into one forward pass (1: no batching)."),
     batch_wait_ms: float = typer.Option(2.0, help="Under load, how long to wait for more requests to group."),
 ) -> None:
     """Serve a fine-tuned model over HTTP with the SageMaker inference contract (GET /ping, POST /invocations)."""
+    from bakeoff.serve.limits import ServeLimits
     from bakeoff.serve.server import serve
 
-    serve(out_dir, model, host, port, device, max_body_mb, max_batch, batch_wait_ms)
+    limits = ServeLimits(int(max_body_mb * 2**20), max_pixels, max_images, max_connections, header_timeout,
+                         body_timeout)
+    serve(out_dir, model, host, port, device, limits, max_batch, batch_wait_ms)
 
 
 def export_cmd(

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from bakeoff.data.cache import cache_side
 from bakeoff.data.images import load_rgb, square_resize
 from bakeoff.errors import BakeoffError
 from bakeoff.zoo.spec import safe_name
 
-__all__ = ["Preprocess", "Predictor", "find_model_dir", "load_predictor", "require_serve", "softmax", "describe"]
+__all__ = ["Preprocess", "Predictor", "find_model_dir", "saved_models", "load_predictor", "require_serve", "softmax", "describe"]
 
 
 def describe(exc: BaseException, limit: int = 300) -> str:
@@ -34,26 +35,56 @@ def require_serve(*modules: str) -> None:
         raise BakeoffError(f"{', '.join(missing)} not installed: pip install 'bakeoff[serve]'")
 
 
-def find_model_dir(out_dir, model_id: str) -> Path:
-    """``OUT/models/<model>/`` for ``model_id`` (an id, a study alias, or the folder name)."""
-    out_dir = Path(out_dir).expanduser()
-    models = out_dir / "models"
+def saved_models(out_dir) -> dict[str, Path]:
+    """The models a run saved: ``{model id: OUT/models/<folder>}``, read from each folder's spec.json."""
+    models = Path(out_dir).expanduser() / "models"
     if not models.is_dir():
         raise BakeoffError(f"{models} does not exist: pass the --out folder of a `bakeoff run` that saved models")
-    for name in (model_id.strip(), safe_name(model_id.strip())):
-        if name and (models / name).is_dir():
-            return models / name
-    try:  # an alias (e.g. the study's "-FT" ids); only now, as the zoo imports the model libraries
-        from bakeoff.zoo.registry import resolve
+    saved = {}
+    for folder in sorted(models.iterdir()):
+        if (folder / "spec.json").is_file():
+            try:
+                saved[json.loads((folder / "spec.json").read_text()).get("id", folder.name)] = folder
+            except (ValueError, OSError):  # unreadable: listed by its folder name, and loading it says why
+                saved[folder.name] = folder
+    return saved
 
-        name = safe_name(resolve(model_id).id)
-        if (models / name).is_dir():
-            return models / name
-    except BakeoffError:
-        pass
-    saved = sorted(p.name for p in models.iterdir() if (p / "spec.json").is_file())
-    ids = [json.loads((models / n / "spec.json").read_text()).get("id", n) for n in saved]
-    raise BakeoffError(f"no saved model {model_id!r} in {models}; saved: {', '.join(ids) or 'none'}")
+
+def find_model_dir(out_dir, model_id: str) -> Path:
+    """The folder of ``model_id`` (an id the run saved, a study alias of one, or its folder name).
+
+    The id is only ever looked up among the run's saved models, never joined onto a path: a path
+    given as the id (``/elsewhere``, ``../..``) is refused rather than served from outside the run.
+    """
+    saved = saved_models(out_dir)
+    wanted = model_id.strip()
+    by_name = {folder.name: folder for folder in saved.values()}
+    found = saved.get(wanted) or by_name.get(wanted) or by_name.get(safe_name(wanted))
+    if found is None and wanted:
+        try:  # an alias (e.g. the study's "-FT" ids); only now, as the zoo imports the model libraries
+            from bakeoff.zoo.registry import resolve
+
+            found = saved.get(resolve(wanted).id)
+        except BakeoffError:
+            pass
+    if found is not None:
+        return found
+    listed = ", ".join(saved) or "none"
+    if wanted.startswith(("/", ".", "~", "\\")) or ".." in wanted or "\\" in wanted:
+        raise BakeoffError(f"--model takes the id of a model the run saved, not a path: got {model_id!r}; "
+                           f"saved: {listed}")
+    raise BakeoffError(f"no saved model {model_id!r} in {Path(out_dir).expanduser() / 'models'}; saved: {listed}")
+
+
+# What the training data scan takes (data.scan.IMAGE_EXTENSIONS): other formats Pillow could
+# open (PSD, EPS, ...) are more decoder code exposed to clients for no model's sake.
+SERVED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+
+
+def _not_an_image(exc: BaseException) -> BakeoffError:
+    # PIL raises several types for bad data; all mean "not an image"
+    why = "not an image format it knows" if type(exc).__name__ == "UnidentifiedImageError" else describe(exc, 200)
+    return BakeoffError(f"cannot decode the image ({why}): send JPEG or PNG bytes")
 
 
 @dataclass(frozen=True)
@@ -72,6 +103,25 @@ class Preprocess:
         return cls(size, cache_side(size, float(meta.get("crop_pct", 0.875))), meta.get("interpolation", "bilinear"),
                    tuple(meta["mean"]), tuple(meta["std"]))
 
+    def decode_cost(self, data: bytes) -> tuple[int, int, int]:
+        """``(width, height, pixels)`` from the image's header alone, nothing decoded: ``pixels``
+        counts what decoding holds at once, the image as decoded (a JPEG after the decoder's
+        shrink, as ``load_rgb`` asks for) plus its resized copy (large for a thin strip).
+
+        Raises BakeoffError when the bytes are not an image of a format the server takes.
+        """
+        try:
+            with Image.open(io.BytesIO(data), formats=SERVED_FORMATS) as img:
+                if img.format == "JPEG":
+                    img.draft("RGB", (self.side, self.side))
+                w, h = img.size
+        except Exception as exc:
+            raise _not_an_image(exc)
+        if w < 1 or h < 1:
+            raise BakeoffError(f"cannot decode the image (it is {w}x{h} pixels): send JPEG or PNG bytes")
+        scale = self.side / min(w, h)
+        return w, h, w * h + max(self.side, round(w * scale)) * max(self.side, round(h * scale))
+
     def __call__(self, data) -> np.ndarray:
         """Encoded image bytes (or a file object) -> 3 x S x S float32, as ``Batcher.eval_batch`` sees it.
 
@@ -80,10 +130,8 @@ class Preprocess:
         try:
             img = load_rgb(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data,
                            draft_size=self.side)
-        except Exception as exc:  # PIL raises several types for bad data; all mean "not an image"
-            why = "not an image format it knows" if type(exc).__name__ == "UnidentifiedImageError" \
-                else describe(exc, 200)
-            raise BakeoffError(f"cannot decode the image ({why}): send JPEG or PNG bytes")
+        except Exception as exc:
+            raise _not_an_image(exc)
         # Same steps and float32 arithmetic as the decode-once cache + Batcher, so the numbers match.
         arr = square_resize(img, self.side, self.interpolation)
         off = (self.side - self.input_size) // 2
@@ -161,7 +209,10 @@ def load_predictor(out_dir, model_id: str, device: str = "auto") -> Predictor:
     spec_file = folder / "spec.json"
     if not spec_file.is_file():
         raise BakeoffError(f"saved model {folder} lacks spec.json: pass a folder written by `bakeoff run`")
-    meta = json.loads(spec_file.read_text())
+    try:
+        meta = json.loads(spec_file.read_text())
+    except (ValueError, OSError) as exc:
+        raise BakeoffError(f"cannot read {spec_file}: {describe(exc)}")
     framework = meta.get("framework", "pytorch")
     loaders = {"pytorch": _torch_predict, "tensorflow": _keras_predict}
     if framework not in loaders:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -10,7 +11,10 @@ import tempfile
 import threading
 import time
 
+from PIL import Image
+
 from bakeoff.errors import BakeoffError
+from bakeoff.serve.limits import QuietRepeats, ServeLimits, connection_limit, guarded_protocol, raise_fd_limit
 from bakeoff.serve.predictor import load_predictor, require_serve
 
 __all__ = ["serve", "ServerProcess", "READY_PREFIX"]
@@ -36,23 +40,32 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(out_dir, model_id: str, host: str = "127.0.0.1", port: int = 8080, device: str = "auto",
-          max_body_mb: float = 10.0, max_batch: int = 32, batch_wait_ms: float = 2.0) -> None:
+          limits: ServeLimits = ServeLimits(), max_batch: int = 32, batch_wait_ms: float = 2.0) -> None:
     """Load the saved model and answer requests until interrupted (port 0 picks a free port)."""
     require_serve("fastapi", "uvicorn")
     import uvicorn
 
     from bakeoff.serve.app import create_app
 
-    if max_body_mb <= 0:
-        raise BakeoffError(f"--max-body-mb must be positive, got {max_body_mb}")
+    limits.check()
     if max_batch < 1:
         raise BakeoffError(f"--max-batch must be at least 1, got {max_batch}")
+    max_connections = connection_limit(limits.max_connections, raise_fd_limit())
+    # Every image's pixels are checked against --max-pixels from its header before it is decoded;
+    # Pillow's own bomb check would turn large ones into warnings on stderr or vaguer errors.
+    Image.MAX_IMAGE_PIXELS = None
     predictor = load_predictor(out_dir, model_id, device)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
-    app = create_app(predictor, int(max_body_mb * 2**20), max_batch, batch_wait_ms)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
+    app = create_app(predictor, limits, max_batch, batch_wait_ms)
+    # limit_concurrency stays off: the guarded protocol caps connections when they open instead.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
+                            http=guarded_protocol(max_connections, limits.header_timeout_s),
+                            h11_max_incomplete_event_size=16 * 1024)
     server = uvicorn.Server(config)
+    quiet = QuietRepeats()
+    for name in ("uvicorn.error", "asyncio"):
+        logging.getLogger(name).addFilter(quiet)
     if host not in LOOPBACK:
         print(f"warning: listening on {host}, reachable from other machines; bakeoff serve has no authentication",
               file=sys.stderr)
@@ -106,13 +119,17 @@ class ServerProcess:
         self.url = found[0]
         return self
 
+    def stderr_text(self) -> str:
+        """What the server wrote to stderr so far (its log)."""
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
     def _error_text(self) -> str:
         try:
             self.proc.wait(timeout=5)  # stdout closed: the process is ending
         except subprocess.TimeoutExpired:
             return ""
-        self._stderr.seek(0)
-        lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in self.stderr_text().splitlines() if ln.strip()]
         return lines[-1].removeprefix("error: ")[:500] if lines else f"exit code {self.proc.returncode}"
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,126 @@
+"""A served model against hostile clients: a real server process on loopback with small limits,
+real files (small on disk, large in pixels), raw sockets for the slow clients."""
+
+import base64
+import importlib.util
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from bakeoff.serve.server import ServerProcess  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("fuzz_serve", Path(__file__).parent.parent / "bench" / "fuzz_serve.py")
+fuzz = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fuzz)
+
+MAX_IMAGES, MAX_PIXELS, MAX_CONNECTIONS, HEADER_TIMEOUT_S = 4, 1_000_000, 64, 1.0
+LINUX = Path("/proc/self/status").is_file()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return fuzz.tiny_saved_model(tmp_path_factory.mktemp("limits") / "run")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    args = ("--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS), "--max-connections", str(MAX_CONNECTIONS),
+            "--header-timeout", str(HEADER_TIMEOUT_S), "--max-body-mb", "1")
+    with ServerProcess(run_dir, fuzz.MODEL, "cpu", args) as srv:
+        yield srv
+
+
+def post(url, body, ctype="application/x-image"):
+    return httpx.post(url + "/invocations", content=body, headers={"Content-Type": ctype,
+                                                                   "Accept": "application/json"}, timeout=60)
+
+
+def small_png():
+    return fuzz.encoded("RGB", (40, 30), "PNG", seed=1)
+
+
+@pytest.mark.skipif(not LINUX, reason="reads the server's peak memory from /proc")
+def test_images_huge_in_pixels_are_refused_from_their_header_and_memory_stays_flat(server):
+    assert post(server.url, small_png()).status_code == 200
+    idle = fuzz.memory_mb(server.proc.pid)["rss_mb"]
+    # 13,000 x 13,000 1-bit (20 KB on disk, 507 MB as RGB), and a 1 x 120,000 strip (its resized copy is the cost)
+    bodies = [fuzz.flat_png(13000, 13000, 1, 0), fuzz.flat_png(1, 120_000, 8, 0)]
+    answers = []
+    threads = [threading.Thread(target=lambda b=b: answers.append(post(server.url, b))) for b in bodies * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status_code for r in answers) == [413] * 6
+    assert any("13000x13000" in r.json()["error"] and "--max-pixels" in r.json()["error"] for r in answers)
+    assert fuzz.memory_mb(server.proc.pid)["peak_mb"] - idle < 100
+    assert post(server.url, small_png()).status_code == 200
+
+
+def test_nested_json_and_too_many_images_are_client_errors(server):
+    r = post(server.url, b"[" * 100_000 + b"]" * 100_000, "application/json")
+    assert r.status_code == 400 and "flat JSON list" in r.json()["error"]
+    image = base64.b64encode(small_png()).decode()
+    r = post(server.url, json.dumps([image] * (MAX_IMAGES + 1)), "application/json")
+    assert r.status_code == 413 and f"over the limit of {MAX_IMAGES} (--max-images)" in r.json()["error"]
+    r = post(server.url, json.dumps([image] * MAX_IMAGES), "application/json")
+    assert r.status_code == 200 and len(r.json()) == MAX_IMAGES
+
+
+def test_slow_clients_neither_starve_ping_nor_fill_the_log(server):
+    log_before = len(server.stderr_text())
+    port = int(server.url.rsplit(":", 1)[1])
+    idle = []
+    for _ in range(3 * MAX_CONNECTIONS):  # past the cap: the longest-waiting are closed to let new ones in
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        idle.append(s)
+    t0 = time.perf_counter()
+    assert httpx.get(server.url + "/ping", timeout=5).status_code == 200
+    assert time.perf_counter() - t0 < 2
+    time.sleep(HEADER_TIMEOUT_S + 0.5)
+    closed = 0
+    for s in idle:
+        s.settimeout(1)
+        try:
+            closed += s.recv(100) == b""
+        except ConnectionResetError:
+            closed += 1
+        s.close()
+    assert closed == len(idle)
+    assert httpx.get(server.url + "/ping", timeout=5).status_code == 200
+    assert len(server.stderr_text()) - log_before < 2000
+
+
+def test_a_small_fuzz_gets_no_server_error(server):
+    kinds = fuzz.request_kinds(MAX_PIXELS, MAX_IMAGES, 2**20, seed=3)
+    out = fuzz.fire(server.url, kinds, 300, 8, seed=3)
+    assert out["answered"] == 300 and out["transport_errors"] == 0, out["transport_errors_first"]
+    assert out["server_errors"] == 0 and out["unexpected"] == 0, out["unexpected_first"]
+    assert all(out["by_kind"][k] for k in kinds)  # every kind was sent
+    assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("command", ["serve", "export"])
+def test_a_path_as_model_is_refused_in_one_line(command, run_dir, tmp_path, monkeypatch, capsys):
+    from bakeoff import cli
+
+    elsewhere = fuzz.tiny_saved_model(tmp_path / "other") / "models" / "timm__test_resnet"  # a real model folder
+    for model in (str(elsewhere), "../../..", "models/../../other"):
+        monkeypatch.setattr(sys, "argv", ["bakeoff", command, str(run_dir), "--model", model])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert "not a path" in err and "saved: timm/test_resnet" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["class_label_to_prediction_index.json", "protocol.json",
+                                                           "spec.json", "weights.pt"]
