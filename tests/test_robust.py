@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -78,33 +79,35 @@ def killed(tmp_path_factory, shared_colour_folder):
     run = subprocess.Popen(_args(shared_colour_folder, out, 10_000), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
-        def training_worker():  # the trial process, once it has mapped the images (it trains next)
+        def worker(training: bool = False):  # the trial process (training: it has mapped the images)
             for pid, cmd in _children(run.pid).items():
                 try:
-                    if "multiprocessing" in cmd and ".npy" in Path(f"/proc/{pid}/maps").read_text():
-                        return pid
+                    maps = Path(f"/proc/{pid}/maps").read_text() if training else ""
                 except OSError:
                     continue
+                if "multiprocessing.spawn" in cmd and (not training or re.search(r"/s\d+-\w+\.npy$", maps, re.M)):
+                    return pid
             assert run.poll() is None, run.communicate()
             return None
 
-        worker = _wait(training_worker, 120, "the trial worker to start training")
+        # the run has stored itself as running and started its worker: another run and a report
+        # now, while the worker starts up
+        pid = _wait(worker, 120, "the trial worker to start")
         second = subprocess.Popen(_args(shared_colour_folder, out, 1), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         during = subprocess.run([*BAKEOFF, "report", str(out)], capture_output=True, text=True, timeout=120)
         second_out, second_err = second.communicate(timeout=120)
-        assert run.poll() is None and _alive(worker)  # all of the above happened while the run lived
+        assert _wait(lambda: worker(training=True), 120, "the trial worker to start training") == pid
         run.send_signal(signal.SIGKILL)
         killed_at = time.time()
         run.wait(timeout=30)
-        _wait(lambda: not _alive(worker), 30, f"worker {worker} to end")
+        _wait(lambda: not _alive(pid), 30, f"worker {pid} to end")
         ended_s = time.time() - killed_at
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
-    time.sleep(1.0)  # a worker that lived on would write its model or its row in this time
-    return SimpleNamespace(out=out, data=shared_colour_folder, run_pid=run.pid, worker=worker, ended_s=ended_s,
+    return SimpleNamespace(out=out, data=shared_colour_folder, run_pid=run.pid, worker=pid, ended_s=ended_s,
                            second=(second.returncode, second_out, second_err), during=during)
 
 
