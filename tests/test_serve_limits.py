@@ -83,6 +83,10 @@ def test_slow_clients_neither_starve_ping_nor_fill_the_log(server):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
         idle.append(s)
+    for _ in range(50):  # not HTTP at all: each is answered 400 and logged, the log once a minute
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"\x00GARBAGE\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 400")
     t0 = time.perf_counter()
     assert httpx.get(server.url + "/ping", timeout=5).status_code == 200
     assert time.perf_counter() - t0 < 2
@@ -124,3 +128,35 @@ def test_a_path_as_model_is_refused_in_one_line(command, run_dir, tmp_path, monk
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in elsewhere.iterdir()) == ["class_label_to_prediction_index.json", "protocol.json",
                                                            "spec.json", "weights.pt"]
+
+
+def test_budget_holds_its_capacity_and_serves_in_arrival_order():
+    import asyncio
+
+    from bakeoff.serve.limits import Budget
+
+    async def main():
+        budget, held, order, most = Budget(10), [0], [], [0]
+
+        async def job(name, n, seconds):
+            async with budget.take(n):
+                held[0] += n
+                most[0] = max(most[0], held[0])
+                order.append(name)
+                await asyncio.sleep(seconds)
+                held[0] -= n
+
+        small = [asyncio.create_task(job(f"s{i}", 3, 0.02)) for i in range(3)]
+        await asyncio.sleep(0.001)
+        big = asyncio.create_task(job("big", 10, 0.01))  # waits for all ten units
+        await asyncio.sleep(0.001)
+        late = asyncio.create_task(job("late", 1, 0))  # fits now, but queues behind the big one
+        doomed = asyncio.create_task(job("doomed", 10, 0))
+        await asyncio.sleep(0.001)
+        doomed.cancel()  # a cancelled waiter gives up its place and holds nothing
+        await asyncio.gather(*small, big, late, doomed, return_exceptions=True)
+        return order, most[0], budget.free
+
+    order, most, free = asyncio.run(main())
+    assert order == ["s0", "s1", "s2", "big", "late"]
+    assert most == 10 and free == 10

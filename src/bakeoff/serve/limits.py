@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -42,24 +43,44 @@ class Budget:
     """An asyncio semaphore whose units are bytes or pixels: ``async with budget.take(n)`` waits
     until ``n`` units are free. What all requests hold at once stays under ``capacity``, so peak
     memory is bounded by it whatever the number of clients; a lone request larger than the
-    capacity is refused by its caller before it asks."""
+    capacity is refused by its caller before it asks. First come, first served: a large taker
+    is not starved by a stream of small ones."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = self.free = int(capacity)
-        self._changed = asyncio.Condition()
+        self._queue: deque = deque()  # (units, future) of the takers waiting, in arrival order
 
     @asynccontextmanager
     async def take(self, n: int):
         n = min(int(n), self.capacity)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.free >= n)
+        if self._queue or self.free < n:
+            entry = (n, asyncio.get_running_loop().create_future())
+            self._queue.append(entry)
+            try:
+                await entry[1]
+            except asyncio.CancelledError:
+                if entry[1].done() and not entry[1].cancelled():  # granted as it was cancelled
+                    self._release(n)
+                else:
+                    self._queue.remove(entry)
+                    self._grant()  # it may have been the head holding the others back
+                raise
+        else:
             self.free -= n
         try:
             yield
         finally:
-            async with self._changed:
-                self.free += n
-                self._changed.notify_all()
+            self._release(n)
+
+    def _release(self, n: int) -> None:
+        self.free += n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._queue and self._queue[0][0] <= self.free:
+            n, future = self._queue.popleft()
+            self.free -= n
+            future.set_result(None)
 
 
 def raise_fd_limit() -> int:
