@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +19,7 @@ from rich.table import Table
 from bakeoff.compare.recommend import LATENCIES
 from bakeoff.compare.tables import display_status
 from bakeoff.errors import BakeoffError
+from bakeoff.protocol import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from bakeoff.serve.commands import export_cmd, serve_cmd
 
 app = typer.Typer(
@@ -57,9 +63,13 @@ def print_comparison(comparison) -> None:
         console.print(f"[red]{escape(r['model'])} failed:[/] {escape(str(r['error']))}")
     if comparison.warning:
         console.print(f"[yellow]warning:[/] {escape(comparison.warning)}")
-    skipped = comparison.run.get("dataset", {}).get("n_skipped", 0)
+    dataset = comparison.run.get("dataset", {})
+    skipped = dataset.get("n_skipped", 0)
     if skipped:
-        console.print(f"[yellow]{skipped} files skipped[/] (unreadable or not images; listed in dataset.json)")
+        console.print(f"[yellow]{skipped} files skipped[/] (unreadable, not images, links to nothing or "
+                      f"listed twice; each with its reason in dataset.json)")
+    for warning in dataset.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _written(out: Path) -> str:
@@ -68,24 +78,99 @@ def _written(out: Path) -> str:
     return ", ".join(n for n in names if (Path(out) / n.rstrip("/")).exists())
 
 
+def writable_folder(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """An output folder that is, or can be made, a folder this user can write in: checked before
+    any work, so a long run never fails at its end on writing its results."""
+    if value is None:
+        return value
+    path = value.expanduser()
+
+    def bad(why: str):
+        return typer.BadParameter(f"{value} {why}", ctx=ctx, param=param)
+
+    try:
+        if path.exists() and not path.is_dir():
+            raise bad("is a file: pass a folder (it is made if missing)")
+        missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+        existing = path.parents[len(missing) - 1] if missing else path
+        if not existing.is_dir():
+            raise bad(f"is under a file ({existing}): pass a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path).close()
+        finally:  # made only to try: the run makes it again when it starts
+            for p in missing:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+    except OSError as exc:
+        raise bad(f"cannot be written ({exc.strerror or exc}): pass a folder you can write in") from None
+    return value
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_name(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+    if not DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not a device: pass auto, cpu, cuda or cuda:N (N: a GPU index)",
+                                 ctx=ctx, param=param)
+    return value
+
+
+def trials_per_gpu_value(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+    """Checked here too: the run checks it only once the images are decoded, and only on a GPU."""
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise typer.BadParameter(f"{value!r}: pass a whole number from 1, or auto", ctx=ctx, param=param)
+    return value
+
+
+MODEL_FORMATS = ("table", "csv", "json")
+
+
+def model_format(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
+    if value not in MODEL_FORMATS:
+        raise typer.BadParameter(f"{value!r}: pass {', '.join(MODEL_FORMATS)}", ctx=ctx, param=param)
+    return value
+
+
+def print_models(df) -> None:
+    """The zoo as a table whose ids are never cut: the id column is as wide as the longest id
+    and the table is drawn wider than the terminal rather than shorten one (ids are copied
+    into --models and searched for with grep)."""
+    table = Table(title=f"{len(df)} models")
+    widths = {"id": max([len(i) for i in df["id"]] + [2]), "framework": 10, "params": 6, "input": 5,
+              "offline weights": 7, "weights from": 24}
+    for col, width in widths.items():
+        table.add_column(col, min_width=width, no_wrap=col == "id", overflow="fold")
+    for _, r in df.iterrows():
+        params = "-" if r["params"] is None or r["params"] != r["params"] else f"{r['params'] / 1e6:.1f}M"
+        table.add_row(escape(r["id"]), r["framework"], params, str(r["input_size"]),
+                      "[green]yes[/]" if r["offline_weights"] else "no", escape(str(r["weight_source"])))
+    needed = sum(widths.values()) + 3 * len(widths) + 1  # one space each side of a cell, one rule between
+    out = console if console.width >= needed else Console(width=needed)
+    out.print(table, crop=False)
+
+
 @app.command("models")
 def models_cmd(
     pattern: Optional[str] = typer.Argument(None, help="Substring or glob of the model id, e.g. resnet or 'timm/*lite*'."),
     framework: Optional[str] = typer.Option(None, "--framework", help="pytorch or tensorflow."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Also count weights found in this folder."),
+    fmt: str = typer.Option("table", "--format", "-f", callback=model_format,
+                            help="table (to read; ids are never shortened), csv or json (for scripts: every "
+                                 "column, full ids and weight sources)."),
 ) -> None:
     """List the model zoo: id, framework, parameters, input size, weights available offline."""
     from bakeoff.api import models
 
     df = models(pattern, framework, weights_dir=weights_dir)
-    table = Table(title=f"{len(df)} models")
-    for col in ("id", "framework", "params", "input", "offline weights", "weights from"):
-        table.add_column(col)
-    for _, r in df.iterrows():
-        params = "-" if r["params"] is None or r["params"] != r["params"] else f"{r['params'] / 1e6:.1f}M"
-        table.add_row(r["id"], r["framework"], params, str(r["input_size"]),
-                      "[green]yes[/]" if r["offline_weights"] else "no", r["weight_source"])
-    console.print(table)
+    if fmt == "csv":
+        df.to_csv(sys.stdout, index=False)
+    elif fmt == "json":
+        # through pandas for NaN -> null, then json for text as it is (pandas writes / as \/)
+        print(json.dumps(json.loads(df.to_json(orient="records")), indent=1))
+    else:
+        print_models(df)
 
 
 @app.command("run")
@@ -93,9 +178,10 @@ def run_cmd(
     data_dir: Path = typer.Argument(..., help="Folder with one sub-folder of images per class."),
     models: Optional[str] = typer.Option(None, "--models", "-m", help="Comma-separated model ids (see `bakeoff models`)."),
     baseline: Optional[str] = typer.Option(None, help="Model the others are compared to (default: the first listed)."),
-    out: Path = typer.Option(Path("bakeoff-out"), "--out", "-o", help="Output folder; re-running resumes in it."),
+    out: Path = typer.Option(Path("bakeoff-out"), "--out", "-o", callback=writable_folder,
+                             help="Output folder (made if missing; must be writable); re-running resumes in it."),
     epochs: Optional[int] = typer.Option(None, help="Epochs  [default: 5]"),
-    lr: Optional[float] = typer.Option(None, help="Learning rate  [default: 0.001]"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate, a finite number above 0  [default: 0.001]"),
     batch_size: Optional[int] = typer.Option(None, help="Batch size  [default: 16]"),
     optimizer: Optional[str] = typer.Option(None, help="adam, adamw or sgd  [default: adam]"),
     train_only_top_layer: bool = typer.Option(False, "--train-only-top-layer", help="Freeze all but the classifier."),
@@ -106,13 +192,16 @@ def run_cmd(
     seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
     weights_dir: Optional[Path] = typer.Option(None, help="Folder of local weight files (no network needed)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", callback=device_name, help="auto, cpu, cuda or cuda:N."),
     preset: Optional[str] = typer.Option(None, help="Named protocol and models, e.g. jumpstart-blog."),
     precision: str = typer.Option("auto", help="auto (bf16 + channels-last on CUDA), fp32 or bf16."),
-    image_size: Optional[int] = typer.Option(None, help="Override every model's input size (quick runs)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Where decoded images are kept (default: OUT/cache); "
-                                                       "runs on the same data share it."),
-    trials_per_gpu: str = typer.Option("auto", help="Trials sharing each GPU at once, one CUDA stream each: "
+    image_size: Optional[int] = typer.Option(None, help=f"Override every model's input size (quick runs), "
+                                             f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels."),
+    cache_dir: Optional[Path] = typer.Option(None, callback=writable_folder,
+                                             help="Where decoded images are kept (default: OUT/cache); "
+                                                  "runs on the same data share it."),
+    trials_per_gpu: str = typer.Option("auto", callback=trials_per_gpu_value,
+                                       help="Trials sharing each GPU at once, one CUDA stream each: "
                                        "a number, or auto (as many full fine-tunes as memory allows; "
                                        "top-only trials one at a time). 1 measures every training "
                                        "time alone instead of projecting it."),
@@ -162,7 +251,8 @@ def report_cmd(
 
 
 @app.command("demo")
-def demo_cmd(out: Path = typer.Option(Path("bakeoff-demo"), "--out", "-o", help="Output folder.")) -> None:
+def demo_cmd(out: Path = typer.Option(Path("bakeoff-demo"), "--out", "-o", callback=writable_folder,
+                                      help="Output folder (made if missing).")) -> None:
     """Run a small real comparison offline (handwritten digits, 3 models, a few minutes on CPU)."""
     from bakeoff.api import run_comparison
     from bakeoff.demo import DEMO_MODELS, DEMO_SETTINGS, make_digits_folder
@@ -178,27 +268,57 @@ app.command("serve")(serve_cmd)
 app.command("export")(export_cmd)
 
 
-def main() -> None:
-    import click
+try:  # typer 0.22+ carries its own copy of click's exceptions; earlier ones raise click's
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import ClickException
 
+    NoArgsIsHelpError = type("NoArgsIsHelpError", (Exception,), {})  # raised by neither: never matches
+
+
+def fail(message: str) -> None:
+    """The one way an error reaches the user: one line on stderr, exit code 2, no traceback."""
+    text = " ".join(str(message).split())  # any newline in a message would make it two lines
+    Console(stderr=True).print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+class WarningLine(logging.Handler):
+    """The data layer's warnings (e.g. a class with one image) as one line each on stderr, when
+    they happen: a long run should not keep them until its end."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        Console(stderr=True).print(f"[yellow]warning:[/] {escape(record.getMessage())}", highlight=False,
+                                   soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    warnings = WarningLine(logging.WARNING)
+    logging.getLogger("bakeoff").addHandler(warnings)
     try:
-        # standalone_mode=False: our handlers below see Ctrl-C instead of click's "Aborted!".
-        code = app(standalone_mode=False)
+        # standalone_mode=False: our handlers below see usage errors and Ctrl-C instead of click's
+        # own (several lines of usage, exit code 1 or "Aborted!").
+        code = app(args=argv, prog_name="bakeoff", standalone_mode=False)
         if code == 130:  # the command line layer turns Ctrl-C into exit code 130
             raise KeyboardInterrupt
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.ClickException as exc:  # usage errors: click's own message and exit code
-        exc.show()
+    except NoArgsIsHelpError as exc:  # a bare `bakeoff`: the help, as asked
+        print(exc.format_message())
+        sys.exit(0)
+    except ClickException as exc:  # a bad flag, value, command or path
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        fail(exc.format_message() + hint)
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         Console(stderr=True).print("interrupted: finished trials are kept in the output folder's bakeoff.db; "
                                    "run the same command again to resume", highlight=False, soft_wrap=True)
         sys.exit(130)
     except BakeoffError as exc:
-        Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(exc))
+    finally:
+        logging.getLogger("bakeoff").removeHandler(warnings)
 
 
 if __name__ == "__main__":

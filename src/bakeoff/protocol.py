@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from bakeoff.errors import BakeoffError
@@ -14,6 +15,8 @@ __all__ = ["Protocol", "PRESETS", "apply_preset"]
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILES = ("auto", "off")
+# The decoded cache holds every image at side x side x 3 bytes: 100000 asked for 1.2 TB for 36 images.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,8 @@ class Protocol:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise BakeoffError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise BakeoffError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # nan > 0 is False too
+            raise BakeoffError(f"--lr must be a finite number above 0, e.g. 0.001, got {self.lr}")
         if self.batch_size < 1:
             raise BakeoffError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.optimizer not in OPTIMIZERS:
@@ -61,8 +64,13 @@ class Protocol:
             raise BakeoffError(f"augment must be 'rrc-flip' or 'none', got {self.augment!r}")
         if self.pretrained not in (True, False, "offline"):
             raise BakeoffError(f"pretrained must be True, False or 'offline', got {self.pretrained!r}")
-        if self.image_size is not None and self.image_size < 16:
-            raise BakeoffError(f"--image-size must be at least 16, got {self.image_size}")
+        if self.image_size is not None and not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise BakeoffError(
+                f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, got {self.image_size}: "
+                f"the pretrained models expect 224-600 pixels, and every image is kept decoded at this size "
+                f"({MAX_IMAGE_SIZE} is already 3 MB an image)")
+        if not 0 <= self.seed < 2**32:
+            raise BakeoffError(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.val_every < 1:
             raise BakeoffError(f"--val-every must be at least 1 (epochs), got {self.val_every}")
         if self.latency_runs < 50:

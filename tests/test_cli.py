@@ -1,0 +1,147 @@
+"""The command line refuses bad input with one line and exit code 2, and lists models whole.
+
+A few cases run the real CLI in its own process (exit code, stderr, no traceback); the rest call
+``main`` in this process, which is the same code path without paying the start-up each time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bakeoff.cli import main
+from conftest import make_colour_folder
+
+BAKEOFF = [sys.executable, "-m", "bakeoff.cli"]
+LONG_ID = "tensorflow-ic-imagenet-inception-resnet-v2-classification-4"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_colour_folder(tmp_path_factory.mktemp("cli") / "data", 2, classes={"a": (200, 0, 0), "b": (0, 0, 200)})
+
+
+def one_line_error(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def unwritable(tmp_path):
+    """A folder this user cannot make: a read-only parent, or for root (who may write anywhere
+    on a disk) a folder in /proc, where nobody can make one."""
+    if os.geteuid() == 0:
+        return "/proc/bakeoff-test/out"
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o500)
+    return str(parent / "out")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, says", [
+    (["run", "{data}", "--epoch", "1"], "No such option: --epoch (Possible options: --epochs)"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["run", "{data}", "--device", "tpu", "--out", "{out}"], "'tpu' is not a device"),
+    (["run", "{data}", "--out", "{data}/a/a_000.png/out"], "is under a file"),
+])
+def test_usage_errors_in_a_real_process(data, tmp_path, args, says):
+    args = [a.format(data=data, out=tmp_path / "out") for a in args]
+    proc = subprocess.run(BAKEOFF + args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert says in one_line_error(proc.stderr)
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
+def run_main(capsys, args):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["run", "{data}", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["run", "{data}", "--epochs"], "Option '--epochs' requires an argument"),
+    (["serve", "{data}", "-m", "x", "--port", "http"], "Invalid value for '--port'"),
+    (["run", "{data}", "--device", "tpu"], "'tpu' is not a device: pass auto, cpu, cuda or cuda:N"),
+    (["run", "{data}", "--device", "cuda:x"], "'cuda:x' is not a device"),
+    (["run", "{data}", "--trials-per-gpu", "0"], "pass a whole number from 1, or auto"),
+    (["run", "{data}", "-m", "timm/resnet18", "--lr", "inf"], "above 0, e.g. 0.001, got inf"),
+    (["run", "{data}", "-m", "timm/resnet18", "--lr", "nan"], "above 0, e.g. 0.001, got nan"),
+    (["run", "{data}", "-m", "timm/resnet18", "--lr", "-1"], "--lr must be a finite number above 0"),
+    (["run", "{data}", "-m", "timm/resnet18", "--image-size", "100000"],
+     "--image-size must be between 16 and 1024, got 100000"),
+    (["run", "{data}", "-m", "timm/resnet18", "--seed", "-1"], "--seed must be between 0 and"),
+    (["run", "{data}", "--out", "{file}"], "is a file: pass a folder"),
+    (["run", "{data}", "--out", "{file}/sub/out"], "is under a file"),
+    (["run", "{data}", "--cache-dir", "{file}"], "Invalid value for '--cache-dir'"),
+    (["run", "{data}", "--out", "{unwritable}"], "cannot be written"),
+    (["demo", "--out", "{file}"], "is a file"),
+    (["models", "--format", "xml"], "pass table, csv, json"),
+    (["report", "{data}", "--bogus"], "No such option: --bogus"),
+])
+def test_every_usage_error_is_one_line_and_exit_code_2(data, tmp_path, capsys, args, says):
+    (tmp_path / "file.txt").write_text("not a folder")
+    args = [a.format(data=data, file=tmp_path / "file.txt", unwritable=unwritable(tmp_path)) for a in args]
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = run_main(capsys, args)
+    assert code == 2
+    assert says in one_line_error(err)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing made on the way to the refusal
+
+
+def test_a_writable_out_folder_is_checked_and_not_left_behind(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "new" / "deeper"
+    code, _, err = run_main(capsys, ["run", str(data), "--out", str(out), "--epochs", "0", "-m", "timm/resnet18"])
+    assert code == 2 and "--epochs must be at least 1" in one_line_error(err)  # --out passed, the next check failed
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_bare_command_prints_the_help(capsys):
+    code, out, err = run_main(capsys, [])
+    assert code == 0 and "run" in out and "models" in out and err == ""
+
+
+def test_models_as_csv_and_json_give_every_column_and_whole_ids(capsys):
+    code, out, _ = run_main(capsys, ["models", "tensorflow-ic-imagenet-inception", "--format", "csv"])
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and {r["id"] for r in rows} == {LONG_ID, "tensorflow-ic-imagenet-inception-v3-classification-4"}
+    assert set(rows[0]) >= {"id", "framework", "params", "input_size", "offline_weights", "weight_source", "license"}
+    assert all(r["weight_source"].startswith("https://") and r["weight_source"].endswith(".h5") for r in rows)
+
+    code, out, _ = run_main(capsys, ["models", "tensorflow-ic-imagenet-inception", "-f", "json"])
+    records = json.loads(out)
+    assert code == 0 and {r["id"] for r in records} == {r["id"] for r in rows}
+    assert [r["weight_source"] for r in records] == [r["weight_source"] for r in rows]  # no escaped slashes
+    assert all(isinstance(r["params"], int) and r["input_size"] == 299 for r in records)
+
+
+@pytest.mark.timeout(90)
+def test_a_narrow_piped_model_table_keeps_ids_whole(tmp_path):
+    proc = subprocess.run(BAKEOFF + ["models", "tensorflow-ic-imagenet-inception"], capture_output=True, text=True,
+                          timeout=90, env={**os.environ, "COLUMNS": "40"})
+    assert proc.returncode == 0, proc.stderr
+    assert LONG_ID in proc.stdout and "…" not in proc.stdout
+    assert "tensorflow-ic-imagenet-inception-v3-classification-4 " in proc.stdout
+
+
+def test_a_narrow_terminal_draws_the_model_table_wider_than_cut_an_id(capsys, monkeypatch):
+    from rich.console import Console
+
+    import bakeoff.cli as cli
+
+    monkeypatch.setattr(cli, "console", Console(width=40, force_terminal=True))
+    cli.print_models(__import__("pandas").DataFrame([
+        {"id": LONG_ID, "framework": "tensorflow", "params": 55_873_736, "input_size": 299,
+         "offline_weights": False, "weight_source": "https://example.org/" + "w" * 80 + ".h5"}]))
+    out = capsys.readouterr().out
+    assert LONG_ID in out and "…" not in out
