@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bakeoff.measure import (chance_level, classification_metrics, summarize_ms, time_calls, validation_figures,
-                             wilson_interval)
+from bakeoff.measure import (chance_level, chance_p, classification_metrics, mcnemar_p, paired_cells,
+                             paired_ratio_interval, summarize_ms, time_calls, validation_figures, wilson_interval)
 
 
 def test_wilson_interval_known_values():
@@ -25,6 +25,9 @@ def test_classification_metrics_values():
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["top5"] == 1.0 and m["accuracy_ci_low"] < 4 / 6 < m["accuracy_ci_high"]
     assert 0 < m["macro_f1"] < 1
+    # each image's answer and label, in order, as plain ints (the stored result is JSON)
+    assert m["val_pred"] == [0, 1, 1, 1, 2, 0] and m["val_true"] == [0, 0, 1, 1, 2, 2]
+    assert all(type(v) is int for v in m["val_pred"] + m["val_true"])
 
 
 def test_a_model_that_answers_one_class_is_at_chance():
@@ -36,17 +39,74 @@ def test_a_model_that_answers_one_class_is_at_chance():
     y2 = np.array([0] * 80 + [1] * 20)
     m2 = classification_metrics(y2, np.tile([0.9, 0.1], (100, 1)), ["a", "b"])
     assert m2["accuracy"] == 0.8 and m2["chance_accuracy"] == 0.8 and m2["above_chance"] is False
-    # right 30% of the time on the balanced set: clearly above 10%
+    # right 30% of the time on the balanced set: distinguishable from 10%
     pred = np.where(np.arange(1000) % 10 < 3, y, (y + 1) % 10)
     m3 = classification_metrics(y, np.eye(10)[pred], list("abcdefghij"))
     assert m3["accuracy"] == pytest.approx(0.3) and m3["above_chance"] is True
 
 
-def test_chance_level_needs_the_interval_clear_of_chance():
-    assert chance_level([5] * 10, 15) == (0.1, True)  # 30% of 50: the interval starts near 19%
-    assert chance_level([1, 1, 1], 2) == (pytest.approx(1 / 3), False)  # 2 of 3 right proves nothing
-    assert chance_level([60, 40], 61) == (0.6, False)
-    assert chance_level([60, 40], 75) == (0.6, True)
+def test_chance_test_is_the_exact_one_sided_binomial_test():
+    from scipy.stats import binomtest
+
+    # by hand: 2 of 3 right when each is right with probability 1/3: P(X >= 2) = 3 (1/3)^2 (2/3) + (1/3)^3 = 7/27
+    assert chance_p(2, 3, 1 / 3) == pytest.approx(7 / 27)
+    assert chance_level([1, 1, 1], 2) == (pytest.approx(1 / 3), False)
+    # all right at one half: 6 of 6 is 1/64 < 0.05, 4 of 4 is 1/16, not below it
+    assert chance_p(6, 6, 0.5) == pytest.approx(1 / 64) and chance_level([3, 3], 6)[1] is True
+    assert chance_p(4, 4, 0.5) == pytest.approx(1 / 16) and chance_level([2, 2], 4)[1] is False
+    for correct, support in ((61, [60, 40]), (75, [60, 40]), (15, [5] * 10), (9, [5] * 10), (30, [30, 10, 10])):
+        n, chance = sum(support), max(support) / sum(support)
+        ref = binomtest(correct, n, chance, alternative="greater").pvalue
+        assert chance_p(correct, n, chance) == pytest.approx(ref, rel=1e-12)
+        assert chance_level(support, correct) == (pytest.approx(chance), ref < 0.05)
+    assert chance_level([100], 100)[1] is False  # one class: always answering it is perfect, and chance
+
+
+def test_mcnemar_matches_statsmodels_and_a_hand_computed_table():
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    # by hand: 1 image right only for a, 6 only for b: p = 2 P(X <= 1 | 7, 1/2) = 2 (1 + 7) / 128
+    assert mcnemar_p(1, 6) == pytest.approx(16 / 128) and mcnemar_p(6, 1) == pytest.approx(16 / 128)
+    assert mcnemar_p(0, 6) == pytest.approx(2 / 64) and mcnemar_p(0, 0) == 1.0
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        a, b = rng.random(300) < rng.uniform(0.3, 0.9), rng.random(300) < rng.uniform(0.3, 0.9)
+        both, only_a, only_b, neither = paired_cells(a, b)
+        assert (both, only_a, only_b, neither) == (np.sum(a & b), np.sum(a & ~b), np.sum(~a & b), np.sum(~a & ~b))
+        ref = mcnemar([[both, only_a], [only_b, neither]], exact=True).pvalue
+        assert mcnemar_p(only_a, only_b) == pytest.approx(ref, rel=1e-9)
+
+
+def test_paired_interval_equals_resampling_the_images():
+    # the reference: resample the images themselves, the same indices for both models
+    rng = np.random.default_rng(2)
+    n = 500
+    base = rng.random(n) < 0.7
+    model = np.where(rng.random(n) < 0.8, base, ~base)  # agrees with the baseline on most images
+    idx = np.random.default_rng(3).integers(0, n, size=(4000, n))
+    ratios = model[idx].mean(1) / base[idx].mean(1)
+    ref = np.percentile(ratios, [2.5, 97.5])
+    lo, hi = paired_ratio_interval(paired_cells(model, base))
+    assert lo == pytest.approx(ref[0], abs=0.012) and hi == pytest.approx(ref[1], abs=0.012)
+    # fixed seed: the same interval every time
+    assert paired_ratio_interval(paired_cells(model, base)) == (lo, hi)
+
+
+def test_paired_interval_identical_predictions_and_coverage():
+    same = np.arange(200) % 3 > 0
+    assert paired_ratio_interval(paired_cells(same, same)) == (1.0, 1.0)
+    assert mcnemar_p(*paired_cells(same, same)[1:3]) == 1.0
+    assert all(np.isnan(paired_ratio_interval(paired_cells(same, np.zeros(200, bool)))))  # baseline never right
+    # a known true ratio: cell probabilities (both, only model, only base, neither) = (.6, .15, .05, .2),
+    # so model accuracy .75, baseline .65, ratio 75/65; a 95% interval covers it about 95% of the time
+    rng = np.random.default_rng(4)
+    true_ratio, hits, trials = 0.75 / 0.65, 0, 300
+    for t in range(trials):
+        u = rng.random(400)
+        model, base = u < 0.75, (u < 0.6) | (u >= 0.75) & (u < 0.8)
+        lo, hi = paired_ratio_interval(paired_cells(model, base), resamples=2000, seed=t)
+        hits += lo <= true_ratio <= hi
+    assert 0.90 <= hits / trials <= 0.99
 
 
 def test_time_calls_syncs_each_run_and_keeps_every_sample():

@@ -8,7 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["classification_metrics", "wilson_interval", "chance_level", "time_calls", "summarize_ms"]
+__all__ = ["classification_metrics", "wilson_interval", "chance_level", "chance_p", "paired_cells", "mcnemar_p",
+           "paired_ratio_interval", "ALPHA", "time_calls", "summarize_ms"]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -22,9 +23,21 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+ALPHA = 0.05  # the level of every test the comparison states ("distinguishable", "better than")
+
+
+def chance_p(correct: int, total: int, chance: float) -> float:
+    """One-sided exact binomial p-value of scoring ``correct`` of ``total`` or more when each answer
+    is right with probability ``chance``: small means the model is distinguishable from chance."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(int(correct), int(total), min(max(float(chance), 0.0), 1.0),
+                           alternative="greater").pvalue)
+
+
 def chance_level(support, correct: int) -> tuple[float, bool]:
     """The accuracy of always answering the largest validation class, and whether ``correct``
-    answers out of ``sum(support)`` beat it beyond the 95% interval.
+    answers out of ``sum(support)`` are distinguishable from it (``chance_p`` below ``ALPHA``).
 
     A model that collapsed onto one class (or never left its initial guess) scores exactly this
     share: its accuracy says nothing about the model, only about the class balance.
@@ -34,7 +47,44 @@ def chance_level(support, correct: int) -> tuple[float, bool]:
     if n == 0:
         return (math.nan, False)
     chance = float(support.max() / n)
-    return (chance, bool(wilson_interval(correct, n)[0] > chance))
+    return (chance, bool(chance_p(correct, n, chance) < ALPHA))
+
+
+def paired_cells(a_correct, b_correct) -> tuple[int, int, int, int]:
+    """Counts over the same images: (both right, only a right, only b right, both wrong)."""
+    a, b = np.asarray(a_correct, bool), np.asarray(b_correct, bool)
+    return (int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum()), int((~a & ~b).sum()))
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact McNemar test of two models scored on the same images: the two-sided binomial test of
+    the discordant images (``only_a`` right only for a, ``only_b`` only for b) at one half.
+    1.0 when they disagree on no image."""
+    from scipy.stats import binomtest
+
+    n = int(only_a) + int(only_b)
+    return float(binomtest(int(only_a), n, 0.5).pvalue) if n else 1.0
+
+
+def paired_ratio_interval(cells: tuple[int, int, int, int], resamples: int = 10_000, seed: int = 0,
+                          level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of accuracy(a) / accuracy(b) from ``paired_cells``, resampling
+    the validation images with replacement, the same resample for both models.
+
+    The ratio of a resample depends only on how many of its images fall in each of the four cells,
+    and drawing n images with replacement puts Multinomial(n, cell shares) images in them: drawing
+    those four counts is the image resample itself, at any n. NaN where b got nothing right.
+    """
+    cells = np.asarray(cells, dtype=np.int64)
+    n = int(cells.sum())
+    if n == 0 or cells[0] + cells[2] == 0:
+        return (math.nan, math.nan)
+    counts = np.random.default_rng(seed).multinomial(n, cells / n, size=resamples)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (counts[:, 0] + counts[:, 1]) / (counts[:, 0] + counts[:, 2])
+    tail = (1 - level) / 2
+    lo, hi = np.nanquantile(ratio, [tail, 1 - tail])
+    return (float(lo), float(hi))
 
 
 def validation_figures(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -46,8 +96,10 @@ def validation_figures(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
-    """Top-1 (with 95% CI), top-5, macro-F1, per-class accuracy, the confusion matrix, and the
-    chance level (the largest class's share) with whether top-1 is clearly above it."""
+    """Top-1 (with 95% CI), top-5, macro-F1, per-class accuracy, the confusion matrix, the chance
+    level (the largest class's share) with whether top-1 is distinguishable from it, and each
+    validation image's predicted and true class (``val_pred``, ``val_true``, in the order of
+    ``y_true``): the comparison tests models against each other on the same images with them."""
     from sklearn.metrics import confusion_matrix, f1_score
 
     k = len(classes)
@@ -72,6 +124,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         "n_val": n,
         "chance_accuracy": chance,
         "above_chance": above,
+        "val_pred": pred.tolist(),
+        "val_true": np.asarray(y_true).tolist(),
     }
 
 
