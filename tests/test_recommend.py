@@ -1,17 +1,25 @@
-"""Recommendations on hand-made results tables: exact picks, the 1-point rule, CI warnings."""
+"""Recommendations on hand-made results tables: exact picks, the 1-point rule, the paired verdicts."""
 
-import math
-
+import numpy as np
 import pandas as pd
 import pytest
 
-from bakeoff.compare.recommend import available_latencies, cis_overlap, fmt_seconds, recommend
+from bakeoff.compare.recommend import available_latencies, fmt_p, fmt_seconds, recommend
+
+N = 1000  # validation images of the hand-made tables
 
 
-def _row(model, acc, lo, hi, train, lat, framework="pytorch", status="ok", **extra):
-    return {"model": model, "framework": framework, "status": status, "accuracy": acc, "accuracy_ci_low": lo,
-            "accuracy_ci_high": hi, "train_time_s": train, "latency_ms_p50": lat, "latency_ms_p95": lat,
-            "error": None if status == "ok" else "RuntimeError: boom", **extra}
+def _row(model, acc, lo, hi, train, lat, framework="pytorch", status="ok", right=None, **extra):
+    """A results row; ``right`` = (first, last) gives per-image answers: images first..last-1 right."""
+    row = {"model": model, "framework": framework, "status": status, "accuracy": acc, "accuracy_ci_low": lo,
+           "accuracy_ci_high": hi, "train_time_s": train, "latency_ms_p50": lat, "latency_ms_p95": lat,
+           "error": None if status == "ok" else "RuntimeError: boom", **extra}
+    if right is not None:
+        true = np.arange(N) % 3
+        correct = (np.arange(N) >= right[0]) & (np.arange(N) < right[1])
+        row |= {"val_true": true, "val_pred": np.where(correct, true, (true + 1) % 3)}
+        assert acc == pytest.approx(correct.mean())
+    return row
 
 
 def _table(*rows):
@@ -30,13 +38,15 @@ def results():
     # big: most accurate, slow. mid: 0.8 points below, fastest to train. small: 0.9 points below,
     # fastest inference. tiny: 5 points below, fastest of all but outside the 1-point margin.
     # keras_a / keras_b: the tensorflow models. broken: failed, with "figures" that must be ignored.
+    # Per-image answers: big and mid disagree on 32 images (20 for big, 12 for mid), small is big
+    # less its last 9 right images, keras_a is right wherever keras_b is and on 130 more.
     return _table(
-        _row("big", 0.950, 0.940, 0.960, 100.0, 10.0),
-        _row("mid", 0.942, 0.930, 0.952, 40.0, 8.0),
-        _row("small", 0.941, 0.929, 0.951, 60.0, 3.0),
-        _row("tiny", 0.900, 0.880, 0.915, 5.0, 1.0),
-        _row("keras_a", 0.930, 0.915, 0.943, 50.0, 4.0, framework="tensorflow"),
-        _row("keras_b", 0.800, 0.780, 0.820, 30.0, 2.0, framework="tensorflow"),
+        _row("big", 0.950, 0.940, 0.960, 100.0, 10.0, right=(0, 950)),
+        _row("mid", 0.942, 0.930, 0.952, 40.0, 8.0, right=(20, 962)),
+        _row("small", 0.941, 0.929, 0.951, 60.0, 3.0, right=(0, 941)),
+        _row("tiny", 0.900, 0.880, 0.915, 5.0, 1.0, right=(0, 900)),
+        _row("keras_a", 0.930, 0.915, 0.943, 50.0, 4.0, framework="tensorflow", right=(0, 930)),
+        _row("keras_b", 0.800, 0.780, 0.820, 30.0, 2.0, framework="tensorflow", right=(0, 800)),
         _row("broken", 0.999, 0.998, 1.0, 0.1, 0.1, status="failed"),
     )
 
@@ -69,22 +79,50 @@ def test_within_one_point_rule(results):
     assert fast.pick.model == "a" and fast.runner_up is None and fast.text.startswith("only a is within 1 point")
 
 
-def test_ci_overlap_warning(results):
+def _mcnemar(only_a, only_b):
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    return mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue
+
+
+def test_paired_verdicts(results):
     recs = _by_kind(recommend(results))
-    # big (94.0-96.0%) vs mid (93.0-95.2%): overlapping intervals -> warned
+    # big vs mid: 20 images against 12, not distinguishable at 5%: warned, with the test's figures
     best = recs["most-accurate"][0]
-    assert best.warning is not None and "mid" in best.warning and "0.8 points" in best.warning
-    # separated intervals -> no warning
-    clear = _table(_row("a", 0.95, 0.94, 0.96, 10.0, 1.0), _row("b", 0.90, 0.88, 0.92, 10.0, 1.0))
-    assert recommend(clear)[0].warning is None
-    # the best of tensorflow (91.5-94.3%) vs keras_b (78-82%): clear
+    assert best.warning == (f"not distinguishable from the runner-up mid: 95.0% vs 94.2%, {fmt_p(_mcnemar(20, 12))}, "
+                            "exact McNemar test on the same 1000 validation images: 20 right only for big, 12 only "
+                            "for mid; more validation images would be needed to tell them apart")
+    # keras_a vs keras_b: 130 images against none: better than it, no warning
     tf = [r for r in recs["best-of-framework"] if r.framework == "tensorflow"][0]
     assert tf.warning is None
-    # touching intervals count as overlapping; missing intervals never warn
-    a = recommend(_table(_row("a", 0.95, 0.92, 0.97, 1.0, 1.0), _row("b", 0.90, 0.88, 0.92, 1.0, 1.0)))
-    assert a[0].warning is not None
-    nan = recommend(_table(_row("a", 0.95, math.nan, math.nan, 1.0, 1.0), _row("b", 0.9, 0.88, 0.92, 1.0, 1.0)))
-    assert nan[0].warning is None
+    assert tf.text.endswith("runner-up keras_b at 80.0%; better than it (p < 0.001, exact McNemar test on the same "
+                            "1000 validation images: 130 right only for keras_a, 0 only for keras_b).")
+    # the speed picks state how their accuracy compares with the next fastest's
+    fast = recs["fastest-training"][0]
+    assert fast.warning is None and f"its accuracy is not distinguishable from small's ({fmt_p(_mcnemar(21, 20))}" \
+        in fast.text
+    # the fastest is less accurate than the next fastest by the test: warned
+    t = _table(_row("a", 0.95, 0.9, 1.0, 10.0, 5.0, right=(0, 950)), _row("b", 0.94, 0.9, 1.0, 1.0, 1.0, right=(0, 940)))
+    fast = _by_kind(recommend(t))["fastest-training"][0]
+    assert fast.pick.model == "b" and fast.warning.startswith(
+        f"the next fastest, a, is more accurate: 95.0% vs 94.0%, {fmt_p(2 / 2 ** 10)}, exact McNemar test")
+    # identical answers: not distinguishable (p = 1)
+    same = _table(_row("a", 0.95, 0.9, 1.0, 10.0, 5.0, right=(0, 950)), _row("b", 0.95, 0.9, 1.0, 11.0, 1.0,
+                                                                           right=(0, 950)))
+    assert "p = 1, exact McNemar" in recommend(same)[0].warning
+
+
+def test_without_per_image_answers_nothing_is_claimed():
+    t = _table(_row("a", 0.95, 0.94, 0.96, 10.0, 1.0), _row("b", 0.90, 0.88, 0.92, 10.0, 1.0))
+    rec = recommend(t)[0]
+    assert rec.pick.model == "a" and rec.warning.startswith("not tested against the runner-up b: per-image "
+                                                            "predictions are missing")
+    # one image short: not the same images, so not paired either
+    short = _row("b", 0.90, 0.88, 0.92, 10.0, 1.0, right=(0, 900))
+    short |= {"val_true": short["val_true"][:-1], "val_pred": short["val_pred"][:-1]}
+    paired = _table(_row("a", 0.95, 0.94, 0.96, 10.0, 1.0, right=(0, 950)), short)
+    assert recommend(paired)[0].warning.startswith("not tested against the runner-up b")
+    assert recommend(_table(_row("a", 0.95, 0.94, 0.96, 10.0, 1.0)))[0].warning is None  # no runner-up
 
 
 def test_best_per_framework(results):
@@ -134,8 +172,5 @@ def test_ties_and_each_latency():
 def test_helpers():
     assert fmt_seconds(0.1234) == "0.12 s" and fmt_seconds(75) == "75.0 s" and fmt_seconds(600) == "10 min 00 s"
     assert fmt_seconds(None) == "–"
-    from bakeoff.compare.recommend import Pick
-
-    a = Pick("a", "pytorch", 0.9, 0.85, 0.95, 1.0)
-    assert cis_overlap(a, Pick("b", "pytorch", 0.8, 0.7, 0.85, 1.0))
-    assert not cis_overlap(a, Pick("b", "pytorch", 0.8, 0.7, 0.849, 1.0))
+    assert fmt_p(0.2153) == "p = 0.22" and fmt_p(0.00049) == "p < 0.001" and fmt_p(1.0) == "p = 1"
+    assert fmt_p(float("nan")) == "–"

@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bakeoff.compare.recommend import LATENCIES
-from bakeoff.compare.tables import display_status
+from bakeoff.compare.recommend import LATENCIES, fmt_p_value
+from bakeoff.compare.tables import CHANCE_STATUS, display_status, weights_kind
 from bakeoff.errors import BakeoffError
 from bakeoff.protocol import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from bakeoff.serve.commands import export_cmd, serve_cmd
@@ -45,17 +45,22 @@ def print_comparison(comparison) -> None:
     kind = comparison.inference
     latency = LATENCIES[kind][0]  # the latency the relative figures use
     table = Table(title=f"bakeoff: relative to {comparison.baseline or '-'}", show_lines=False)
-    for col in ("model", "status", "accuracy (95% CI)", "train s",
-                "latency ms p50" + ("" if kind == "in-process" else f" ({kind})"), "img/s", "rel acc",
-                "rel train", "rel infer", "pareto"):
-        table.add_column(col, justify="left" if col in ("model", "status") else "right")
-    colour = {"ok": "green", "at chance": "yellow"}
+    # Two-line headers and cells keep the twelve columns within a terminal; a model id is what the
+    # reader looks up, so the other columns wrap first and nothing is cut to an ellipsis.
+    for col in ("model", "status", "weights", "accuracy\n(95% CI)", "train s",
+                "latency\nms p50" + ("" if kind == "in-process" else f" ({kind})"), "img/s", "rel acc",
+                "p vs\nbase", "rel\ntrain", "rel\ninfer", "pareto"):
+        table.add_column(col, justify="left" if col in ("model", "status", "weights") else "right",
+                         no_wrap=col == "model", overflow="fold")
+    colour = {"ok": "green", CHANCE_STATUS: "yellow"}
     for (_, r), shown in zip(df.iterrows(), display_status(df)):
         acc = "-" if r["status"] != "ok" else \
-            f"{r['accuracy']:.3f} ({r['accuracy_ci_low']:.3f}-{r['accuracy_ci_high']:.3f})"
+            f"{r['accuracy']:.3f}\n({r['accuracy_ci_low']:.3f}-{r['accuracy_ci_high']:.3f})"
         status = f"[{colour.get(shown, 'red')}]{escape(shown)}[/]"
-        table.add_row(r["model"], status, acc, _fmt(r["train_time_s"], ".1f"), _fmt(r.get(latency), ".2f"),
-                      _fmt(r["throughput_img_s"], ",.0f"), _fmt(r.get("relative_accuracy"), ".3f"),
+        table.add_row(r["model"], status, weights_kind(r.get("weights")) or "-", acc, _fmt(r["train_time_s"], ".1f"),
+                      _fmt(r.get(latency), ".2f"), _fmt(r["throughput_img_s"], ",.0f"),
+                      _fmt(r.get("relative_accuracy"), ".3f"),
+                      fmt_p_value(r.get("p_vs_baseline"), missing="-"),
                       _fmt(r.get("relative_training_time"), ".2f"), _fmt(r.get("relative_inference_time"), ".2f"),
                       "*" if r.get("pareto") is True else "")
     console.print(table)

@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 
 from bakeoff.compare.recommend import (LATENCIES, Recommendation, as_number, available_latencies, fmt_ci, fmt_ms,
-                                       fmt_pct, fmt_seconds, is_number)
-from bakeoff.compare.tables import display_status, relative_frame
+                                       fmt_p_value, fmt_pct, fmt_seconds, is_number)
+from bakeoff.compare.tables import display_status, relative_frame, weights_kind
 from bakeoff.errors import BakeoffError
 
 __all__ = ["Cell", "Column", "figure_table", "relative_by_latency", "report_markdown", "run_summary",
-           "LATENCY_SHORT"]
+           "dataset_warnings", "LATENCY_SHORT"]
 
 LATENCY_SHORT = {"in-process": "in-process", "endpoint": "endpoint", "onnx-cpu": "ONNX CPU"}
 
@@ -74,8 +74,13 @@ def figure_table(comparison, rel_by_latency: dict[str, pd.DataFrame]) -> tuple[l
     res = comparison.results
     kinds = available_latencies(res)
     cols = [Column("model", "model"), Column("framework", "framework"), Column("status", "status"),
+            Column("weights", "weights", "starting weights: imagenet, random-init, or file (ImageNet weights "
+                   "from a local file)"),
             Column("accuracy", "accuracy (95% CI)", "top-1 on the whole validation split; Wilson interval"),
-            Column("rel_accuracy", "rel. accuracy (95% CI)", "accuracy / baseline accuracy"),
+            Column("rel_accuracy", "rel. accuracy (95% CI)", "accuracy / baseline accuracy; paired bootstrap "
+                   "interval over the validation images"),
+            Column("p_vs_baseline", "p vs baseline", "exact McNemar test against the baseline on the same "
+                   "validation images; below 0.05: distinguishable from it"),
             Column("train_time", "training time", "wall clock of the training loop only"),
             Column("rel_training", "rel. training time", "training time / baseline training time")]
     for k in kinds:
@@ -100,6 +105,7 @@ def figure_table(comparison, rel_by_latency: dict[str, pd.DataFrame]) -> tuple[l
         row = {"model": Cell(model + (" (baseline)" if model == comparison.baseline else ""), model),
                "framework": Cell(str(r["framework"]), str(r["framework"])),
                "status": Cell(status, status),
+               "weights": Cell(weights_kind(r.get("weights")) or "–", weights_kind(r.get("weights"))),
                "accuracy": Cell(f"{fmt_pct(acc)} ({fmt_ci(lo, hi)})" if acc is not None else "–", acc),
                "top5": Cell(fmt_pct(as_number(r["top5"])), as_number(r["top5"])),
                "macro_f1": Cell(f"{as_number(r['macro_f1']):.3f}" if as_number(r["macro_f1"]) is not None else "–",
@@ -119,7 +125,10 @@ def figure_table(comparison, rel_by_latency: dict[str, pd.DataFrame]) -> tuple[l
         if rel is not None:
             ra, rlo, rhi = (as_number(rel[c]) for c in ("relative_accuracy", "relative_accuracy_ci_low",
                                                    "relative_accuracy_ci_high"))
-            row["rel_accuracy"] = Cell(f"{ra:.3f} ({rlo:.3f}–{rhi:.3f})" if rlo is not None else f"{ra:.3f}", ra)
+            both = rlo is not None and rhi is not None
+            row["rel_accuracy"] = Cell(f"{ra:.3f} ({rlo:.3f}–{rhi:.3f})" if both else f"{ra:.3f}", ra)
+            p = as_number(rel["p_vs_baseline"])
+            row["p_vs_baseline"] = Cell(fmt_p_value(p), p)
             rt = as_number(rel["relative_training_time"])
             row["rel_training"] = Cell(f"{rt:.2f}x" if rt is not None else "–", rt)
         for k, frame in rels.items():
@@ -157,6 +166,15 @@ def run_summary(comparison) -> str:
     return text
 
 
+def dataset_warnings(dataset: dict) -> list[str]:
+    """The data set's own warnings (``dataset.json``'s ``warnings``: a class with too few images,
+    a validation class left empty, ...) as lines of text."""
+    out = []
+    for w in dataset.get("warnings") or []:
+        out.append(str(w.get("message") or w) if isinstance(w, dict) else str(w))
+    return out
+
+
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -181,14 +199,16 @@ def report_markdown(comparison, recommendations: list[Recommendation]) -> str:
             lines.append(f"  - *Warning:* {_md(rec.warning)}.")
     rel = relative_by_latency(comparison)
     cols, rows = figure_table(comparison, rel)
-    keep = {"model", "framework", "status", "accuracy", "train_time", "rel_accuracy", "rel_training"}
+    keep = {"model", "framework", "status", "weights", "accuracy", "train_time", "rel_accuracy", "p_vs_baseline",
+            "rel_training"}
     shown = [c for c in cols if c.key in keep or c.key.startswith(("latency:", "rel_inference:"))]
     if rel:
         first = next(iter(rel))
         pareto = next(c for c in cols if c.key == f"pareto:{first}")
         shown.append(replace(pareto, header=f"Pareto front ({LATENCY_SHORT[first]})") if len(rel) > 1 else pareto)
     lines += ["", "## Results", "", "| " + " | ".join(_md(c.header) for c in shown) + " |",
-              "|" + "|".join("---" if c.key in ("model", "framework", "status") else "---:" for c in shown) + "|"]
+              "|" + "|".join("---" if c.key in ("model", "framework", "status", "weights") else "---:" for c in shown)
+              + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_md(row[c.key].text) for c in shown) + " |")
     failed = comparison.results[comparison.results["status"] != "ok"]
@@ -203,6 +223,7 @@ def report_markdown(comparison, recommendations: list[Recommendation]) -> str:
               f"- data set: `{ds.get('data_dir', '?')}`, fingerprint {ds.get('fingerprint', '?')}, "
               f"{len(ds.get('classes', []))} classes, {ds.get('n_train', '?')} training / "
               f"{ds.get('n_val', '?')} validation images, {ds.get('n_skipped', 0)} files skipped",
+              *(f"- data set warning: {_md(w)}" for w in dataset_warnings(ds)),
               "- protocol: " + ", ".join(f"{k}={v}" for k, v in run.get("protocol", {}).items()),
               f"- device: {', '.join(devices) or prov.get('device', '?')}",
               f"- bakeoff {prov.get('bakeoff_version', '?')} (commit {prov.get('bakeoff_commit') or '?'}), "

@@ -9,7 +9,8 @@ import pandas as pd
 from bakeoff.compare.plots import plot_tradeoffs
 from bakeoff.compare.recommend import LATENCIES
 from bakeoff.compare.report_html import write_reports
-from bakeoff.compare.tables import chance_warning, relative_frame, results_frame
+from bakeoff.compare.tables import (RELATIVE_COLUMNS, RESULT_COLUMNS, chance_warning, pick_baseline, relative_frame,
+                                    results_frame, small_split_warning, weights_warning)
 from bakeoff.errors import BakeoffError
 from bakeoff.store import Store
 
@@ -53,28 +54,25 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, infe
     if run is None:
         raise BakeoffError(f"{db} holds no run yet: start one with `bakeoff run`")
     order = list(run["trial_keys"])
+    if baseline and baseline not in order:  # asked for by name: the user must choose again
+        raise BakeoffError(f"--baseline {baseline} is not a model of this run; models: {', '.join(order)}")
     results = results_frame(trials, order)
-    results.to_csv(out_dir / "results.csv", index=False)
-    wanted = baseline or run.get("baseline")
     relative, used, warning = None, None, None
     if (results["status"] == "ok").any():
-        try:
-            relative, used = relative_frame(results, wanted, INFERENCE_COLUMNS[inference])
-        except BakeoffError as exc:
-            if baseline:  # asked for explicitly: the user must choose again
-                raise
-            relative, used = relative_frame(results, None, INFERENCE_COLUMNS[inference])
-            warning = f"{exc}; compared against {used} instead"
+        used, warning = pick_baseline(results, baseline or run.get("baseline"))
+        relative, _ = relative_frame(results, used, INFERENCE_COLUMNS[inference])
         if inference != "in-process" and relative.loc[relative["baseline"], "relative_inference_time"].isna().all():
             raise BakeoffError(f"the baseline {used} has no {inference} latency in {db}: {_MEASURE_HINT[inference]}")
-        out_cols = ["model", "framework", "relative_accuracy", "relative_training_time",
-                    "relative_inference_time", "pareto", "pareto_training", "pareto_inference", "at_chance", "baseline"]
-        relative[out_cols].to_csv(out_dir / "relative.csv", index=False)
+        results["p_vs_baseline"] = results["model"].map(relative.set_index("model")["p_vs_baseline"])
+        relative[RELATIVE_COLUMNS].to_csv(out_dir / "relative.csv", index=False)
         if plots:
             plot_tradeoffs(relative, out_dir, f"{LATENCIES[inference][2]} p50")
     else:
         warning = "no model finished successfully: nothing to compare (see the error column of results.csv)"
-    warning = "; ".join(w for w in (warning, chance_warning(results), _missing_warning(run)) if w) or None
+    results[RESULT_COLUMNS].to_csv(out_dir / "results.csv", index=False)
+    notes = (warning, chance_warning(results), weights_warning(results), small_split_warning(results, used),
+             _missing_warning(run))
+    warning = "; ".join(w for w in notes if w) or None
     comparison = Comparison(results, relative, used, run, warning, inference)
     write_reports(out_dir, comparison)  # report.md, and report.html where plotly is installed
     return comparison

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bakeoff.compare.tables import CHANCE_STATUS
+
 __all__ = ["plot_tradeoffs", "short_label", "FRAMEWORK_COLORS"]
 
 # The study's ids carry their hub's naming; on a crowded plot the architecture is what reads.
@@ -31,8 +33,10 @@ def _plot(rel: pd.DataFrame, x: str, front: str, xlabel: str, title: str, path: 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     for fw, part in rel.groupby("framework"):
         color = FRAMEWORK_COLORS.get(fw, "#555555")
-        yerr = [part["relative_accuracy"] - part["relative_accuracy_ci_low"],
-                part["relative_accuracy_ci_high"] - part["relative_accuracy"]]
+        # no bar where the interval is unknown (trials stored without per-image predictions); a
+        # percentile interval can miss its point estimate by a hair, which would make a bar negative
+        yerr = [(part["relative_accuracy"] - part["relative_accuracy_ci_low"]).fillna(0).clip(lower=0),
+                (part["relative_accuracy_ci_high"] - part["relative_accuracy"]).fillna(0).clip(lower=0)]
         ax.errorbar(part[x], part["relative_accuracy"], yerr=yerr, fmt="o", color=color, ecolor=color,
                     alpha=0.85, capsize=3, markersize=7, label=fw)
     pts = rel[rel[front]].sort_values(x)
@@ -42,7 +46,8 @@ def _plot(rel: pd.DataFrame, x: str, front: str, xlabel: str, title: str, path: 
     ax.scatter(base[x], base["relative_accuracy"], s=260, facecolors="none", edgecolors="black", lw=1.5,
                label=f"baseline ({base['model'].iloc[0]})", zorder=5)
     texts = [ax.text(r[x], r["relative_accuracy"],
-                     short_label(r["model"]) + (" (at chance)" if bool(r.get("at_chance", False)) else ""), fontsize=8)
+                     short_label(r["model"]) + (f" ({CHANCE_STATUS})" if bool(r.get("at_chance", False)) else ""),
+                     fontsize=8)
              for _, r in rel.iterrows()]
     ax.axhline(1.0, color="grey", lw=0.6)
     ax.axvline(1.0, color="grey", lw=0.6)

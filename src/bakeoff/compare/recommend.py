@@ -3,8 +3,9 @@
 Four questions, each answered with the figures behind it: the most accurate model; the fastest
 to train among models within one accuracy point of the best; the fastest at inference among
 those (one answer per measured latency); the most accurate model of each framework. Each answer
-names its runner-up and warns when the two accuracy intervals overlap, i.e. when the validation
-split is too small to tell their accuracy apart.
+names its runner-up and says whether the pick is better than it or not distinguishable from it,
+by the exact McNemar test on the same validation images at 5% (a warning when that undercuts
+the pick).
 
 >>> recs = recommend(results)  # doctest: +SKIP
 >>> print(recs[0].text)  # doctest: +SKIP
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bakeoff.compare.tables import at_chance
+from bakeoff.compare.tables import at_chance, same_images_cells
+from bakeoff.measure import ALPHA, mcnemar_p
 
 __all__ = ["Recommendation", "Pick", "recommend", "LATENCIES", "available_latencies", "fmt_pct", "fmt_ci",
-           "fmt_seconds", "fmt_ms", "is_number", "as_number", "cis_overlap"]
+           "fmt_seconds", "fmt_ms", "fmt_p", "fmt_p_value", "is_number", "as_number", "versus"]
 
 # latency kind -> (p50 column, p95 column, what was timed)
 LATENCIES: dict[str, tuple[str, str, str]] = {
@@ -40,6 +42,19 @@ def fmt_pct(v, digits: int = 1) -> str:
 
 def fmt_ci(lo, hi, digits: int = 1) -> str:
     return f"{100 * lo:.{digits}f}–{100 * hi:.{digits}f}%" if is_number(lo) and is_number(hi) else "–"
+
+
+def fmt_p_value(v, missing: str = "–") -> str:
+    """A p-value for a table cell: two significant digits, "< 0.001" below that."""
+    if not is_number(v):
+        return missing
+    return "< 0.001" if v < 0.001 else f"{v:.2g}"
+
+
+def fmt_p(v) -> str:
+    """A p-value in a sentence: "p = 0.031", "p < 0.001"."""
+    text = fmt_p_value(v)
+    return text if not is_number(v) else f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
 def fmt_seconds(v) -> str:
@@ -90,11 +105,17 @@ class Recommendation:
     framework: str | None = None
 
 
-def cis_overlap(a: Pick, b: Pick) -> bool:
-    """True when the two 95% intervals overlap: the data cannot separate the two accuracies."""
-    if not all(is_number(v) for v in (a.ci_low, a.ci_high, b.ci_low, b.ci_high)):
-        return False
-    return a.ci_low <= b.ci_high and b.ci_low <= a.ci_high
+def versus(a, b) -> tuple[str, str] | None:
+    """How results row ``a`` compares with row ``b`` on the same validation images, by the exact
+    McNemar test at 5%: ("better than" | "worse than" | "not distinguishable from", the test's
+    figures in words); None where per-image predictions are missing for either."""
+    cells = same_images_cells(a, b)
+    if cells is None:
+        return None
+    p = mcnemar_p(cells[1], cells[2])
+    verdict = "not distinguishable from" if p >= ALPHA else "better than" if cells[1] > cells[2] else "worse than"
+    return verdict, (f"{fmt_p(p)}, exact McNemar test on the same {sum(cells)} validation images: {cells[1]} "
+                     f"right only for {a['model']}, {cells[2]} only for {b['model']}")
 
 
 def as_number(v) -> float | None:
@@ -134,15 +155,6 @@ def _by_accuracy(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(_t=t).sort_values(["accuracy", "_t", "_order"], ascending=[False, True, True])
 
 
-def _accuracy_warning(pick: Pick, runner_up: Pick | None) -> str | None:
-    if runner_up is None or not cis_overlap(pick, runner_up):
-        return None
-    diff = 100 * (pick.accuracy - runner_up.accuracy)
-    return (f"not clearly ahead of {runner_up.model}: {fmt_pct(pick.accuracy)} vs {runner_up.accuracy_text()}, "
-            f"a difference of {diff:.1f} points inside the overlapping 95% confidence intervals; more "
-            f"validation images would be needed to tell them apart")
-
-
 def _most_accurate(ok: pd.DataFrame, kind: str, title: str, framework: str | None = None) -> Recommendation:
     ranked = _by_accuracy(ok)
     pick = _pick(ranked.iloc[0])
@@ -151,10 +163,21 @@ def _most_accurate(ok: pd.DataFrame, kind: str, title: str, framework: str | Non
     text = f"{pick.model} is the most accurate {scope}: {pick.accuracy_text()}"
     if pick.train_time_s is not None:
         text += f", trained in {fmt_seconds(pick.train_time_s)}"
+    warning = None
     if runner_up is not None:
         text += f"; runner-up {runner_up.model} at {fmt_pct(runner_up.accuracy)}"
-    return Recommendation(kind, title, pick, runner_up, text + ".", _accuracy_warning(pick, runner_up),
-                          framework=framework)
+        test = versus(ranked.iloc[0], ranked.iloc[1])
+        if test is None:
+            warning = (f"not tested against the runner-up {runner_up.model}: per-image predictions are missing "
+                       f"for one of them (stored by an earlier version), so nothing says it is the better one")
+        elif test[0] == "better than":
+            text += f"; better than it ({test[1]})"
+        else:  # "worse than" only where the stored accuracies disagree with the stored answers
+            warning = (f"{test[0]} the runner-up {runner_up.model}: {fmt_pct(pick.accuracy)} vs "
+                       f"{fmt_pct(runner_up.accuracy)}, {test[1]}")
+            if test[0] == "not distinguishable from":
+                warning += "; more validation images would be needed to tell them apart"
+    return Recommendation(kind, title, pick, runner_up, text + ".", warning, framework=framework)
 
 
 def _points(within: float) -> str:
@@ -183,9 +206,12 @@ def _fastest(ok: pd.DataFrame, best: Pick, col: str, kind: str, title: str, what
             ", the best of all"
         text += f"; the next fastest, {runner_up.model}, takes {ratio:.2f}x as long"
     warning = None
-    if runner_up is not None and cis_overlap(pick, runner_up):
-        warning = (f"accuracy does not separate it from the runner-up {runner_up.model}: {fmt_pct(pick.accuracy)} "
-                   f"vs {runner_up.accuracy_text()}, inside the overlapping 95% confidence intervals")
+    test = versus(ranked.iloc[0], ranked.iloc[1]) if runner_up is not None else None
+    if test is not None and test[0] == "worse than":
+        warning = (f"the next fastest, {runner_up.model}, is more accurate: {fmt_pct(runner_up.accuracy)} vs "
+                   f"{fmt_pct(pick.accuracy)}, {test[1]}")
+    elif test is not None:
+        text += f"; its accuracy is {test[0]} {runner_up.model}'s ({test[1]})"
     return Recommendation(kind, title, pick, runner_up, text + ".", warning, latency=latency)
 
 

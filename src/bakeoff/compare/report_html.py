@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
-from bakeoff.compare.markdown import (LATENCY_SHORT, figure_table, relative_by_latency, report_markdown,
-                                      run_summary)
+from bakeoff.compare.markdown import (LATENCY_SHORT, dataset_warnings, figure_table, relative_by_latency,
+                                      report_markdown, run_summary)
 from bakeoff.compare.plots import FRAMEWORK_COLORS
-from bakeoff.compare.recommend import (LATENCIES, as_number, fmt_ci, fmt_ms, fmt_pct, fmt_seconds, is_number,
-                                       recommend)
+from bakeoff.compare.recommend import (LATENCIES, as_number, fmt_ci, fmt_ms, fmt_p, fmt_pct, fmt_seconds,
+                                       is_number, recommend)
+from bakeoff.compare.tables import CHANCE_STATUS, weights_kind
 from bakeoff.errors import BakeoffError
 from bakeoff.store import Store
 
@@ -55,10 +56,13 @@ def _json_script(obj) -> str:
 def _hover(r, rel, baseline: str | None, kind: str | None) -> str:
     e = html.escape
     ci = fmt_ci(as_number(r["accuracy_ci_low"]), as_number(r["accuracy_ci_high"]))
+    rlo, rhi = as_number(rel["relative_accuracy_ci_low"]), as_number(rel["relative_accuracy_ci_high"])
+    paired = f" ({rlo:.3f}–{rhi:.3f}), {fmt_p(as_number(rel['p_vs_baseline']))}" if rlo is not None \
+        and rhi is not None else ""
     lines = [f"<b>{e(r['model'])}</b> ({e(str(r['framework']))})" + (" · baseline" if r["model"] == baseline else ""),
-             f"accuracy {fmt_pct(as_number(r['accuracy']))} (95% CI {ci})",
-             f"relative accuracy {rel['relative_accuracy']:.3f} ({rel['relative_accuracy_ci_low']:.3f}–"
-             f"{rel['relative_accuracy_ci_high']:.3f})",
+             f"accuracy {fmt_pct(as_number(r['accuracy']))} (95% CI {ci}); weights "
+             f"{e(weights_kind(r.get('weights')) or '?')}",
+             f"relative accuracy {rel['relative_accuracy']:.3f}{paired}",
              f"training time {fmt_seconds(as_number(r['train_time_s']))} ({rel['relative_training_time']:.2f}x)"]
     if kind is not None:
         p50, p95, label = LATENCIES[kind]
@@ -70,8 +74,8 @@ def _hover(r, rel, baseline: str | None, kind: str | None) -> str:
     if fronts:
         lines.append("on the Pareto front: " + " and ".join(fronts))
     if bool(rel.get("at_chance", False)):
-        lines.append(f"at chance ({fmt_pct(as_number(r.get('chance_accuracy')))}, the largest class): did not learn; "
-                     "on no Pareto front")
+        lines.append(f"{CHANCE_STATUS} ({fmt_pct(as_number(r.get('chance_accuracy')))}, the largest class's "
+                     "share): on no Pareto front")
     return "<br>".join(lines)
 
 
@@ -86,13 +90,17 @@ def scatter_figure(rel: pd.DataFrame, results: pd.DataFrame, x: str, front: str,
         # the legend draws a trace's first marker: keep the baseline's diamond out of that place
         part = part.assign(_b=part["model"] == baseline).sort_values("_b", kind="stable")
         y = part["relative_accuracy"]
+        # no bar where the interval is unknown (trials stored without per-image predictions); a
+        # percentile interval can miss its point estimate by a hair, which would make a bar negative
+        up = (part["relative_accuracy_ci_high"] - y).fillna(0).clip(lower=0)
+        down = (y - part["relative_accuracy_ci_low"]).fillna(0).clip(lower=0)
         is_base = part["model"] == baseline
         data.append({
             "type": "scatter", "mode": "markers+text" if labels else "markers", "name": fw,
             "x": part[x].tolist(), "y": y.tolist(), "text": part["model"].tolist(),
             "textposition": "top center", "textfont": {"size": 11},
-            "error_y": {"type": "data", "symmetric": False, "array": (part["relative_accuracy_ci_high"] - y).tolist(),
-                        "arrayminus": (y - part["relative_accuracy_ci_low"]).tolist(), "thickness": 1.2,
+            "error_y": {"type": "data", "symmetric": False, "array": up.tolist(),
+                        "arrayminus": down.tolist(), "thickness": 1.2,
                         "width": 3, "color": FRAMEWORK_COLORS.get(fw, "#555555")},
             "marker": {"color": FRAMEWORK_COLORS.get(fw, "#555555"), "size": [16 if b else 11 for b in is_base],
                        "symbol": ["diamond" if b else "circle" for b in is_base],
@@ -113,7 +121,8 @@ def scatter_figure(rel: pd.DataFrame, results: pd.DataFrame, x: str, front: str,
         lo, hi = (math.log10(xs.min()), math.log10(xs.max())) if log else (xs.min(), xs.max())
         pad = 0.12 * max(hi - lo, 0.1 if log else 0.05 * abs(hi))
         xaxis["range"] = [lo - pad, hi + pad]
-        ylo, yhi = float(rel["relative_accuracy_ci_low"].min()), float(rel["relative_accuracy_ci_high"].max())
+        ylo = float(rel["relative_accuracy_ci_low"].fillna(rel["relative_accuracy"]).min())
+        yhi = float(rel["relative_accuracy_ci_high"].fillna(rel["relative_accuracy"]).max())
         ypad = max(yhi - ylo, 0.05)
         yaxis["range"] = [ylo - 0.08 * ypad, yhi + 0.15 * ypad]
     annotations = []
@@ -220,6 +229,7 @@ def _provenance(comparison, trials: dict) -> dict:
         "split_seed": ds.get("split_seed"), "fingerprint": ds.get("fingerprint"), "classes": classes,
         "counts": [(c, ds.get("train_counts", {}).get(c), ds.get("val_counts", {}).get(c)) for c in classes],
         "n_train": ds.get("n_train"), "n_val": ds.get("n_val"), "skipped": ds.get("skipped", []),
+        "warnings": dataset_warnings(ds),
         "protocol": run.get("protocol", {}), "device": ", ".join(devices) or prov.get("device", "?"),
         "device_kind": prov.get("device"), "libraries": prov.get("libraries", {}),
         "bakeoff": f"{prov.get('bakeoff_version', '?')} (commit {prov.get('bakeoff_commit') or 'unknown'})",
@@ -286,7 +296,7 @@ def build_html(comparison, trials: dict, plotly_js: str | None = None) -> str:
         title=f"bakeoff report: {Path(comparison.run.get('dataset', {}).get('data_dir') or 'run').name}",
         summary=run_summary(comparison), warning=comparison.warning, baseline=comparison.baseline,
         recommendations=recs, latencies=list(rel), latency_labels={k: LATENCIES[k][2] for k in rel},
-        columns=cols, rows=rows, details=details,
+        columns=cols, rows=rows, details=details, chance_status=CHANCE_STATUS,
         numeric={c.key: any(is_number(r[c.key].sort) for r in rows) for c in cols},
         prov=_provenance(comparison, trials),
         generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),

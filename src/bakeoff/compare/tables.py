@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
 from bakeoff.errors import BakeoffError
-from bakeoff.measure import chance_level
+from bakeoff.measure import (ALPHA, chance_level, chance_p, mcnemar_p, paired_cells, paired_ratio_interval)
 
-__all__ = ["results_frame", "relative_frame", "pareto_mask", "at_chance", "display_status", "chance_warning", "RESULT_COLUMNS"]
+__all__ = ["results_frame", "relative_frame", "pick_baseline", "pareto_mask", "at_chance", "display_status",
+           "chance_warning", "weights_kind", "weights_warning", "small_split_warning", "same_images_cells",
+           "RESULT_COLUMNS", "PER_IMAGE_COLUMNS", "RELATIVE_COLUMNS", "CHANCE_STATUS"]
 
 RESULT_COLUMNS = [
-    "model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "top5", "macro_f1",
+    "model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "p_vs_baseline", "n_val",
+    "top5", "macro_f1",
     "train_time_s", "latency_ms_p50", "latency_ms_p95", "throughput_img_s", "params", "size_mb",
     "chance_accuracy", "above_chance", "peak_memory_mb", "train_images_per_s", "data_fraction", "data_resident",
     "data_reused", "weights",
@@ -22,26 +27,70 @@ RESULT_COLUMNS = [
     "endpoint_latency_ms_p50", "endpoint_latency_ms_p95", "onnx_cpu_latency_ms_p50",
     "onnx_cpu_latency_ms_p95", "backend", "error",
 ]
+# Each validation image's predicted and true class: the results frame carries them for the paired
+# tests, results.csv does not (one list per model would swamp it).
+PER_IMAGE_COLUMNS = ["val_pred", "val_true"]
+RELATIVE_COLUMNS = ["model", "framework", "weights", "relative_accuracy", "relative_accuracy_ci_low",
+                    "relative_accuracy_ci_high", "p_vs_baseline", "relative_training_time",
+                    "relative_inference_time", "pareto", "pareto_training", "pareto_inference", "at_chance",
+                    "baseline"]
+CHANCE_STATUS = "not distinguishable from chance"
 
 
 def results_frame(trials: list[dict], order: list[str]) -> pd.DataFrame:
-    """One row per model of ``order`` (trials are store rows); a model never tried is absent."""
+    """One row per model of ``order`` (trials are store rows); a model never tried is absent.
+
+    Columns: ``RESULT_COLUMNS`` (``p_vs_baseline`` empty until a baseline is picked), then
+    ``PER_IMAGE_COLUMNS`` (integer arrays, None for trials stored before they were kept)."""
     by_model = {t["model"]: t for t in trials}
     rows = []
     for model in order:
         t = by_model.get(model)
         if t is None:
             continue
-        row = {c: None for c in RESULT_COLUMNS}
+        row = {c: None for c in RESULT_COLUMNS + PER_IMAGE_COLUMNS}
         row.update({"model": model, "framework": t["framework"], "status": t["status"], "error": t["error"]})
-        if t["result"]:
-            row.update({k: v for k, v in t["result"].items() if k in RESULT_COLUMNS and k != "model"})
-            cm = t["result"].get("confusion_matrix")
-            if row["above_chance"] is None and t["status"] == "ok" and cm:  # stored before the chance check
-                cm = np.asarray(cm)
-                row["chance_accuracy"], row["above_chance"] = chance_level(cm.sum(axis=1), int(np.trace(cm)))
+        result = t["result"] or {}
+        row.update({k: v for k, v in result.items() if k in RESULT_COLUMNS and k != "model"})
+        row["p_vs_baseline"] = None  # a figure of this comparison, not of the trial
+        for k in PER_IMAGE_COLUMNS:
+            if result.get(k) is not None:
+                row[k] = np.asarray(result[k], dtype=np.int64)
+        cm = result.get("confusion_matrix")
+        if t["status"] == "ok" and cm:  # the same chance test for every row, whenever it was stored
+            cm = np.asarray(cm)
+            row["chance_accuracy"], row["above_chance"] = chance_level(cm.sum(axis=1), int(np.trace(cm)))
+            row["n_val"] = int(cm.sum())
         rows.append(row)
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS + PER_IMAGE_COLUMNS)
+
+
+def _array(v) -> np.ndarray | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else np.asarray(v)
+
+
+def same_images_cells(a, b) -> tuple[int, int, int, int] | None:
+    """``paired_cells`` of two results rows (both right, only a, only b, both wrong), or None where
+    either lacks per-image predictions or the two were not scored on the same labels in the same
+    order (a different split: nothing to pair)."""
+    pa, ta, pb, tb = (_array(r.get(k)) for r in (a, b) for k in PER_IMAGE_COLUMNS)
+    if any(x is None for x in (pa, ta, pb, tb)):
+        return None
+    if not len(pa) == len(ta) == len(pb) == len(tb) or not np.array_equal(ta, tb):
+        return None
+    return paired_cells(pa == ta, pb == tb)
+
+
+def weights_kind(description) -> str | None:
+    """What a trial started from, in one word: imagenet, random-init, or file (ImageNet weights
+    from a local file); None where not recorded."""
+    if not isinstance(description, str) or not description:
+        return None
+    if description.startswith("random"):
+        return "random-init"
+    if "(file " in description:
+        return "file"
+    return "imagenet" if description.startswith("imagenet") else description
 
 
 def pareto_mask(accuracy: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -57,21 +106,30 @@ def pareto_mask(accuracy: np.ndarray, cost: np.ndarray) -> np.ndarray:
 
 
 def at_chance(results: pd.DataFrame) -> pd.Series:
-    """True for a finished trial whose accuracy is not clearly above chance (the largest class's
-    share of the validation split): it did not learn, so its speed is no trade-off worth showing.
-    Rows without the check (hand-made tables) count as above chance."""
+    """True for a finished trial whose accuracy is not distinguishable from chance (the largest
+    class's share of the validation split, by ``measure.chance_p`` at 5%): nothing shows it learned,
+    so its speed is no trade-off worth showing. Rows without the check (hand-made tables) count as
+    distinguishable."""
     if "above_chance" not in results.columns:
         return pd.Series(False, index=results.index)
     return (results["status"] == "ok") & results["above_chance"].eq(False)
 
 
 def display_status(results: pd.DataFrame) -> pd.Series:
-    """The status a table shows: the stored one, or "at chance" for a finished trial at chance."""
-    return results["status"].astype(str).mask(at_chance(results), "at chance")
+    """The status a table shows: the stored one, or ``CHANCE_STATUS`` for a finished trial at chance."""
+    return results["status"].astype(str).mask(at_chance(results), CHANCE_STATUS)
+
+
+def _chance_p_of(r) -> float | None:
+    acc, n, chance = (pd.to_numeric(r.get(k), errors="coerce") for k in ("accuracy", "n_val", "chance_accuracy"))
+    if any(pd.isna(v) for v in (acc, n, chance)) or n <= 0:
+        return None
+    return chance_p(round(float(acc) * n), int(n), float(chance))
 
 
 def chance_warning(results: pd.DataFrame) -> str | None:
-    """One sentence naming the models at chance, with their figures and what to try, or None."""
+    """One sentence naming the models not distinguishable from chance, with their figures and what
+    to try, or None."""
     low = results[at_chance(results)]
     if low.empty:
         return None
@@ -82,42 +140,120 @@ def chance_warning(results: pd.DataFrame) -> str | None:
             part += f" (95% CI {100 * float(r['accuracy_ci_low']):.1f}–{100 * float(r['accuracy_ci_high']):.1f}%)"
         if pd.notna(r.get("chance_accuracy")):
             part += f", chance {100 * float(r['chance_accuracy']):.1f}%"
+        p = _chance_p_of(r)
+        if p is not None:
+            part += f", p = {p:.2g}"
         parts.append(part)
     one = len(parts) == 1
-    return (f"{'; '.join(parts)}: not clearly above chance (the share of the largest validation class), so "
-            f"nothing shows {'this model' if one else 'these models'} learned; {'it is' if one else 'they are'} "
-            f"left out of the Pareto front and the recommendations; try a lower --lr, more --epochs or "
-            f"pretrained weights")
+    return (f"{'; '.join(parts)}: {CHANCE_STATUS} (the share of the largest validation class; exact one-sided "
+            f"binomial test at 5%), so nothing shows {'this model' if one else 'these models'} learned; "
+            f"{'it is' if one else 'they are'} left out of the Pareto front and the recommendations; try a lower "
+            f"--lr, more --epochs or pretrained weights")
+
+
+def weights_warning(results: pd.DataFrame) -> str | None:
+    """One sentence when the finished models started from different weights (some pretrained, some
+    random): their figures then compare starts as much as architectures."""
+    ok = results[results["status"] == "ok"]
+    if "weights" not in ok.columns:
+        return None
+    kinds = ok["weights"].map(weights_kind)
+    random = ok["model"][kinds == "random-init"].tolist()
+    pretrained = ok["model"][kinds.isin(["imagenet", "file"])].tolist()
+    if not random or not pretrained:
+        return None
+    return (f"{len(random)} model{'s' if len(random) > 1 else ''} started from random weights "
+            f"({', '.join(random)}) and {len(pretrained)} from ImageNet weights ({', '.join(pretrained)}): "
+            f"not like for like, compare within each group (the weights column says which)")
+
+
+def small_split_warning(results: pd.DataFrame, baseline: str | None) -> str | None:
+    """One sentence when the validation split is too small for its tests to find anything: even a
+    perfect model would be indistinguishable from chance, or from the baseline."""
+    ok = results[results["status"] == "ok"]
+    if "n_val" not in ok.columns or ok["n_val"].isna().all():
+        return None
+    n = pd.to_numeric(ok["n_val"], errors="coerce").dropna()
+    if n.empty:
+        return None
+    n = int(n.iloc[0])  # one split for the whole run
+    chance = pd.to_numeric(ok.get("chance_accuracy"), errors="coerce").dropna()
+    if not chance.empty:
+        best = chance_p(n, n, float(chance.iloc[0]))
+        if best >= ALPHA:
+            return (f"the validation split ({n} images) is too small to tell any model from chance: even a "
+                    f"perfect score would not be distinguishable from it (p = {best:.2g})")
+    base = ok[ok["model"] == baseline]
+    if base.empty or pd.isna(pd.to_numeric(base["accuracy"].iloc[0], errors="coerce")):
+        return None
+    wrong = n - round(float(base["accuracy"].iloc[0]) * n)
+    best = mcnemar_p(wrong, 0)
+    if best >= ALPHA:
+        return (f"the validation split ({n} images) is too small to tell a better model from the baseline "
+                f"{baseline}: it gets all but {wrong} right, so even a perfect model would not be "
+                f"distinguishable from it (p = {best:.2g})")
+    return None
+
+
+def pick_baseline(results: pd.DataFrame, requested: str | None = None) -> tuple[str, str | None]:
+    """The model the relative figures divide by, and a one-line warning when it is not the one meant.
+
+    Meant: ``requested``, else the first model listed. When that model has no successful trial (or,
+    unrequested, is not distinguishable from chance) the most accurate model distinguishable from
+    chance takes its place (the most accurate finished one if none is). Raises when nothing finished.
+    """
+    ok = results[results["status"] == "ok"]
+    if ok.empty:
+        raise BakeoffError("no model finished successfully, so there is nothing to compare (see results.csv)")
+    meant = requested if requested is not None else results["model"].iloc[0]
+    chance = at_chance(ok)
+    if meant in set(ok["model"]) and (requested is not None or not chance[ok["model"] == meant].any()):
+        return meant, None
+    pool = ok[~chance] if (~chance).any() else ok
+    best = pool.loc[pd.to_numeric(pool["accuracy"], errors="coerce").idxmax(), "model"]
+    if meant in set(ok["model"]):
+        why = CHANCE_STATUS
+    elif meant in set(results["model"]):
+        why = "its trial failed"
+    else:
+        why = "it has no trial"
+    return best, (f"baseline {meant}: {why}; compared against {best}, the most accurate model "
+                  f"{'distinguishable from chance' if (~chance).any() else 'that finished'}, instead")
 
 
 def relative_frame(results: pd.DataFrame, baseline: str | None = None, inference: str = "latency_ms_p50"
                    ) -> tuple[pd.DataFrame, str]:
-    """Figures relative to ``baseline`` (default: the first successful model above chance, else the
-    first successful one); baseline row = 1.0.
+    """Figures relative to ``baseline`` (default: ``pick_baseline``'s); baseline row = 1.0.
 
+    ``p_vs_baseline`` is the exact McNemar test of each model against the baseline on the same
+    validation images, ``relative_accuracy_ci_low/high`` the paired bootstrap 95% interval of the
+    accuracy ratio; both NaN where per-image predictions are missing (trials stored before they
+    were kept) or were not made on the baseline's images. ``weights`` is ``weights_kind``.
     ``pareto`` is true for a model on the accuracy-vs-training-time front or on the
     accuracy-vs-inference-time front; a model at chance (``at_chance``) is on neither.
     """
     ok = results[results["status"] == "ok"].reset_index(drop=True)
-    if ok.empty:
-        raise BakeoffError("no model finished successfully, so there is nothing to compare (see results.csv)")
-    chance = at_chance(ok).to_numpy()
     if baseline is None:
-        baseline = ok["model"][~chance].iloc[0] if (~chance).any() else ok["model"].iloc[0]
+        baseline = pick_baseline(results)[0]
     if baseline not in set(results["model"]):
         raise BakeoffError(f"baseline {baseline!r} is not a model of this run; models: {', '.join(results['model'])}")
     if baseline not in set(ok["model"]):
         raise BakeoffError(f"baseline {baseline!r} has no successful trial; pick another with --baseline")
+    chance = at_chance(ok).to_numpy()
     base = ok[ok["model"] == baseline].iloc[0]
+    cells = [same_images_cells(r, base) for _, r in ok.iterrows()]
+    ci = np.array([paired_ratio_interval(c) if c else (math.nan, math.nan) for c in cells], dtype=float)
     rel = pd.DataFrame({
         "model": ok["model"],
         "framework": ok["framework"],
+        "weights": ok["weights"].map(weights_kind) if "weights" in ok.columns else None,
         "relative_accuracy": ok["accuracy"].astype(float) / float(base["accuracy"]),
         "relative_training_time": ok["train_time_s"].astype(float) / float(base["train_time_s"]),
         "relative_inference_time": pd.to_numeric(ok[inference], errors="coerce")
         / float(pd.to_numeric(base[inference], errors="coerce")),  # endpoint/ONNX figures may be absent
-        "relative_accuracy_ci_low": ok["accuracy_ci_low"].astype(float) / float(base["accuracy"]),
-        "relative_accuracy_ci_high": ok["accuracy_ci_high"].astype(float) / float(base["accuracy"]),
+        "relative_accuracy_ci_low": ci[:, 0],
+        "relative_accuracy_ci_high": ci[:, 1],
+        "p_vs_baseline": [mcnemar_p(c[1], c[2]) if c else math.nan for c in cells],
     })
     learned = rel["relative_accuracy"].where(~chance)  # NaN: never on a front
     rel["pareto_training"] = pareto_mask(learned, rel["relative_training_time"])
