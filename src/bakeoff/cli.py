@@ -273,12 +273,12 @@ app.command("serve")(serve_cmd)
 app.command("export")(export_cmd)
 
 
-try:  # typer 0.22+ carries its own copy of click's exceptions; earlier ones raise click's
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+try:  # recent typer carries its own copy of click's exceptions; earlier ones raise click's
+    from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click.exceptions import ClickException
-
-    NoArgsIsHelpError = type("NoArgsIsHelpError", (Exception,), {})  # raised by neither: never matches
+    from click import exceptions as click_exceptions
+ClickException = click_exceptions.ClickException
+NoArgsIsHelpError = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click 8.2+; () matches nothing
 
 
 def fail(message: str) -> None:
