@@ -321,6 +321,8 @@ def test_a_validation_file_that_is_also_a_training_file_is_not_scored(tmp_path):
     prepared = prepare_data(train, val, cache_dir=tmp_path / "cache")
     assert [s["reason"] for s in prepared.skipped] == ["the same file is in the training folder"]
     assert len(prepared.val_idx) == 4 and len(prepared.train_idx) == 6
+    with pytest.raises(BakeoffError, match="holds only files of the training folder"):
+        prepare_data(train, train, cache_dir=tmp_path / "cache")
 
 
 def test_thin_classes_are_warned_about_in_the_dataset_info(tmp_path, caplog):

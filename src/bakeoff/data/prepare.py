@@ -77,21 +77,23 @@ def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 
     is_val = [False] * len(files)
     skipped = [{"path": str(train.root / s["path"]), "reason": s["reason"]} for s in train.skipped]
     fp = hashlib.sha256(train.fingerprint().encode())
+    n_shared = 0
     if val is not None:
         val_root = val.root.resolve()
         skipped += [{"path": str(val.root / s["path"]), "reason": s["reason"]} for s in val.skipped]
-        in_train, n_files = {_identity(f) for f in files}, len(files)
+        in_train = {_identity(f) for f in files}
         for p, label in zip(val.paths, val.labels):
             path = str(val_root / p)
             if _identity(path) in in_train:  # scored on an image it trained on: not a validation
                 skipped.append({"path": path, "reason": "the same file is in the training folder"})
+                n_shared += 1
                 continue
             files.append(path)
             labels.append(label)
             is_val.append(True)
         fp.update(val.fingerprint().encode())
-        if len(files) - n_files < len(val.paths):  # the cache holds these files only (keys unchanged otherwise)
-            fp.update(f"without {len(val.paths) - len(files) + n_files} shared".encode())
+        if n_shared:  # the cache holds the other files only (keys unchanged otherwise)
+            fp.update(f"without {n_shared} shared".encode())
     fingerprint = fp.hexdigest()[:16]
     cache_dir = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "bakeoff"
     labels = np.asarray(labels, dtype=np.int64)
@@ -117,6 +119,9 @@ def prepare_data(data_dir, val_dir=None, val_fraction: float = 0.2, seed: int = 
         data.train_idx = np.flatnonzero(ok & ~is_val)
         data.val_idx = np.flatnonzero(ok & is_val)
         if len(data.val_idx) == 0:
+            if n_shared == len(val.paths):
+                raise BakeoffError(f"validation folder {val_dir} holds only files of the training folder "
+                                   f"{data_dir}: pass a folder of other images as --val-dir")
             raise BakeoffError(f"validation folder {val_dir} has no readable images: add images to it")
     else:
         usable = np.flatnonzero(ok)
