@@ -9,6 +9,8 @@ strips), images just under it (16-bit grey: the costliest decode per pixel), dee
 JSON, JSON lists over --max-images, bad base64, other JSON, empty bodies, bodies over
 --max-body-mb. Each client keeps one connection alive and opens a new one when the server
 closes it. Peak memory is the server process's VmHWM (Linux), against its RSS once warmed up.
+Then the attacks of the bug report, one after the other: concurrent 13,000 x 13,000 PNGs, a
+JSON list of 109,216 images, 1,124 sockets that never finish their headers while /ping is asked.
 
     PYTHONPATH=src python3 bench/fuzz_serve.py --requests 10000 --clients 32 --out fuzz_serve.json
     PYTHONPATH=src python3 bench/fuzz_serve.py --run runs/leaves --model timm/resnet50 --out fuzz_serve.json
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import random
+import socket
 import struct
 import sys
 import tempfile
@@ -193,6 +196,70 @@ def fire(url: str, kinds: dict, n: int, clients: int, seed: int = 0) -> dict:
             "transport_errors": len(errors), "transport_errors_first": errors[:5]}
 
 
+def post(url: str, body: bytes, ctype: str = IMAGE) -> tuple[int, float]:
+    """One request on a new connection: (status, seconds)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    t0 = time.perf_counter()
+    conn.request("POST", "/invocations", body=body, headers={"Content-Type": ctype, "Accept": JSON})
+    status = conn.getresponse().status
+    conn.close()
+    return status, time.perf_counter() - t0
+
+
+def reported_attacks(url: str, pid: int) -> dict:
+    """The attacks of the bug report, one after the other: statuses, time, and the server's peak
+    memory above its RSS before each (Linux)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = {}
+    tiny = b64(flat_png(1, 1, 8, 2))
+    for name, body, ctype, copies in (
+            ("3 concurrent 16-bit 13,000 x 13,000 PNGs", flat_png(13000, 13000, 16, 0), IMAGE, 3),
+            ("8 concurrent 1-bit 13,000 x 13,000 PNGs", flat_png(13000, 13000, 1, 0), IMAGE, 8),
+            ("a JSON list of 109,216 1-pixel PNGs", json.dumps([tiny] * 109_216).encode(), JSON, 1)):
+        idle = memory_mb(pid)["rss_mb"]
+        reset_peak(pid)
+        with ThreadPoolExecutor(copies) as pool:
+            answers = list(pool.map(lambda b: post(url, b, ctype), [body] * copies))
+        out[name] = {"body_bytes": len(body), "statuses": sorted(a[0] for a in answers),
+                     "slowest_s": max(a[1] for a in answers),
+                     "peak_above_idle_mb": memory_mb(pid)["peak_mb"] - idle}
+    out["1,124 sockets that never finish their headers, 200 of non-HTTP bytes"] = slow_clients(url, 1124, 200)
+    return out
+
+
+def slow_clients(url: str, idle: int, garbage: int) -> dict:
+    """``idle`` connections that send half a request head and wait, ``garbage`` that send
+    non-HTTP bytes; meanwhile, ten ``/ping``s: their statuses and the slowest."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * (idle + garbage))), hard))
+    parts = urlsplit(url)
+    socks = []
+    for k in range(idle + garbage):
+        s = socket.create_connection((parts.hostname, parts.port))
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n" if k < idle else b"\x00GARBAGE\r\n\r\n")
+        socks.append(s)
+    pings = []
+    for _ in range(10):
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        t0 = time.perf_counter()
+        conn.request("GET", "/ping")
+        pings.append((conn.getresponse().status, time.perf_counter() - t0))
+        conn.close()
+        time.sleep(0.3)
+    for s in socks:
+        s.close()
+    return {"ping_statuses": sorted({p[0] for p in pings}), "ping_slowest_s": max(p[1] for p in pings)}
+
+
+def reset_peak(pid: int) -> None:
+    """Start the peak (VmHWM) of ``pid`` again from its RSS now (Linux; our own child process)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def memory_mb(pid: int) -> dict:
     """RSS now and its peak (VmHWM) of process ``pid``, in MB, from /proc (Linux)."""
     fields = {}
@@ -223,17 +290,20 @@ def main() -> None:
         idle = memory_mb(srv.proc.pid)
         result = fire(srv.url, kinds, args.requests, args.clients, args.seed + 1)
         after = memory_mb(srv.proc.pid)
+        attacks = reported_attacks(srv.url, srv.proc.pid)
         alive = srv.proc.poll() is None
         log = srv.stderr_text()
-    result |= {"warm_up_ok": warm["by_status"] == {200: 50}, "server_alive_after": alive,
+    result |= {"reported_attacks": attacks,"warm_up_ok": warm["by_status"] == {200: 50}, "server_alive_after": alive,
                "server_rss_idle_mb": idle["rss_mb"], "server_peak_rss_mb": after["peak_mb"],
                "server_peak_above_idle_mb": after["peak_mb"] - idle["rss_mb"], "server_log_bytes": len(log),
                "server_log_last_lines": log.splitlines()[-5:], "cpu_count": os.cpu_count(),
                "python": platform.python_version(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
     args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "by_kind"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("by_kind", "reported_attacks")}, indent=2))
     for kind, by in result["by_kind"].items():
         print(f"{kind:>24}: {by}")
+    for attack, figures in attacks.items():
+        print(f"{attack}: {figures}")
     print(f"wrote {args.out}")
 
 
