@@ -288,10 +288,12 @@ def test_a_class_folder_that_leads_back_to_the_data_folder_is_refused(tmp_path):
     (data / "c").symlink_to(".")
     with pytest.raises(BakeoffError, match=r"class folder .*/c leads back to the data folder"):
         scan_folder(data)
-    (data / "c").unlink()
-    (data / "c").symlink_to("a")
-    with pytest.raises(BakeoffError, match=r"class folders .*/a and .*/c hold the same files"):
-        scan_folder(data)
+    for target in ("a", "a/sub"):  # the same folder, or one inside it
+        (data / "a" / "sub").mkdir(exist_ok=True)
+        (data / "c").unlink()
+        (data / "c").symlink_to(target)
+        with pytest.raises(BakeoffError, match=r"class folders .*/a and .*/c hold the same files"):
+            scan_folder(data)
 
 
 @pytest.mark.timeout(30)
