@@ -114,6 +114,31 @@ def test_a_small_fuzz_gets_no_server_error(server):
     assert server.proc.poll() is None
 
 
+@pytest.mark.skipif(not LINUX, reason="reads the server's limits from /proc")
+def test_the_server_may_open_as_many_files_as_allowed_and_caps_connections_under_it(server):
+    from bakeoff.errors import BakeoffError
+    from bakeoff.serve.limits import connection_limit
+
+    line = next(ln for ln in Path(f"/proc/{server.proc.pid}/limits").read_text().splitlines()
+                if ln.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard
+    assert connection_limit(None, 1024) == 448 and connection_limit(None, 1 << 20) == 1000
+    with pytest.raises(BakeoffError, match="--max-connections 5000 is over .* at most 448"):
+        connection_limit(5000, 1024)
+
+
+def test_a_bad_limit_is_one_line(run_dir, monkeypatch, capsys):
+    from bakeoff import cli
+
+    monkeypatch.setattr(sys, "argv", ["bakeoff", "serve", str(run_dir), "--model", fuzz.MODEL, "--max-pixels", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--max-pixels must be positive, got 0" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("command", ["serve", "export"])
 def test_a_path_as_model_is_refused_in_one_line(command, run_dir, tmp_path, monkeypatch, capsys):
     from bakeoff import cli
