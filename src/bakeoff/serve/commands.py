@@ -19,8 +19,9 @@ def serve_cmd(
     max_pixels: int = typer.Option(10_000_000, help="Pixels one image may take to decode and resize, read from its "
                                    "header before decoding (a JPEG counts after its decoder's shrink); more get 413."),
     max_images: int = typer.Option(32, help="Images one JSON request may hold; more get 413."),
-    max_connections: int | None = typer.Option(None, help="Open connections at most (default 1000, or half the open-file "
-                                        "limit); at the cap the one longest without its headers is closed."),
+    max_connections: int | None = typer.Option(
+        None, help="Open connections at most (default 1000, or half the open-file limit); at the cap the one "
+                   "longest without its headers is closed."),
     header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send a request's headers."),
     body_timeout: float = typer.Option(60.0, help="Seconds a request has to send its body; later gets 408."),
     max_batch: int = typer.Option(32, help="Most requests grouped into one forward pass (1: no batching)."),

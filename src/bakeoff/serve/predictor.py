@@ -17,7 +17,8 @@ from bakeoff.data.images import load_rgb, square_resize
 from bakeoff.errors import BakeoffError
 from bakeoff.zoo.spec import safe_name
 
-__all__ = ["Preprocess", "Predictor", "find_model_dir", "saved_models", "load_predictor", "require_serve", "softmax", "describe"]
+__all__ = ["Preprocess", "Predictor", "find_model_dir", "saved_models", "load_predictor", "require_serve", "softmax",
+           "describe", "SERVED_FORMATS"]
 
 
 def describe(exc: BaseException, limit: int = 300) -> str:
