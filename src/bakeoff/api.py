@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -182,6 +183,9 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
             (out / "dataset.json").write_text(json.dumps(summary, indent=2))
             (out / "split.json").write_text(json.dumps({
                 "train": [data.files[i] for i in data.train_idx], "val": [data.files[i] for i in data.val_idx]}))
+            # Every trial stops all of the run's background compiles while it times alone.
+            background = {"host": socket.gethostname(),
+                          "pids": [c["pid"] for c in compile_for.values() if c.get("pid") is not None]}
             jobs = []
             for s, (size, side, _) in zip(specs, sides):
                 key = hashlib.sha256(f"{s.id}|{protocol.key()}|{data.fingerprint}|{dev.type}".encode()).hexdigest()[:20]
@@ -191,7 +195,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                                      labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
                                      classes=data.classes, out_dir=str(out), device=str(dev),
                                      weights_dir=str(weights_dir) if weights_dir else None, key=key,
-                                     extra={"compile": compile_for[s.id]} if s.id in compile_for else {}))
+                                     extra=({"compile": compile_for[s.id]} if s.id in compile_for else {})
+                                     | {"background": background}))
             command = command or " ".join(shlex.quote(a) for a in sys.argv)
             run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, protocol.to_dict(),
                                      summary, provenance() | {"device": str(dev), "executor": executor})

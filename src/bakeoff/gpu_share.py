@@ -153,25 +153,28 @@ class GpuShare:
             self._add_alone(reason, time.perf_counter() - t_held)
 
     @contextlib.contextmanager
-    def keeping_out(self, pid: int | None) -> Iterator[None]:
-        """While inside, process ``pid`` (a background compile of this run, which runs the steps
-        it compiles on the same GPU) is stopped for every solo section (``exclusive``) and
-        continued after it. Its GPU work would otherwise land inside a trial's solo window,
-        and the trial's projected training time would read high. The caller keeps ``pid`` from
-        being reused meanwhile (its parent reaps it only after the trials end). Where the
-        system cannot stop processes (no SIGSTOP), nothing changes."""
-        if pid is None or not hasattr(signal, "SIGSTOP"):
+    def keeping_out(self, pids) -> Iterator[None]:
+        """While inside, processes ``pids`` (the run's background compiles, which run the steps
+        they compile on the same GPU) are stopped for every solo section (``exclusive``) and
+        continued after it, whether trials share the GPU or not. Their GPU work would otherwise
+        land inside a trial's solo window, and its training time would read high. The caller
+        keeps the ids from being reused meanwhile (their parent reaps them only after the trials
+        end). Where the system cannot stop processes (no SIGSTOP), nothing changes."""
+        pids = [p for p in ([pids] if isinstance(pids, int) else pids or []) if p is not None]
+        if not pids or not hasattr(signal, "SIGSTOP"):
             yield
             return
         with self._cv:
-            self._kept_out[pid] = self._kept_out.get(pid, 0) + 1
+            for pid in pids:
+                self._kept_out[pid] = self._kept_out.get(pid, 0) + 1
         try:
             yield
         finally:
             with self._cv:
-                left = self._kept_out.pop(pid) - 1
-                if left:
-                    self._kept_out[pid] = left
+                for pid in pids:
+                    left = self._kept_out.pop(pid) - 1
+                    if left:
+                        self._kept_out[pid] = left
 
     def _held_back(self) -> bool:
         """A new shared section must wait: someone is (or is waiting to be) alone or tuning."""
@@ -417,7 +420,12 @@ class _Alone(GpuShare):
 
     @contextlib.contextmanager
     def exclusive(self, device=None, reason: str = "other") -> Iterator[None]:
-        yield
+        stopped = list(self._kept_out)  # nobody to wait for, but background compiles to stop
+        _signal(stopped, "SIGSTOP")
+        try:
+            yield
+        finally:
+            _signal(stopped, "SIGCONT")
 
 
 _SHARE: GpuShare = _Alone()

@@ -101,6 +101,9 @@ def result_row(spec, job: TrialJob, protocol, metrics: dict, fitted: dict, timin
         "status": "ok",
         **metrics,
         "train_time_s": train_s,
+        # how train_time_s was taken (``bakeoff.timing``), the same keys for every engine
+        **{k: fitted.get(k) for k in ("train_time_kind", "train_time_basis", "train_step_ms", "train_step_ms_min",
+                                      "train_step_ms_max")},
         "data_time_s": fitted["data_time_s"],
         # Share of the trial's data + training time spent getting images ready (cache load included).
         "data_fraction": (load_s + fitted["data_time_s"]) / (load_s + train_s) if train_s else None,

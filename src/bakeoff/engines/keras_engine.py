@@ -152,7 +152,9 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
 
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.keras_build import build_model
-    from bakeoff.engines.keras_fit import Steps, fit, make_optimizer, time_inference
+    from bakeoff.engines.keras_fit import Steps, fit, fit_top_only, make_optimizer, time_inference
+    from bakeoff.gpu_share import share
+    from bakeoff.timing import background_pids
     from bakeoff.measure import classification_metrics
 
     bf16 = protocol.precision == "bf16" or (protocol.precision == "auto" and accel is not None)
@@ -165,26 +167,38 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
                                                       protocol.pretrained, job.weights_dir)
     if protocol.train_only_top_layer:
         backbone.trainable = False  # also keeps its batch-norm statistics frozen, as the PyTorch engine does
-    steps = Steps(keras, model, make_optimizer(keras, protocol))
+    # Top-only trials train the classifier on features (``fit_top_only``); their full-model
+    # step, for timing inference, is made after, from the trained weights.
+    steps = None if protocol.train_only_top_layer else Steps(keras, model, make_optimizer(keras, protocol))
     build_s = time.perf_counter() - t_build
 
     images = np.load(job.cache_path, mmap_mode="r")
     needed = np.concatenate([job.train_idx, job.val_idx])
     t_load = time.perf_counter()
-    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, torch.device("cpu"), False,
-                             "auto", side=job.side)
+    # Crops, flips and normalisation on the GPU, as for PyTorch trials, when Keras computes there
+    # and PyTorch sees it too; the batches cross to the backend on the device.
+    on_gpu = accel is not None and torch.cuda.is_available()
+    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std,
+                             torch.device(job.device if job.device.startswith("cuda:") else "cuda")
+                             if on_gpu else torch.device("cpu"), on_gpu, "auto", side=job.side)
     load_s = time.perf_counter() - t_load
 
-    fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
-    metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
-    timing = time_inference(steps, batcher, job.val_idx, protocol)
+    with share().keeping_out(background_pids(job.extra)):
+        if protocol.train_only_top_layer:
+            fitted = fit_top_only(keras, model, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
+            steps = Steps(keras, model, make_optimizer(keras, protocol))
+        else:
+            fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
+        metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
+        timing = time_inference(steps, batcher, job.val_idx, protocol)
     steps.finish()
     path = _save(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights, backend)
     peak_mb, peak_kind = _peak_memory(keras, accel is not None)
     return result_row(
         spec, job, protocol, metrics, fitted, timing, build_s=build_s, load_s=load_s,
         params=model.count_params(), model_path=path, peak=(peak_mb, peak_kind), weights=weights,
-        compile_time_s=fitted["compile_time_s"], input_upsampled_to=upsampled,
+        compile_time_s=fitted["compile_time_s"], input_upsampled_to=upsampled, train_wall_s=fitted["train_wall_s"],
+        setup_time_s=build_s + load_s + fitted["compile_time_s"], feature_time_s=fitted.get("feature_time_s"),
         precision="bf16-mixed" if bf16 else "fp32", channels_last=True,  # Keras computes NHWC
         device="cuda" if accel else "cpu",
         device_name=accel[1] if accel else device_name(torch.device("cpu")),

@@ -3,6 +3,7 @@ batches as the PyTorch engine (bakeoff.data.batches.Batcher on the CPU, handed o
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -10,14 +11,33 @@ import numpy as np
 
 from bakeoff.data.batches import Batcher
 from bakeoff.measure import summarize_ms, time_calls, validation_figures
+from bakeoff.gpu_share import share
 from bakeoff.protocol import Protocol
+from bakeoff.timing import MEASURED, Clock, window
 
-__all__ = ["make_optimizer", "Steps", "fit", "predict_probs", "time_inference", "nhwc"]
+__all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc"]
 
 
 def nhwc(x) -> np.ndarray:
-    """A Batcher batch (NCHW torch tensor) as the NHWC float32 array Keras takes."""
+    """A Batcher batch (NCHW torch tensor, on the CPU) as the NHWC float32 array Keras takes."""
     return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def to_backend(backend: str, x):
+    """A Batcher batch (NCHW torch tensor) or features (N x D) as the input of Keras on
+    ``backend``, on the device the batch is on: a batch made on the GPU crosses to the backend
+    there (DLPack), without a copy through the host."""
+    x = x.permute(0, 2, 3, 1).contiguous() if x.dim() == 4 else x.contiguous()
+    if not x.is_cuda:
+        return x.numpy()
+    if backend == "jax":
+        import jax.dlpack
+
+        return jax.dlpack.from_dlpack(x)
+    import tensorflow as tf
+    import torch.utils.dlpack
+
+    return tf.experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(x))
 
 
 def make_optimizer(keras, protocol: Protocol):
@@ -103,6 +123,26 @@ class Steps:
         self._train = train_step
         self._predict = tf.function(lambda x: model(x, training=False), jit_compile=self._xla, input_signature=[image])
 
+    def feed(self, x):
+        return to_backend(self.backend, x)
+
+    def predict_on_device(self, x):
+        """Logits, left on the device (``sync`` waits for them)."""
+        if self.backend == "jax":
+            out = self._predict(self.state[0], self.state[1], x)
+            self._last = out
+            return out
+        self._last = self._predict(x)
+        return self._last
+
+    def sync_predict(self) -> None:
+        if self.backend == "jax":
+            self._jax.block_until_ready(self._last)
+        elif self._tf.config.list_logical_devices("GPU"):
+            self._tf.test.experimental.sync_devices()
+        else:
+            self._last.numpy()
+
     def train(self, x: np.ndarray, y: np.ndarray):
         if self.backend == "jax":
             loss, correct, self.state = self._train(self.state, x, y)
@@ -156,14 +196,15 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
         protocol: Protocol, on_step: Callable[[int, int, int, float], None] | None = None) -> dict:
-    """Train with the protocol; same batches, order and augmentation as the PyTorch engine's ``fit``.
-
-    Training time counts only the training loop (device-synchronised at each epoch's ends);
-    compiling each batch shape happens before it and is reported as ``compile_time_s``; the
-    per-epoch validation pass is timed apart and excluded.
+    """Train with the protocol: the PyTorch engine's batches, order, crop boxes and flips
+    (``torch_fit.fit``: one generator draws each epoch's boxes, on the device where the batcher
+    is), and its training-time definition (``bakeoff.timing``: a window of steps alone per
+    epoch). Compiling each batch shape happens before the loop (``compile_time_s``); evaluation
+    is timed apart.
     """
     import torch
 
+    gate = share()
     gen = torch.Generator().manual_seed(protocol.seed)
     rng = np.random.default_rng(protocol.seed)
     y_all = labels.astype(np.int32)
@@ -172,29 +213,50 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
     for size in _batch_sizes(len(train_idx), bs):
         idx = train_idx[:size]
         warm_gen = torch.Generator().manual_seed(protocol.seed + 1)  # leaves the training generator untouched
-        compile_s += steps.warm_up(nhwc(batcher.train_batch(idx, warm_gen, protocol.augment)), y_all[idx])
+        compile_s += steps.warm_up(steps.feed(batcher.train_batch(idx, warm_gen, protocol.augment)), y_all[idx])
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
-    history, train_time, data_time, eval_time = [], 0.0, 0.0, 0.0
+    clock = Clock()
+    history, wall_time, data_time, eval_time = [], 0.0, 0.0, 0.0
     for epoch in range(protocol.epochs):
         order = rng.permutation(train_idx)
-        outs = []
+        theta = batcher.crop_params(len(order), gen).to(batcher.device)
+        pos = batcher.positions(order)
+        outs, ran, opened = [], 0, None
+        win = window(steps_per_epoch)
         steps.sync()
         t_epoch = time.perf_counter()
-        for step in range(steps_per_epoch):
-            idx = order[step * bs:(step + 1) * bs]
-            if len(idx) < 2 < len(order):
-                continue  # a lone last image breaks batch-norm in training mode
-            t_data = time.perf_counter()
-            x = nhwc(batcher.train_batch(idx, gen, protocol.augment))
-            y = y_all[idx]
-            data_time += time.perf_counter() - t_data
-            loss, correct = steps.train(x, y)
-            outs.append((loss, correct, len(idx)))
-            if on_step is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
-                on_step(epoch, step + 1, steps_per_epoch, time.perf_counter() - t_epoch)
+        with contextlib.ExitStack() as alone:
+            for step in range(steps_per_epoch):
+                lo, hi = step * bs, min((step + 1) * bs, len(order))
+                if hi - lo < 2 < len(order):
+                    continue  # a lone last image breaks batch-norm in training mode
+                if step == win[0]:
+                    alone.enter_context(gate.exclusive(None, "window"))
+                    steps.sync()
+                    opened = (time.perf_counter(), ran)
+                t_data = time.perf_counter()
+                x = steps.feed(batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
+                                                   pos=None if pos is None else pos[lo:hi]))
+                y = y_all[order[lo:hi]]
+                data_time += time.perf_counter() - t_data
+                loss, correct = steps.train(x, y)
+                outs.append((loss, correct, hi - lo))
+                ran += 1
+                if opened is not None and step == win[1] - 1:
+                    steps.sync()
+                    clock.add("compiled", time.perf_counter() - opened[0], ran - opened[1],
+                              win == (0, steps_per_epoch))
+                    opened = None
+                    alone.close()
+                if on_step is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
+                    on_step(epoch, step + 1, steps_per_epoch, time.perf_counter() - t_epoch)
+            if opened is not None:  # the window's last step was a skipped lone image
+                steps.sync()
+                clock.add("compiled", time.perf_counter() - opened[0], ran - opened[1], win == (0, steps_per_epoch))
         steps.sync()
+        clock.steps += ran
         epoch_time = time.perf_counter() - t_epoch
-        train_time += epoch_time
+        wall_time += epoch_time
         val_y = labels[val_idx]
         val_loss = val_acc = None
         if protocol.validates(epoch):
@@ -212,8 +274,68 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
             "epoch_time_s": epoch_time,
             "images_per_s": n / epoch_time,
         })
-    return {"history": history, "train_time_s": train_time, "data_time_s": data_time, "eval_time_s": eval_time,
-            "compile_time_s": compile_s, "final_val_probs": val_probs}
+    return {"history": history, **clock.figures("compiled"), "train_wall_s": wall_time, "data_time_s": data_time,
+            "eval_time_s": eval_time, "compile_time_s": compile_s, "final_val_probs": val_probs}
+
+
+def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
+                 protocol: Protocol, on_step=None) -> dict:
+    """--train-only-top-layer, the PyTorch engine's protocol (``torch_fit.fit_top_only``): the
+    frozen backbone runs once over the training images (centre crops, timed as training) and
+    once over the validation images (timed apart), then the ``classifier`` layer trains on
+    those features in the same order and batches."""
+    import torch
+
+    head_layer = model.get_layer("classifier")
+    features = keras.Model(model.inputs, head_layer.input)
+    backend = keras.backend.backend()
+
+    def extract(idx):
+        parts = [features(to_backend(backend, x), training=False) for _, x in batcher.eval_batches(idx, 256)]
+        return keras.ops.cast(keras.ops.concatenate(parts, axis=0), "float32")
+
+    t0 = time.perf_counter()
+    f_train = extract(train_idx)
+    keras.ops.convert_to_numpy(f_train[:1])  # waits for the pass
+    feature_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    f_val = extract(val_idx)
+    keras.ops.convert_to_numpy(f_val[:1])
+    val_feature_s = time.perf_counter() - t0
+
+    inp = keras.Input((int(f_train.shape[1]),), name="features")
+    head = keras.Model(inp, head_layer(inp))
+    steps = Steps(keras, head, make_optimizer(keras, protocol))
+    gen = torch.Generator().manual_seed(protocol.seed)
+    y_train = labels[train_idx].astype(np.int32)
+    bs, n = protocol.batch_size, len(train_idx)
+    n_steps = int(np.ceil(n / bs))
+    history, train_time, final = [], feature_s, None
+    for epoch in range(protocol.epochs):
+        perm = torch.randperm(n, generator=gen).numpy()
+        outs = []
+        steps.sync()
+        t_epoch = time.perf_counter()
+        for start in range(n_steps):
+            idx = perm[start * bs:(start + 1) * bs]
+            loss, correct = steps.train(keras.ops.take(f_train, idx, axis=0), y_train[idx])
+            outs.append((loss, correct, len(idx)))
+        steps.sync()
+        epoch_time = time.perf_counter() - t_epoch
+        train_time += epoch_time
+        if on_step is not None:
+            on_step(epoch, n_steps, n_steps, epoch_time)
+        val_probs = _softmax(steps.predict(f_val)) if protocol.validates(epoch) else None
+        val_loss, val_acc = validation_figures(val_probs, labels[val_idx]) if val_probs is not None else (None, None)
+        history.append({"epoch": epoch + 1, "train_loss": sum(float(loss) * k for loss, _, k in outs) / n,
+                        "train_accuracy": sum(int(c) for _, c, _ in outs) / n, "val_loss": val_loss,
+                        "val_accuracy": val_acc, "epoch_time_s": epoch_time, "images_per_s": n / epoch_time})
+        final = val_probs if val_probs is not None else final
+    steps.finish()
+    return {"history": history, "train_time_s": train_time, "train_time_kind": MEASURED,
+            "train_time_basis": "the training images' feature pass and every head epoch, alone",
+            "train_wall_s": train_time, "data_time_s": 0.0, "eval_time_s": val_feature_s,
+            "feature_time_s": feature_s, "compile_time_s": 0.0, "final_val_probs": final}
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -223,22 +345,23 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    return np.concatenate([_softmax(steps.predict(nhwc(x))) for _, x in batcher.eval_batches(idx, batch_size)])
+    return np.concatenate([_softmax(steps.predict(steps.feed(x))) for _, x in batcher.eval_batches(idx, batch_size)])
 
 
 def time_inference(steps: Steps, batcher: Batcher, idx: np.ndarray, protocol: Protocol) -> dict:
-    """Batch-1 latency (median, p95 of >= 50 runs after warm-up) on a real validation image, and
-    throughput at ``protocol.throughput_batch``, both through the compiled predict function."""
-    one = nhwc(batcher.eval_batch(idx[:1]))
+    """Batch-1 latency by the rule every engine follows (``torch_fit.time_inference``): the
+    compiled predict function, input already on the device, logits left there, synchronised;
+    median and p95 of >= 50 runs after warm-up. Throughput at ``protocol.throughput_batch``."""
+    one = steps.feed(batcher.eval_batch(idx[:1]))
     reps = int(np.ceil(protocol.throughput_batch / len(idx)))
-    big = nhwc(batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch]))
-    no_sync = lambda: None  # noqa: E731 - predict returns host arrays, so each call has finished
-    lat = summarize_ms(time_calls(lambda: steps.predict(one), no_sync, protocol.latency_warmup, protocol.latency_runs))
-    thr_ms = time_calls(lambda: steps.predict(big), no_sync, 2, 7)
+    big = steps.feed(batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch]))
+    with share().exclusive(None, "latency"):
+        lat = summarize_ms(time_calls(lambda: steps.predict_on_device(one), steps.sync_predict,
+                                      protocol.latency_warmup, protocol.latency_runs))
+        thr_ms = time_calls(lambda: steps.predict_on_device(big), steps.sync_predict, 2, 7)
     return {
-        "latency_ms_p50": lat["p50"], "latency_ms_p95": lat["p95"], "latency_ms_min": lat["min"],
-        "latency_runs": lat["n"],
+        "latency_ms_p50": lat["p50"], "latency_ms_p95": lat["p95"], "latency_runs": lat["n"],
         "throughput_img_s": protocol.throughput_batch / (float(np.median(thr_ms)) / 1000.0),
-        "throughput_batch": protocol.throughput_batch,
-        "latency_kind": steps.kind,
+        "throughput_batch": protocol.throughput_batch, "throughput_kind": "compiled",
+        "latency_kind": "compiled", "latency_form": steps.kind,
     }

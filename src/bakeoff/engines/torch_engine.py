@@ -12,6 +12,7 @@ import numpy as np
 from bakeoff.engines.saved import read_model_dir, save_model_dir
 from bakeoff.gpu_share import share
 from bakeoff.protocol import Protocol
+from bakeoff.timing import background_pids
 from bakeoff.trial import TrialJob, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
@@ -80,11 +81,12 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
     marker = marker_for(job.extra.get("compile"), device)  # a background compile's (``torch_compile``)
     if marker is not None:
         use_cache(marker.folder)
-    # The background compile's process stops while a trial of this process times steps alone.
-    with gate.keeping_out(job.extra["compile"].get("pid") if marker is not None else None):
+    # The run's background compiles stop while a trial of this process times steps alone.
+    with gate.keeping_out(background_pids(job.extra)):
         try:
             fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step,
-                         compile_ready=marker.ready if marker is not None else None)
+                         compile_ready=marker.ready if marker is not None else None,
+                         compile_settled=(lambda: marker.read() is not None) if marker is not None else None)
             with gate.shared():
                 metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
             t_measure = time.perf_counter()
@@ -108,7 +110,8 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         params=sum(p.numel() for p in model.parameters()), model_path=weights_path, peak=(peak_mb, peak_kind),
         weights=weights, step_mode=fitted.get("step_mode"), capture_time_s=fitted.get("capture_time_s"),
         capture_error=fitted.get("capture_error"), feature_time_s=fitted.get("feature_time_s"),
-        train_time_kind=fitted.get("train_time_kind"), train_wall_s=fitted.get("train_wall_s"),
+        train_wall_s=fitted.get("train_wall_s"), compile_wait_s=fitted.get("compile_wait_s"),
+        setup_time_s=build_s + load_s + (fitted.get("capture_time_s") or 0.0) + (fitted.get("compile_time_s") or 0.0),
         compiled_from_epoch=fitted.get("compiled_from_epoch"), compile_time_s=fitted.get("compile_time_s"),
         compile_error=(marker.error() if marker is not None else None) or fitted.get("compile_error"),
         shared_gpu_error=job.extra.get("shared_gpu_error"), measure_time_s=measure_s, save_time_s=save_s,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -18,6 +19,7 @@ from bakeoff.engines.torch_step import _first_way, _graph_of, _optimizer, _Pace,
 from bakeoff.gpu_share import share, stream_sync
 from bakeoff.measure import summarize_ms, time_calls, validation_figures
 from bakeoff.protocol import Protocol
+from bakeoff.timing import MEASURED, WINDOW_SKIP, WINDOW_STEPS, Clock, window
 
 # autocast_for and uses_bf16 are the step's (torch_step), named here too for the engines that
 # fit, predict and serve with them.
@@ -41,34 +43,34 @@ def sync_fn(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+# How often (in steps) a trial waiting for its compiled kernels looks whether they are ready.
+SWITCH_CHECK = 50
+# The longest a trial waits for its background compile before its last epoch (a cold compile
+# of the largest models takes minutes); past it, it ends on eager kernels and says so.
+COMPILE_WAIT_S = 900.0
+
+
 def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
         protocol: Protocol, device: torch.device, on_step: Callable[[int, int, int, float], None] | None = None,
-        compile_ready: Callable[[], bool] | None = None, compile_fn: Callable = compile_model) -> dict:
-    """Train with the protocol; return per-epoch history and the training-loop time.
+        compile_ready: Callable[[], bool] | None = None, compile_fn: Callable = compile_model,
+        compile_settled: Callable[[], bool] | None = None, compile_wait_s: float = COMPILE_WAIT_S) -> dict:
+    """Train with the protocol; return per-epoch history and the training time (``bakeoff.timing``:
+    each epoch times a window of steps alone, the figure comes from the windows on the kernels
+    the trial ends with). Evaluation, capture and compiling are timed apart.
 
-    Training time counts only the training loop, synchronised at each epoch's ends; the
-    per-epoch validation pass (for the training curve) and graph capture are timed apart.
-    When other trials share the GPU (``gpu_share``), the wall time depends on them, so each
-    epoch also runs a window of steps alone; the training time is then projected from those
-    solo windows (``train_time_kind``) and the shared wall time is kept beside it. Sharing, a
-    trial also keeps few steps queued (``_Pace``), after each window moves to the stream
-    priority of the training it has left (``GpuShare.prioritize``), and keeps pace with the
-    trial that has the most training left (``GpuShare.pacing``); each epoch records its waits
-    at the gate (``wait_s``, ``eval_wait_s``), for the pace (``pace_wait_s``) and its
-    ``stream_priority``.
+    When other trials share the GPU (``gpu_share``) a trial also keeps few steps queued
+    (``_Pace``), moves to the stream priority of the training it has left after each window
+    (``GpuShare.prioritize``) and keeps pace with the trial that has the most training left
+    (``GpuShare.pacing``); each epoch records its waits.
 
     ``compile_ready`` (``torch_compile``): whether the step's compiled kernels can be loaded now.
     If so at the start, the step is compiled (``compile_fn``) before its first epoch; else it
-    is asked every ``SWITCH_CHECK`` steps and after each epoch, and the step switches to them
-    (``_Step.adopt``) there, mid-epoch too: a trial that waited for its epoch's end would train
-    on eager kernels for up to an epoch longer, and trials whose kernels were ready at about the
-    same time would all switch at once, each waiting for the others' compiles while the GPU
-    idles. Sharing, a trial switches mid-epoch only after its epoch's solo window, and then runs
-    a second window on the new kernels (so it needs room for one before the epoch ends): each
-    kernel set's steps are projected from its own window. The epoch it switched in
-    (``compiled_from_epoch``; its record's ``compiled_from_step`` says from which step, where
-    mid-epoch) and the seconds spent compiling (``compile_time_s``, apart from training time
-    and from the epoch's wall time) are returned.
+    is asked every ``SWITCH_CHECK`` steps after the epoch's window and after each epoch, and the
+    step switches to them there (``_Step.adopt``); a switch mid-epoch gets a window of its own.
+    ``compile_settled`` (the background compile ended, ready or failed): a trial whose kernels
+    are still pending when its last epoch begins waits for them (up to ``compile_wait_s``,
+    ``compile_wait_s`` in the result), so it ends on the same kernels whether the compile cache
+    was cold or warm.
     """
     if protocol.train_only_top_layer:
         return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step)
@@ -100,11 +102,24 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     def pending() -> bool:  # waiting for compiled kernels: neither switched nor failed yet
         return compile_ready is not None and compiled_from is None and compile_error is None
 
+    def kernels() -> str:
+        return "compiled" if compiled_from is not None else "eager"
+
     pace = _Pace() if gate.concurrent and device.type == "cuda" else None
-    priority, step_s = 0, None
-    history, train_time, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0, 0.0
+    clock = Clock()
+    priority, step_s, compile_waited = 0, None, 0.0
+    history, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0
     with gate.pacing() as keep_pace:
         for epoch in range(protocol.epochs):
+            if epoch == protocol.epochs - 1 and pending() and compile_settled is not None:
+                waited_s = _wait_for(compile_settled, compile_wait_s)
+                compile_waited += waited_s
+                if compile_ready():
+                    compile_error, seconds = _switch(step, compile_fn, model, sync)
+                    compile_s += seconds
+                    compiled_from = epoch + 1 if compile_error is None else None
+                elif not compile_settled():
+                    compile_error = f"its compiled kernels were not ready after waiting {waited_s:.0f} s"
             waited = gate.waited()
             model.train()
             order = rng.permutation(train_idx)
@@ -115,20 +130,28 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                 pos = batcher.positions(order)
             sync()
             t_epoch = time.perf_counter()
-            window = solo_window(steps_per_epoch) if gate.concurrent else None
-            seen, ran, solo, paced = 0, 0, None, 0.0
-            parts, since = [], 0  # (solo s per step, steps) of the kernels this epoch left; steps ran before these
+            win = window(steps_per_epoch)
+            opened, seen, ran, paced, solos = None, 0, 0, 0.0, []
             switch_s, switched_at = 0.0, None
             alone = contextlib.ExitStack()
+
+            def close(steps_left: int) -> None:
+                nonlocal priority, step_s, opened
+                t_solo, ran_before = opened
+                solo, priority = _close_window(alone, sync, t_solo, ran - ran_before, steps_left)
+                clock.add(kernels(), solo * (ran - ran_before), ran - ran_before, win == (0, steps_per_epoch))
+                solos.append(solo)
+                step_s, opened = solo, None
+
             try:
                 for i in range(steps_per_epoch):
                     lo, hi = i * bs, min((i + 1) * bs, len(order))
                     if hi - lo < 2 < len(order):
                         continue  # a lone last image breaks batch-norm in training mode
-                    if window is not None and i == window[0]:
+                    if win is not None and i == win[0]:
                         alone.enter_context(gate.exclusive(device, "window"))
                         sync()
-                        t_solo, ran_before = time.perf_counter(), ran
+                        opened = (time.perf_counter(), ran)
                     with gate.shared():
                         t_data = time.perf_counter()
                         x = batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
@@ -141,34 +164,28 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                     seen += hi - lo
                     ran += 1
                     left = steps_per_epoch * (protocol.epochs - epoch) - i - 1  # steps of the run still to go
-                    if window is not None and i == window[1] - 1:
-                        solo, priority = _close_window(alone, sync, t_solo, ran - ran_before, left)
-                        step_s = solo
+                    if opened is not None and i == win[1] - 1:
+                        close(left)
+                        win = None
                     paced += keep_pace(left, step_s)
                     if on_step is not None and (i % 50 == 0 or i == steps_per_epoch - 1):
                         on_step(epoch, i + 1, steps_per_epoch, time.perf_counter() - t_epoch - switch_s)
-                    if ((i + 1) % SWITCH_CHECK == 0 and pending() and (window is None or i >= window[1] - 1)
-                            and steps_per_epoch - i - 1 >= (WINDOW_SKIP + WINDOW_STEPS if window is not None else 1)
-                            and compile_ready()):  # after the solo window, with room for one on the new kernels
+                    if ((i + 1) % SWITCH_CHECK == 0 and pending() and win is None
+                            and steps_per_epoch - i - 1 >= WINDOW_SKIP + WINDOW_STEPS and compile_ready()):
+                        # after the epoch's window, with room for one on the new kernels
                         compile_error, seconds = _switch(step, compile_fn, model, sync)
                         switch_s += seconds
                         if compile_error is None:
                             compiled_from, switched_at = epoch + 1, i + 2
-                            if window is not None:  # the new kernels' own window, from a few steps on
-                                parts.append((solo, ran - since))
-                                since, solo = ran, None
-                                window = (i + 1 + WINDOW_SKIP, i + 1 + WINDOW_SKIP + WINDOW_STEPS)
-                if window is not None and solo is None:  # the window's last step was a skipped lone image
-                    solo, priority = _close_window(alone, sync, t_solo, ran - ran_before,
-                                                   steps_per_epoch * (protocol.epochs - epoch) - i - 1)
-                    step_s = solo
+                            win = window(steps_per_epoch, start=i + 1)
+                if opened is not None:  # the window's last step was a skipped lone image
+                    close(steps_per_epoch * (protocol.epochs - epoch - 1))
             finally:
                 alone.close()
             sync()
+            clock.steps += ran
             compile_s += switch_s
             epoch_wall = time.perf_counter() - t_epoch - switch_s
-            epoch_time = (sum(s * n for s, n in parts) + solo * (ran - since)) if solo is not None else epoch_wall
-            train_time += epoch_time
             wall_time += epoch_wall
             t_eval, train_waited = time.perf_counter(), gate.waited() - waited
             scored = protocol.validates(epoch)
@@ -176,32 +193,34 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                 val_probs = predict_probs(model, batcher, val_idx, protocol, device)
             epoch_eval = time.perf_counter() - t_eval
             eval_time += epoch_eval
-            record = {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval}
+            record = {"epoch_wall_s": epoch_wall, "eval_time_s": epoch_eval, "solo_step_s": solos}
             if gate.concurrent:  # where a shared epoch's wall time went
                 record |= {"wait_s": train_waited, "eval_wait_s": gate.waited() - waited - train_waited,
-                           "stream_priority": priority, "pace_wait_s": paced,
-                           "solo_step_s": [s for s, _ in parts] + [solo]}  # per kernel set, in the order they ran
-            record["kernels"] = "compiled" if compiled_from is not None else "eager"
+                           "stream_priority": priority, "pace_wait_s": paced}
+            record["kernels"] = kernels()
             if switched_at is not None:
                 record |= {"kernels": "eager, then compiled", "compiled_from_step": switched_at}
             history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen,
-                                         val_probs if scored else None, labels[val_idx], epoch_time, seen) | record)
+                                         val_probs if scored else None, labels[val_idx], epoch_wall, seen) | record)
             if pending() and epoch + 1 < protocol.epochs and compile_ready():
                 compile_error, seconds = _switch(step, compile_fn, model, sync)
                 compile_s += seconds
                 compiled_from = epoch + 2 if compile_error is None else None
     if pending():
         compile_error = "its compiled kernels were not ready before the last epoch began"
-    kind = "measured"
-    if gate.concurrent:
-        first, end = solo_window(steps_per_epoch)
-        kind = (f"projected from {end - first} of {steps_per_epoch} steps per epoch run alone"
-                f"{' (and as many after a mid-epoch switch of kernels)' if end - first < steps_per_epoch else ''}; "
-                f"{gate.trials} trials shared the GPU")
-    return {"history": history, "train_time_s": train_time, "eval_time_s": eval_time, "final_val_probs": val_probs,
+    return {"history": history, **clock.figures(kernels()), "eval_time_s": eval_time, "final_val_probs": val_probs,
             "data_time_s": data_time, "step_mode": step.mode, "capture_time_s": capture_s,
-            "capture_error": step.capture_error, "train_time_kind": kind, "train_wall_s": wall_time,
-            "compiled_from_epoch": compiled_from, "compile_time_s": compile_s, "compile_error": compile_error}
+            "capture_error": step.capture_error, "train_wall_s": wall_time,
+            "compiled_from_epoch": compiled_from, "compile_time_s": compile_s, "compile_error": compile_error,
+            "compile_wait_s": compile_waited}
+
+
+def _wait_for(settled: Callable[[], bool], limit_s: float) -> float:
+    """Seconds spent waiting until ``settled()``, at most ``limit_s``."""
+    t0 = time.perf_counter()
+    while not settled() and time.perf_counter() - t0 < limit_s:
+        time.sleep(0.25)
+    return time.perf_counter() - t0
 
 
 def _switch(step: _Step, compile_fn: Callable, model: nn.Module, sync) -> tuple[str | None, float]:
@@ -224,19 +243,6 @@ def _close_window(alone: contextlib.ExitStack, sync, t_start: float, steps: int,
     return per_step, share().prioritize(per_step * steps_left)
 
 
-# How often (in steps) a trial waiting for its compiled kernels looks whether they are ready.
-SWITCH_CHECK = 50
-# A solo window: the steps it times, after a few that start the stream (or a new graph) going.
-WINDOW_SKIP, WINDOW_STEPS = 8, 48
-
-
-def solo_window(steps: int, length: int = WINDOW_STEPS, skip: int = WINDOW_SKIP) -> tuple[int, int]:
-    """Which steps of an epoch run alone to time it while other trials share the GPU: a stretch
-    after the epoch's first few steps (whose launches start the stream), or the whole epoch
-    when it is short."""
-    if steps <= skip + length:
-        return (0, steps)
-    return (skip, skip + length)
 
 
 def _epoch_record(epoch, train_loss, train_acc, val_probs, val_y, epoch_time, seen) -> dict:
@@ -291,12 +297,18 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
         raise ValueError(f"--train-only-top-layer needs a linear classifier, found {type(head).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
+    # The training images' features are training work (timed alone); the validation images'
+    # are evaluation, timed apart as every engine's evaluation is.
     with gate.exclusive(device, "top-only"):
         t0 = time.perf_counter()
-        feats = _features(model, batcher, np.concatenate([train_idx, val_idx]), protocol, device, head)
+        f_train = _features(model, batcher, train_idx, protocol, device, head)
         sync()
         feature_s = time.perf_counter() - t0
-    f_train, f_val = feats[:len(train_idx)], feats[len(train_idx):]
+    t0 = time.perf_counter()
+    with gate.shared():
+        f_val = _features(model, batcher, val_idx, protocol, device, head)
+    sync()
+    val_feature_s = time.perf_counter() - t0
     for p in head.parameters():
         p.requires_grad_(True)
     graphs = device.type == "cuda" and protocol.cuda_graphs
@@ -337,10 +349,12 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
             loss_sum, correct = float(many.loss_sum + one.loss_sum), float(many.correct + one.correct)
         history.append(_epoch_record(epoch, loss_sum / n, correct / n, val_probs if scored else None,
                                      labels[val_idx], epoch_time, n))
-    return {"history": history, "train_time_s": train_time, "eval_time_s": 0.0, "final_val_probs": val_probs,
-            "data_time_s": 0.0, "step_mode": f"cached-features, {many.mode}, {k} steps per replay",
-            "feature_time_s": feature_s, "capture_time_s": 0.0, "capture_error": many.capture_error,
-            "train_time_kind": "measured", "train_wall_s": train_time}
+    return {"history": history, "train_time_s": train_time, "eval_time_s": val_feature_s,
+            "final_val_probs": val_probs, "data_time_s": 0.0,
+            "step_mode": f"cached-features, {many.mode}, {k} steps per replay", "feature_time_s": feature_s,
+            "capture_time_s": 0.0, "capture_error": many.capture_error, "train_time_kind": MEASURED,
+            "train_time_basis": "the training images' feature pass and every head epoch, alone",
+            "train_wall_s": train_time}
 
 
 @torch.no_grad()
@@ -368,9 +382,13 @@ def predict_probs(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol:
 @torch.no_grad()
 def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Protocol,
                    device: torch.device) -> dict:
-    """Batch-1 latency (median, p95 of >= 50 synchronised runs after warm-up) on a real
-    validation image, and throughput at ``protocol.throughput_batch`` on real images. Timed
-    with the GPU to itself: trials sharing it wait meanwhile."""
+    """Batch-1 latency on a real validation image, by the rule every engine follows
+    (``bakeoff.timing``'s neighbour for inference): the model's compiled form, input already on
+    the device, median and p95 of >= 50 synchronised runs after warm-up (``latency_ms_*``). On
+    CUDA the compiled form is the forward pass replayed from a CUDA graph; on the CPU, the
+    traced and frozen TorchScript module. The eager call is timed too (``latency_eager_ms_*``),
+    and throughput at ``protocol.throughput_batch``. Timed with the GPU to itself: trials
+    sharing it wait meanwhile."""
     model.eval()
     sync = sync_fn(device)
 
@@ -384,19 +402,23 @@ def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol
         big = batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch])
         lat = summarize_ms(time_calls(lambda: run(one), sync, protocol.latency_warmup, protocol.latency_runs))
         thr_ms = time_calls(lambda: run(big), sync, 2, 7)
-        graphed = _graphed_latency(model, one, protocol, device) if device.type == "cuda" else {}
-    return graphed | {
-        "latency_ms_p50": lat["p50"], "latency_ms_p95": lat["p95"], "latency_ms_min": lat["min"],
-        "latency_runs": lat["n"],
+        compiled = _graphed_latency(model, one, protocol, device) if device.type == "cuda" else \
+            _scripted_latency(model, one, protocol)
+    figures = {
+        "latency_eager_ms_p50": lat["p50"], "latency_eager_ms_p95": lat["p95"], "latency_runs": lat["n"],
         "throughput_img_s": protocol.throughput_batch / (float(np.median(thr_ms)) / 1000.0),
-        "throughput_batch": protocol.throughput_batch,
-        "latency_kind": "eager",
+        "throughput_batch": protocol.throughput_batch, "throughput_kind": "eager",
     }
+    if "error" in compiled:  # no compiled form: the eager figure stands in, and says so
+        return figures | {"latency_ms_p50": lat["p50"], "latency_ms_p95": lat["p95"], "latency_kind": "eager",
+                          "latency_form": f"eager (no compiled form: {compiled['error']})"}
+    return figures | {"latency_ms_p50": compiled["p50"], "latency_ms_p95": compiled["p95"],
+                      "latency_kind": "compiled", "latency_form": compiled["form"]}
 
 
 def _graphed_latency(model, one, protocol, device) -> dict:
-    """Batch-1 latency with the forward pass replayed from a CUDA graph: what a deployment
-    that removes per-kernel launch cost (graphs, compilation) can reach on this GPU."""
+    """Batch-1 latency with the forward pass replayed from a CUDA graph (input in the graph's
+    static buffer on the device): no per-kernel launch cost, as a compiled deployment."""
     static = one.clone()
 
     def forward():
@@ -405,8 +427,25 @@ def _graphed_latency(model, one, protocol, device) -> dict:
 
     def timed(way: str) -> dict:
         graph = _graph_of(forward, device, way)
-        lat = summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup, protocol.latency_runs))
-        return {"latency_cudagraph_ms_p50": lat["p50"], "latency_cudagraph_ms_p95": lat["p95"]}
+        return summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup, protocol.latency_runs))
 
     figures, failed = _first_way(timed)
-    return figures if figures is not None else {"latency_cudagraph_error": "; ".join(failed)}
+    if figures is None:
+        return {"error": "; ".join(failed)}
+    return figures | {"form": f"CUDA graph replay{', bf16 autocast' if uses_bf16(protocol, device) else ''}"}
+
+
+def _scripted_latency(model, one, protocol) -> dict:
+    """Batch-1 latency of the model traced, frozen and optimised for inference by TorchScript:
+    PyTorch's compiled form on the CPU that needs no compiler toolchain at run time."""
+    try:
+        with warnings.catch_warnings():  # TorchScript says it is deprecated; it still serves CPU deployments
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, one,
+                                                                                         check_trace=False)))
+            scripted(one)
+    except Exception as exc:  # some models do not trace: the eager figure stands in
+        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+    figures = summarize_ms(time_calls(lambda: scripted(one), lambda: None, protocol.latency_warmup,
+                                      protocol.latency_runs))
+    return figures | {"form": "TorchScript (traced, frozen)"}
