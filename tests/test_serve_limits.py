@@ -21,7 +21,7 @@ spec = importlib.util.spec_from_file_location("fuzz_serve", Path(__file__).paren
 fuzz = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fuzz)
 
-MAX_IMAGES, MAX_PIXELS, MAX_CONNECTIONS, HEADER_TIMEOUT_S = 4, 1_000_000, 64, 1.0
+MAX_IMAGES, MAX_PIXELS, MAX_CONNECTIONS, HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 4, 1_000_000, 64, 1.0, 1.0
 LINUX = Path("/proc/self/status").is_file()
 
 
@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(run_dir):
     args = ("--max-images", str(MAX_IMAGES), "--max-pixels", str(MAX_PIXELS), "--max-connections", str(MAX_CONNECTIONS),
-            "--header-timeout", str(HEADER_TIMEOUT_S), "--max-body-mb", "1")
+            "--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S), "--max-body-mb", "1")
     with ServerProcess(run_dir, fuzz.MODEL, "cpu", args) as srv:
         yield srv
 
@@ -103,6 +103,24 @@ def test_slow_clients_neither_starve_ping_nor_fill_the_log(server):
     assert closed == len(idle)
     assert httpx.get(server.url + "/ping", timeout=5).status_code == 200
     assert len(server.stderr_text()) - log_before < 2000
+
+
+def test_stalled_bodies_are_cut_off_instead_of_holding_the_endpoint(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    stalled = []
+    for _ in range(5):  # declared bodies of the largest size: more than the body budget holds at once
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-image\r\n"
+                  b"Content-Length: 1048576\r\n\r\n" + b"x" * 10)
+        stalled.append(s)
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    assert post(server.url, small_png()).status_code == 200
+    assert time.perf_counter() - t0 < BODY_TIMEOUT_S + 1.5
+    for s in stalled:
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 408")
+        s.close()
 
 
 def test_a_small_fuzz_gets_no_server_error(server):

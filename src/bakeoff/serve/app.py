@@ -30,6 +30,7 @@ IMAGE_TYPES = ("application/x-image", "image/jpeg", "image/png", "image/webp", "
                "image/gif")
 JSON_TYPE = "application/json"
 VERBOSE_ACCEPT = "application/json;verbose"
+MIN_BODY_RATE = 64 * 1024  # bytes/s, on average, that a body must keep up after --body-timeout
 
 
 class RequestError(Exception):
@@ -110,21 +111,26 @@ def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits(), max_ba
     app.state.batcher, app.state.predictor = batcher, predictor
 
     async def read_body(request: Request) -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
+        loop = asyncio.get_running_loop()
+        start, chunks, size = loop.time(), [], 0
+        stream = request.stream()
+        while True:
+            # After the grace, the body must keep coming at MIN_BODY_RATE on average: a client
+            # that stalls or trickles is cut off instead of holding its share of the body budget.
+            left = start + limits.body_timeout_s + size / MIN_BODY_RATE - loop.time()
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(left, 0.0))
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"the body came slower than {MIN_BODY_RATE // 1024} KB/s after the first "
+                                        f"{limits.body_timeout_s:g} s (--body-timeout)")
+            except ClientDisconnect:
+                raise RequestError(400, "the client closed the connection before sending the whole body")
             size += len(chunk)
             if size > max_body_bytes:
                 raise RequestError(413, f"body is over the limit of {max_body_bytes} bytes (--max-body-mb)")
             chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def read_body_in_time(request: Request) -> bytes:
-        try:
-            return await asyncio.wait_for(read_body(request), limits.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestError(408, f"the body did not arrive within {limits.body_timeout_s:g} s (--body-timeout)")
-        except ClientDisconnect:
-            raise RequestError(400, "the client closed the connection before sending the whole body")
 
     def answer(probs, verbose: bool) -> dict:
         p = [float(v) for v in probs]
@@ -175,7 +181,7 @@ def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits(), max_ba
             raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_body_bytes} bytes "
                                     f"(--max-body-mb)")
         async with bodies.take(int(declared) if declared.isdigit() else max_body_bytes):
-            body = await read_body_in_time(request)
+            body = await read_body(request)
             if not body:
                 raise RequestError(400, "empty body: send the image bytes")
             if ctype == JSON_TYPE:

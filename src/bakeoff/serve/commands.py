@@ -23,7 +23,8 @@ def serve_cmd(
         None, help="Open connections at most (default 1000, or half the open-file limit); at the cap the one "
                    "longest without its headers is closed."),
     header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send a request's headers."),
-    body_timeout: float = typer.Option(60.0, help="Seconds a request has to send its body; later gets 408."),
+    body_timeout: float = typer.Option(10.0, help="Seconds a request's body may take, and 1 s more for every 64 KB; "
+                                       "a slower body gets 408."),
     max_batch: int = typer.Option(32, help="Most requests grouped into one forward pass (1: no batching)."),
     batch_wait_ms: float = typer.Option(2.0, help="Under load, how long to wait for more requests to group."),
 ) -> None:

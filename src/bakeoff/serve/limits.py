@@ -29,7 +29,7 @@ class ServeLimits:
     max_images: int = 32
     max_connections: int | None = None  # None: 1000, or less where the descriptor limit is low
     header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
+    body_timeout_s: float = 10.0
 
     def check(self) -> None:
         for name, value in (("--max-body-mb", self.max_body_bytes / 2**20), ("--max-pixels", self.max_pixels),
