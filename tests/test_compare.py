@@ -62,6 +62,8 @@ def test_default_baseline_is_the_first_listed_and_a_failed_one_gives_way_to_the_
     first_failed = pd.concat([_results().iloc[[5]], _results().iloc[:5]], ignore_index=True)
     assert pick_baseline(first_failed)[0] == "best"
     assert pick_baseline(_results(), "never_ran")[1].startswith("baseline never_ran: it has no trial")
+    # every model at chance: the first listed stays, nothing better to fall back to
+    assert pick_baseline(_results().assign(above_chance=False)) == ("base", None)
     with pytest.raises(BakeoffError, match="no successful trial"):
         relative_frame(_results(), "broken")
     with pytest.raises(BakeoffError, match="not a model of this run"):

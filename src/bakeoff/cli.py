@@ -66,8 +66,8 @@ def print_comparison(comparison) -> None:
     console.print(table)
     for _, r in df[df["status"] != "ok"].iterrows():
         console.print(f"[red]{escape(r['model'])} failed:[/] {escape(str(r['error']))}")
-    if comparison.warning:
-        console.print(f"[yellow]warning:[/] {escape(comparison.warning)}")
+    for note in (comparison.warning or "").splitlines():
+        console.print(f"[yellow]warning:[/] {escape(note)}")
     dataset = comparison.run.get("dataset", {})
     skipped = dataset.get("n_skipped", 0)
     if skipped:

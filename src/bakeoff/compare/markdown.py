@@ -168,11 +168,8 @@ def run_summary(comparison) -> str:
 
 def dataset_warnings(dataset: dict) -> list[str]:
     """The data set's own warnings (``dataset.json``'s ``warnings``: a class with too few images,
-    a validation class left empty, ...) as lines of text."""
-    out = []
-    for w in dataset.get("warnings") or []:
-        out.append(str(w.get("message") or w) if isinstance(w, dict) else str(w))
-    return out
+    a validation class left empty, ...); none for runs recorded before they were kept."""
+    return [str(w) for w in dataset.get("warnings") or []]
 
 
 def _md(text: str) -> str:
@@ -187,8 +184,8 @@ def report_markdown(comparison, recommendations: list[Recommendation]) -> str:
     """report.md: the summary, the recommendations, the figures table, failures and provenance."""
     run = comparison.run
     lines = ["# bakeoff: which model to fine-tune", "", run_summary(comparison), ""]
-    if comparison.warning:
-        lines += [f"> **Note:** {_md(comparison.warning)}", ""]
+    for note in (comparison.warning or "").splitlines():
+        lines += [f"> **Note:** {_md(note)}", ""]
     lines += ["## Recommendations", ""]
     if not recommendations:
         lines.append("No model finished above chance accuracy, so there is nothing to recommend (see the note "

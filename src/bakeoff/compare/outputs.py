@@ -31,7 +31,8 @@ class Comparison:
         self.inference = inference  # which latency is the inference time (a key of LATENCIES)
 
     def frame(self) -> pd.DataFrame:
-        """results joined with the relative columns, one row per model."""
+        """results joined with the relative columns, one row per model; ``val_pred`` and
+        ``val_true`` hold each validation image's predicted and true class (for paired tests)."""
         if self.relative is None:
             return self.results
         cols = ["model", "relative_accuracy", "relative_training_time", "relative_inference_time", "pareto"]
@@ -72,7 +73,7 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, infe
     results[RESULT_COLUMNS].to_csv(out_dir / "results.csv", index=False)
     notes = (warning, chance_warning(results), weights_warning(results), small_split_warning(results, used),
              _missing_warning(run))
-    warning = "; ".join(w for w in notes if w) or None
+    warning = "\n".join(w for w in notes if w) or None  # one line each: the terminal and report list them
     comparison = Comparison(results, relative, used, run, warning, inference)
     write_reports(out_dir, comparison)  # report.md, and report.html where plotly is installed
     return comparison

@@ -173,13 +173,11 @@ def small_split_warning(results: pd.DataFrame, baseline: str | None) -> str | No
     """One sentence when the validation split is too small for its tests to find anything: even a
     perfect model would be indistinguishable from chance, or from the baseline."""
     ok = results[results["status"] == "ok"]
-    if "n_val" not in ok.columns or ok["n_val"].isna().all():
+    known = [pd.to_numeric(ok[c], errors="coerce").dropna() if c in ok.columns else pd.Series(dtype=float)
+             for c in ("n_val", "chance_accuracy")]
+    if known[0].empty:
         return None
-    n = pd.to_numeric(ok["n_val"], errors="coerce").dropna()
-    if n.empty:
-        return None
-    n = int(n.iloc[0])  # one split for the whole run
-    chance = pd.to_numeric(ok.get("chance_accuracy"), errors="coerce").dropna()
+    n, chance = int(known[0].iloc[0]), known[1]  # one split for the whole run
     if not chance.empty:
         best = chance_p(n, n, float(chance.iloc[0]))
         if best >= ALPHA:
@@ -201,18 +199,20 @@ def pick_baseline(results: pd.DataFrame, requested: str | None = None) -> tuple[
     """The model the relative figures divide by, and a one-line warning when it is not the one meant.
 
     Meant: ``requested``, else the first model listed. When that model has no successful trial (or,
-    unrequested, is not distinguishable from chance) the most accurate model distinguishable from
-    chance takes its place (the most accurate finished one if none is). Raises when nothing finished.
+    unrequested, is not distinguishable from chance while another model is) the most accurate model
+    distinguishable from chance takes its place (the most accurate finished one if none is).
+    Raises when nothing finished.
     """
     ok = results[results["status"] == "ok"]
     if ok.empty:
         raise BakeoffError("no model finished successfully, so there is nothing to compare (see results.csv)")
     meant = requested if requested is not None else results["model"].iloc[0]
     chance = at_chance(ok)
-    if meant in set(ok["model"]) and (requested is not None or not chance[ok["model"] == meant].any()):
+    if meant in set(ok["model"]) and (requested is not None or not chance[ok["model"] == meant].any()
+                                      or chance.all()):
         return meant, None
     pool = ok[~chance] if (~chance).any() else ok
-    best = pool.loc[pd.to_numeric(pool["accuracy"], errors="coerce").idxmax(), "model"]
+    best = pool.loc[pd.to_numeric(pool["accuracy"], errors="coerce").fillna(-1).idxmax(), "model"]
     if meant in set(ok["model"]):
         why = CHANCE_STATUS
     elif meant in set(results["model"]):
