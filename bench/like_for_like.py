@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         if name in a.runs.split(","):
             rows[name] = one_run(a.data, a.work, a.models, name, cache, flags, extra)
             print(json.dumps({k: v for k, v in rows[name].items() if k != "models"}), flush=True)
-            (a.work / "like_for_like.json").write_text(json.dumps(rows, indent=2, default=str))
+            (a.work / f"like_for_like-{'-'.join(rows)}.json").write_text(json.dumps(rows, indent=2, default=str))
     names = list(rows)
     print("\n| model | " + " | ".join(f"{n} train s" for n in names) + " | warm vs cold | alone vs warm "
           "| compared latency ms (kind) | eager ms |")
