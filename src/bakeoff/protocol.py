@@ -33,6 +33,10 @@ class Protocol:
     optimizer: str = "adam"
     train_only_top_layer: bool = False
     augment: str = "rrc-flip"  # random-resized-crop + horizontal flip; "none" = centre crop only
+    # Every new classifier starts at zero weights and bias, whatever its source (the engines'
+    # build_model). One value, recorded: trials trained before, with each source's own random
+    # head, have other keys and train again instead of resuming as these.
+    head_init: str = "zeros"
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast + channels-last on CUDA, fp32 on CPU
     pretrained: bool | str = True  # True, False, or "offline": weights only where they need no network
@@ -60,6 +64,8 @@ class Protocol:
             raise BakeoffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile not in COMPILES:
             raise BakeoffError(f"--compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
+        if self.head_init != "zeros":
+            raise BakeoffError(f"head_init must be 'zeros' (the one head initialisation), got {self.head_init!r}")
         if self.augment not in ("rrc-flip", "none"):
             raise BakeoffError(f"augment must be 'rrc-flip' or 'none', got {self.augment!r}")
         if self.pretrained not in (True, False, "offline"):

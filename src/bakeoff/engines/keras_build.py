@@ -89,8 +89,9 @@ def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretr
     """Return (model, its backbone, starting weights, side the input is upsampled to or None).
 
     The model takes ``input_size`` NHWC images normalised with the spec's mean/std and returns
-    logits from a new float32 ``classifier`` layer. A network that cannot run at ``input_size``
-    (e.g. InceptionV3 below 75 px, only with --image-size) gets an in-model upsampling to its minimum.
+    logits from a new float32 ``classifier`` layer that starts at zero. A network that cannot run
+    at ``input_size`` (e.g. InceptionV3 below 75 px, only with --image-size) gets an in-model
+    upsampling to its minimum.
     """
     build_size = max(input_size, min_input_size(spec.architecture))
     backbone, weights = _backbone(keras, spec, build_size, pretrained, weights_dir)
@@ -99,6 +100,9 @@ def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretr
     if build_size != input_size:
         x = keras.layers.Resizing(build_size, build_size, interpolation="bilinear", name="upsample")(x)
     x = backbone(x)
-    outputs = keras.layers.Dense(num_classes, dtype="float32", name="classifier")(x)
+    # Zero weights and bias, like every engine's new head (torch_build.zero_heads): uniform
+    # predictions at the start, not Keras's Glorot draw.
+    outputs = keras.layers.Dense(num_classes, dtype="float32", name="classifier",
+                                 kernel_initializer="zeros", bias_initializer="zeros")(x)
     model = keras.Model(inputs, outputs, name="bakeoff_model")
     return model, backbone, weights, (build_size if build_size != input_size else None)

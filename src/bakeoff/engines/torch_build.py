@@ -13,7 +13,7 @@ from bakeoff.zoo.registry import find_weights_file, weights_available_offline
 from bakeoff.zoo.spec import ModelSpec
 from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES
 
-__all__ = ["build_model", "find_head"]
+__all__ = ["build_model", "find_head", "find_head_name", "head_names", "zero_heads"]
 
 
 def _no_network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
@@ -83,11 +83,18 @@ def _create(spec: ModelSpec, num_classes: int) -> nn.Module:
 
 
 def build_model(spec: ModelSpec, num_classes: int, pretrained=True, weights_dir=None) -> tuple[nn.Module, str]:
-    """Return the model with a ``num_classes`` head and a description of its starting weights.
+    """Return the model with a new ``num_classes`` head (zero weights and bias: ``zero_heads``)
+    and a description of its starting weights.
 
     ``pretrained``: True (ImageNet weights, fetched by the source library if need be), False
     (random init), or "offline" (ImageNet weights where no network is needed, else random init).
     """
+    model, weights = _with_weights(spec, num_classes, pretrained, weights_dir)
+    zero_heads(model)
+    return model, weights
+
+
+def _with_weights(spec: ModelSpec, num_classes: int, pretrained, weights_dir) -> tuple[nn.Module, str]:
     model = _create(spec, num_classes)
     if pretrained == "offline" and not weights_available_offline(spec, weights_dir):
         pretrained = False
@@ -134,20 +141,54 @@ def build_model(spec: ModelSpec, num_classes: int, pretrained=True, weights_dir=
     return model, f"imagenet ({spec.weight_source})"
 
 
-def find_head_name(model: nn.Module) -> str | None:
-    """The attribute path of the classification layer (timm knows it; else the last Linear/Conv)."""
+def head_names(model: nn.Module) -> list[str]:
+    """The attribute paths of the classification layers: timm names them (distilled models have
+    two); else the last Linear/Conv."""
     if hasattr(model, "get_classifier") and hasattr(model, "pretrained_cfg"):
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-        if isinstance(name, (list, tuple)):
-            name = name[0] if name else None
-        if name:
-            return name
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+        names = [names] if isinstance(names, str) else list(names or ())
+        if names:
+            return names
     last = None
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Conv2d)):
             last = name
-    return last
+    return [last] if last else []
+
+
+def find_head_name(model: nn.Module) -> str | None:
+    """The attribute path of the (first) classification layer."""
+    names = head_names(model)
+    return names[0] if names else None
 
 
 def find_head(model: nn.Module) -> nn.Module:
     return model.get_submodule(find_head_name(model))
+
+
+@torch.no_grad()
+def zero_heads(model: nn.Module) -> None:
+    """Start every new classifier at zero weights and zero bias, whatever the source's own scheme
+    (timm, torchvision and Keras each draw theirs differently, and a large random head starts far
+    from uniform: a loss well above ln(classes) that a short top-only run spends its epochs
+    undoing). A linear head then predicts uniformly: the first loss is ln(classes).
+
+    A head followed by a ReLU (SqueezeNet's convolution) would pass no gradient from an output
+    of exactly zero, so its bias starts at one instead: still equal logits, still uniform."""
+    for name in head_names(model):
+        head = model.get_submodule(name)
+        if not isinstance(getattr(head, "weight", None), torch.Tensor):
+            continue  # an Identity head (num_classes=0) has nothing to start
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.fill_(1.0 if _relu_after(model, name) else 0.0)
+
+
+def _relu_after(model: nn.Module, name: str) -> bool:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return False
+    keys = list(parent._modules)
+    i = keys.index(child)
+    return i + 1 < len(keys) and isinstance(parent._modules[keys[i + 1]], nn.ReLU)
