@@ -77,3 +77,22 @@ def test_no_network_error_names_the_fixes():
     msg = str(err.value)
     assert "--weights-dir" in msg and "--no-pretrained" in msg and "resnet34-b627a593.pth" in msg
     check_weights_reachable([resolve("timm/tf_efficientnet_lite0")])  # offline source: no error
+
+
+def test_study_ids_load_the_weights_of_the_studys_era(tmp_path):
+    # torchvision's default for resnet152 and mobilenet_v2 is IMAGENET1K_V2 today; the study's ids
+    # pin V1 (file names and eval resize from torchvision's own weight tables), library ids do not
+    study, today = resolve("pytorch-ic-resnet152"), resolve("torchvision/resnet152")
+    assert study.weight_tag == "IMAGENET1K_V1" and study.weight_file == "resnet152-394f9c45.pth"
+    assert today.weight_tag == "" and today.weight_file == "resnet152-f82ba261.pth"
+    assert study.crop_pct == pytest.approx(224 / 256) and today.crop_pct == pytest.approx(224 / 232)
+    assert all(resolve(mid).weight_tag == "IMAGENET1K_V1" for mid in STUDY)
+    # offline, the study id takes the V1 file and leaves a V2 file beside it alone
+    import torchvision
+
+    donor = torchvision.models.mobilenet_v2()
+    torch.save(donor.state_dict(), tmp_path / "mobilenet_v2-b0353104.pth")
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "mobilenet_v2-7ebf99e0.pth")
+    model, weights = build_model(resolve("pytorch-ic-mobilenet-v2"), 3, pretrained=True, weights_dir=tmp_path)
+    assert weights == "imagenet (file mobilenet_v2-b0353104.pth)"
+    assert torch.equal(model.features[0][0].weight, donor.features[0][0].weight)

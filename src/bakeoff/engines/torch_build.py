@@ -123,7 +123,7 @@ def _with_weights(spec: ModelSpec, num_classes: int, pretrained, weights_dir) ->
         if spec.source == "torchvision":
             import torchvision
 
-            weights = torchvision.models.get_model_weights(spec.architecture).DEFAULT
+            weights = torchvision.models.get_model_weights(spec.architecture)[spec.weight_tag or "DEFAULT"]
             state = weights.get_state_dict(progress=False, check_hash=True)
             _load_matching(model, state, spec, spec.weight_source)
         else:

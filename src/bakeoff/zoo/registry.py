@@ -29,6 +29,11 @@ STUDY_IDS = {
     "pytorch-ic-inception-v3": "inception_v3",
 }
 
+# The study's ids load the weights of the study's era, torchvision's first ImageNet release;
+# resnet152's and mobilenet_v2's defaults have since become IMAGENET1K_V2 (a newer training
+# recipe, other weights). ``torchvision/<name>`` keeps today's default.
+STUDY_WEIGHTS = "IMAGENET1K_V1"
+
 _registered: dict[str, ModelSpec] = {}
 
 
@@ -60,7 +65,7 @@ def resolve(model_id: str) -> ModelSpec:
     if mid in _registered:
         return _registered[mid]
     if mid in STUDY_IDS:
-        return torchvision_spec(STUDY_IDS[mid], model_id=mid, aliases=(f"{mid}-FT",))
+        return torchvision_spec(STUDY_IDS[mid], model_id=mid, aliases=(f"{mid}-FT",), weight_tag=STUDY_WEIGHTS)
     if mid in KERAS_STUDY_IDS:
         return study_spec(mid)
     source, _, name = mid.partition("/")

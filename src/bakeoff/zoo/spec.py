@@ -23,6 +23,7 @@ class ModelSpec:
     license: str = "unknown"
     weight_source: str = ""  # where ImageNet weights come from (URL, hub id, package)
     weight_file: str = ""  # the file name the source library downloads, for --weights-dir
+    weight_tag: str = ""  # which of the source's ImageNet weights (torchvision: IMAGENET1K_V1); "" = its default
     params: int | None = None
     build_kwargs: dict = field(default_factory=dict)
     aliases: tuple[str, ...] = ()

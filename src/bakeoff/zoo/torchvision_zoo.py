@@ -33,10 +33,13 @@ def _classifier_for(name: str) -> str | None:
     return None
 
 
-def torchvision_spec(name: str, model_id: str | None = None, aliases: tuple[str, ...] = ()) -> ModelSpec:
+def torchvision_spec(name: str, model_id: str | None = None, aliases: tuple[str, ...] = (),
+                     weight_tag: str = "") -> ModelSpec:
+    """The spec of ``name`` with the weights ``weight_tag`` names (e.g. IMAGENET1K_V1; "" = torchvision's
+    current default): input size, resize and normalisation follow the weights chosen."""
     import torchvision
 
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    weights = torchvision.models.get_model_weights(name)[weight_tag or "DEFAULT"]
     t = weights.transforms()
     crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
     kwargs = {}
@@ -56,6 +59,7 @@ def torchvision_spec(name: str, model_id: str | None = None, aliases: tuple[str,
         license="BSD-3-Clause (torchvision); weights: ImageNet terms",
         weight_source=weights.url,
         weight_file=os.path.basename(weights.url),
+        weight_tag=weight_tag,
         params=int(weights.meta.get("num_params", 0)) or None,
         build_kwargs=kwargs,
         aliases=aliases,
