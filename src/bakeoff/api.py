@@ -198,7 +198,9 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                                      extra=({"compile": compile_for[s.id]} if s.id in compile_for else {})
                                      | {"background": background}))
             command = command or " ".join(shlex.quote(a) for a in sys.argv)
-            run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, protocol.to_dict(),
+            # A preset's differences from the study it reproduces go with the protocol into the report.
+            stored = protocol.to_dict() | (apply_preset(preset).record(preset) if preset else {})
+            run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, stored,
                                      summary, provenance() | {"device": str(dev), "executor": executor})
             status = "interrupted"
             try:

@@ -225,6 +225,10 @@ def run_cmd(
     """Fine-tune the models on DATA_DIR with one protocol, measure and compare them."""
     from bakeoff.api import run_comparison
 
+    if preset:  # before anything slow: what this run does not reproduce of the study
+        from bakeoff.protocol import apply_preset
+
+        console.print(apply_preset(preset).notice(preset), highlight=False, soft_wrap=True)
     comparison = run_comparison(
         data_dir, models, out=out, baseline=baseline, epochs=epochs, lr=lr, batch_size=batch_size,
         optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,

@@ -103,11 +103,27 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Preset:
+    """A named protocol and model list; ``differences`` says where it departs from what it
+    reproduces (printed at a run's start and stored with the run, so its report says it too)."""
+
     protocol: dict
     models: tuple[str, ...]
     baseline: str | None = None
     doc: str = ""
     extra: dict = field(default_factory=dict)
+    differences: tuple[str, ...] = ()
+
+    def notice(self, name: str) -> str:
+        """The block a run with this preset prints before it starts."""
+        lines = [f"preset {name}: {self.doc}"]
+        if self.differences:
+            lines.append("where this run differs from the published study:")
+            lines += [f"  - {d}" for d in self.differences]
+        return "\n".join(lines)
+
+    def record(self, name: str) -> dict:
+        """What the run's stored protocol adds for this preset (shown in "How it was measured")."""
+        return {"preset": name, **({"differences_from_study": "; ".join(self.differences)} if self.differences else {})}
 
 
 # The published study: 5 epochs, lr 0.001, batch 16, Adam; 15 models, 8 TensorFlow (run with the
@@ -134,6 +150,22 @@ PRESETS: dict[str, Preset] = {
         ),
         baseline="tensorflow-ic-imagenet-inception-v3-classification-4",
         doc="the study's protocol (5 epochs, lr 0.001, batch 16, Adam), its 15 models and its baseline",
+        differences=(
+            "TensorFlow models are Keras Applications networks with Keras's ImageNet weights (BiT-S R101x1: "
+            "Google's released checkpoint), not the TF-Hub modules the study fine-tuned",
+            "PyTorch models load torchvision's IMAGENET1K_V1 weights, those of the study's era "
+            "(resnet152's and mobilenet_v2's default is IMAGENET1K_V2 today)",
+            "augmentation is random-resized-crop + horizontal flip for every model; the study used its "
+            "training scripts' defaults (TF-Hub / JumpStart)",
+            "every new classifier head starts at zero weights and bias; the study's started from each "
+            "framework's own random initialisation",
+            "on a GPU, training runs under bf16 autocast (channels-last), where the study trained in fp32 "
+            "(--precision fp32 matches it)",
+            "on a CUDA GPU, PyTorch steps switch to compiled kernels once they are ready (--compile off keeps "
+            "eager kernels, as the study ran)",
+            "inference time is in-process batch-1 latency; the study timed one image per request to an "
+            "endpoint (--endpoint-latency N measures that too)",
+        ),
     ),
 }
 

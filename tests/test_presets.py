@@ -1,0 +1,42 @@
+"""A preset that reproduces a study says where it differs from it: printed at the run's start
+and stored with the run, so report.md and report.html show it."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from bakeoff.cli import app
+from bakeoff.protocol import PRESETS
+from bakeoff.store import Store
+
+MODEL = "timm/test_resnet"
+
+
+def test_the_study_preset_names_each_difference():
+    preset = PRESETS["jumpstart-blog"]
+    said = " ".join(preset.differences)
+    for what in ("IMAGENET1K_V1", "Keras Applications", "TF-Hub", "random-resized-crop", "bf16", "fp32",
+                 "--endpoint-latency", "zero weights", "--compile off"):
+        assert what in said, what
+    assert preset.notice("jumpstart-blog").count("\n  - ") == len(preset.differences) >= 6
+
+
+def test_a_preset_run_prints_its_differences_and_its_report_shows_them(tmp_path, shared_colour_folder):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(shared_colour_folder), "--preset", "jumpstart-blog",
+                                      "--models", MODEL, "--baseline", MODEL, "--epochs", "1", "--image-size", "32",
+                                      "--no-pretrained", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    differences = PRESETS["jumpstart-blog"].differences
+    head = result.output.split("preset jumpstart-blog:")[1]
+    assert all(d in " ".join(head.split()) for d in differences)  # rich may wrap the lines
+    stored = Store(out / "bakeoff.db").latest_run()["protocol"]
+    assert stored["preset"] == "jumpstart-blog" and stored["differences_from_study"] == "; ".join(differences)
+    assert stored["epochs"] == 1  # the protocol itself is stored as before, beside the preset
+    md = (out / "report.md").read_text()
+    assert "preset=jumpstart-blog" in md and differences[1] in md
+    html = out / "report.html"
+    if html.exists():
+        text = html.read_text()
+        assert "differences_from_study" in text and "IMAGENET1K_V1" in text
+
