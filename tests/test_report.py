@@ -87,6 +87,9 @@ def test_paired_figures_and_starting_weights_of_a_real_run(tiny_run):
     table = [[np.sum(other & base), np.sum(other & ~base)], [np.sum(~other & base), np.sum(~other & ~base)]]
     rel = pd.read_csv(out / "relative.csv").set_index("model")
     assert rel["weights"].tolist() == ["random-init", "random-init"]  # TINY trains from random weights
+    # how each ranked figure was taken: tiny CPU epochs timed whole, alone; TorchScript latency on a CPU
+    assert rel["train_time_kind"].tolist() == ["measured alone"] * 2
+    assert rel["latency_kind"].tolist() == ["compiled"] * 2
     assert rel.loc[MODELS[1], "p_vs_baseline"] == pytest.approx(mcnemar(table, exact=True).pvalue)
     assert rel.loc[MODELS[0], ["relative_accuracy_ci_low", "relative_accuracy_ci_high", "p_vs_baseline"]].tolist() \
         == [1.0, 1.0, 1.0]
@@ -210,8 +213,9 @@ def _points(page, plot_id: str) -> int:
 
 
 def _column(page, header: str) -> list[str]:
+    """The sort values of the column whose header starts with ``header``."""
     idx = page.evaluate("""h => Array.from(document.querySelectorAll('#results thead th'))
-                              .findIndex(th => th.textContent.trim() === h)""", header)
+                              .findIndex(th => th.textContent.trim().startsWith(h))""", header)
     assert idx >= 0, header
     return page.evaluate("i => Array.from(document.querySelectorAll('#results tbody tr'))"
                          ".map(r => r.cells[i].getAttribute('data-sort'))", idx)
@@ -231,6 +235,8 @@ def test_page_in_chromium(browser, tiny_run, tmp_path):
     assert any(m in hover for m in MODELS) and "(95% CI" in hover and "training time" in hover
     # sorting by training time orders the rows by it, both ways
     page.click("#results thead th:has-text('training time') >> nth=0")
+    # the header says how the figure was taken: tiny CPU epochs are timed whole, alone
+    assert page.locator("#results thead th", has_text="training time (measured alone)").count() == 1
     up = [float(v) for v in _column(page, "training time")]
     assert up == sorted(up)
     page.click("#results thead th:has-text('training time') >> nth=0")

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bakeoff.compare.recommend import LATENCIES, fmt_p_value
-from bakeoff.compare.tables import CHANCE_STATUS, display_status, weights_kind
+from bakeoff.compare.tables import CHANCE_STATUS, display_status, figure_kind, weights_kind
 from bakeoff.errors import BakeoffError
 from bakeoff.protocol import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from bakeoff.serve.commands import export_cmd, serve_cmd
@@ -47,8 +47,11 @@ def print_comparison(comparison) -> None:
     table = Table(title=f"bakeoff: relative to {comparison.baseline or '-'}", show_lines=False)
     # Two-line headers and cells keep the twelve columns within a terminal; a model id is what the
     # reader looks up, so the other columns wrap first and nothing is cut to an ellipsis.
-    for col in ("model", "status", "weights", "accuracy\n(95% CI)", "train s",
-                "latency\nms p50" + ("" if kind == "in-process" else f" ({kind})"), "img/s", "rel acc",
+    # Each time column's header says how its figure was taken (one kind, or "mixed: ...").
+    for col in ("model", "status", "weights", "accuracy\n(95% CI)",
+                f"train s\n({figure_kind(df, 'train_time_kind')})",
+                "latency\nms p50" + (f" ({figure_kind(df, 'latency_kind')})" if kind == "in-process" else f" ({kind})"),
+                "img/s", "rel acc",
                 "p vs\nbase", "rel\ntrain", "rel\ninfer", "pareto"):
         table.add_column(col, justify="left" if col in ("model", "status", "weights") else "right",
                          no_wrap=col == "model", overflow="fold")

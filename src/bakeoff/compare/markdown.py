@@ -14,7 +14,7 @@ import pandas as pd
 
 from bakeoff.compare.recommend import (LATENCIES, Recommendation, as_number, available_latencies, fmt_ci, fmt_ms,
                                        fmt_p_value, fmt_pct, fmt_seconds, is_number)
-from bakeoff.compare.tables import display_status, relative_frame, weights_kind
+from bakeoff.compare.tables import display_status, figure_kind, relative_frame, weights_kind
 from bakeoff.errors import BakeoffError
 
 __all__ = ["Cell", "Column", "figure_table", "relative_by_latency", "report_markdown", "run_summary",
@@ -81,11 +81,14 @@ def figure_table(comparison, rel_by_latency: dict[str, pd.DataFrame]) -> tuple[l
                    "interval over the validation images"),
             Column("p_vs_baseline", "p vs baseline", "exact McNemar test against the baseline on the same "
                    "validation images; below 0.05: distinguishable from it"),
-            Column("train_time", "training time", "wall clock of the training loop only"),
+            Column("train_time", f"training time ({figure_kind(res, 'train_time_kind')})",
+                   "the protocol's training steps with the device to the trial alone, on the kernels it ended "
+                   "with; one-off work (building, compiling, capture, evaluation, saving) excluded"),
             Column("rel_training", "rel. training time", "training time / baseline training time")]
     for k in kinds:
-        cols.append(Column(f"latency:{k}", f"{LATENCY_SHORT[k]} latency p50 / p95",
-                           f"{LATENCIES[k][2]}, median and 95th percentile"))
+        form = f", {figure_kind(res, 'latency_kind')}" if k == "in-process" else ""
+        cols.append(Column(f"latency:{k}", f"{LATENCY_SHORT[k]} latency p50 / p95{form}",
+                           f"{LATENCIES[k][2]}{form}, median and 95th percentile"))
     for k in rel_by_latency:
         cols.append(Column(f"rel_inference:{k}", f"rel. inference time ({LATENCY_SHORT[k]})",
                            f"{LATENCIES[k][2]} / the baseline's", latency=k))

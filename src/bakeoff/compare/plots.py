@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bakeoff.compare.tables import CHANCE_STATUS
+from bakeoff.compare.tables import CHANCE_STATUS, figure_kind
 
 __all__ = ["plot_tradeoffs", "short_label", "FRAMEWORK_COLORS"]
 
@@ -76,9 +76,13 @@ def _spread_labels(ax, texts) -> None:
 
 
 def plot_tradeoffs(rel: pd.DataFrame, out_dir: Path, inference_label: str = "batch-1 latency p50") -> list[Path]:
+    """The two plots; each axis says how its figure was taken (``figure_kind``)."""
     out = Path(out_dir) / "plots"
     paths = [out / "accuracy_vs_training_time.png", out / "accuracy_vs_inference_time.png"]
-    _plot(rel, "relative_training_time", "pareto_training", "relative training time (lower is better)",
+    if "latency_kind" in rel.columns:
+        inference_label += f", {figure_kind(rel, 'latency_kind')}"
+    _plot(rel, "relative_training_time", "pareto_training",
+          f"relative training time ({figure_kind(rel, 'train_time_kind')}; lower is better)",
           "Accuracy vs training time, relative to the baseline", paths[0])
     _plot(rel, "relative_inference_time", "pareto_inference",
           f"relative inference time ({inference_label}; lower is better)",

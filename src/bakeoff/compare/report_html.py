@@ -25,7 +25,7 @@ from bakeoff.compare.markdown import (LATENCY_SHORT, dataset_warnings, figure_ta
 from bakeoff.compare.plots import FRAMEWORK_COLORS
 from bakeoff.compare.recommend import (LATENCIES, as_number, fmt_ci, fmt_ms, fmt_p, fmt_pct, fmt_seconds,
                                        is_number, recommend)
-from bakeoff.compare.tables import CHANCE_STATUS, weights_kind
+from bakeoff.compare.tables import CHANCE_STATUS, figure_kind, weights_kind
 from bakeoff.errors import BakeoffError
 from bakeoff.store import Store
 
@@ -63,11 +63,13 @@ def _hover(r, rel, baseline: str | None, kind: str | None) -> str:
              f"accuracy {fmt_pct(as_number(r['accuracy']))} (95% CI {ci}); weights "
              f"{e(weights_kind(r.get('weights')) or '?')}",
              f"relative accuracy {rel['relative_accuracy']:.3f}{paired}",
-             f"training time {fmt_seconds(as_number(r['train_time_s']))} ({rel['relative_training_time']:.2f}x)"]
+             f"training time {fmt_seconds(as_number(r['train_time_s']))} ({rel['relative_training_time']:.2f}x; "
+             f"{e(str(r.get('train_time_kind') or 'not recorded'))})"]
     if kind is not None:
         p50, p95, label = LATENCIES[kind]
+        form = f"; {e(str(r.get('latency_form') or r.get('latency_kind')))}" if kind == "in-process" else ""
         lines.append(f"{label}: p50 {fmt_ms(as_number(r.get(p50)))}, p95 {fmt_ms(as_number(r.get(p95)))} "
-                     f"({rel['relative_inference_time']:.2f}x)")
+                     f"({rel['relative_inference_time']:.2f}x{form})")
     if as_number(r.get("throughput_img_s")) is not None:
         lines.append(f"throughput {r['throughput_img_s']:,.0f} img/s (batch 64)")
     fronts = [n for n, c in (("training", "pareto_training"), ("inference", "pareto_inference")) if rel[c]]
@@ -281,12 +283,16 @@ def build_html(comparison, trials: dict, plotly_js: str | None = None) -> str:
         if plots["training"] is None:
             plots["training"] = scatter_figure(
                 frame, comparison.results, "relative_training_time", "pareto_training",
-                "Accuracy vs training time", "training time relative to the baseline (lower is better)",
+                "Accuracy vs training time",
+                f"training time ({figure_kind(comparison.results, 'train_time_kind')}) relative to the baseline "
+                "(lower is better)",
                 comparison.baseline)
         plots["inference"][kind] = scatter_figure(
             frame, comparison.results, "relative_inference_time", "pareto_inference",
             f"Accuracy vs inference time ({LATENCY_SHORT[kind]})",
-            f"{LATENCIES[kind][2]} relative to the baseline (lower is better)", comparison.baseline, kind)
+            f"{LATENCIES[kind][2]}"
+            f"{' (' + figure_kind(comparison.results, 'latency_kind') + ')' if kind == 'in-process' else ''} "
+            "relative to the baseline (lower is better)", comparison.baseline, kind)
     details, figures = _model_details(comparison, trials, classes)
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)

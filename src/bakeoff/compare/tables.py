@@ -12,7 +12,7 @@ from bakeoff.measure import (ALPHA, chance_level, chance_p, mcnemar_p, paired_ce
 
 __all__ = ["results_frame", "relative_frame", "pick_baseline", "pareto_mask", "at_chance", "display_status",
            "chance_warning", "weights_kind", "weights_warning", "small_split_warning", "same_images_cells",
-           "RESULT_COLUMNS", "PER_IMAGE_COLUMNS", "RELATIVE_COLUMNS", "CHANCE_STATUS"]
+           "RESULT_COLUMNS", "PER_IMAGE_COLUMNS", "RELATIVE_COLUMNS", "CHANCE_STATUS", "figure_kind"]
 
 RESULT_COLUMNS = [
     "model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "p_vs_baseline", "n_val",
@@ -33,8 +33,8 @@ RESULT_COLUMNS = [
 # tests, results.csv does not (one list per model would swamp it).
 PER_IMAGE_COLUMNS = ["val_pred", "val_true"]
 RELATIVE_COLUMNS = ["model", "framework", "weights", "relative_accuracy", "relative_accuracy_ci_low",
-                    "relative_accuracy_ci_high", "p_vs_baseline", "relative_training_time",
-                    "relative_inference_time", "pareto", "pareto_training", "pareto_inference", "at_chance",
+                    "relative_accuracy_ci_high", "p_vs_baseline", "relative_training_time", "train_time_kind",
+                    "relative_inference_time", "latency_kind", "pareto", "pareto_training", "pareto_inference", "at_chance",
                     "baseline"]
 CHANCE_STATUS = "not distinguishable from chance"
 
@@ -93,6 +93,20 @@ def weights_kind(description) -> str | None:
     if "(file " in description:
         return "file"
     return "imagenet" if description.startswith("imagenet") else description
+
+
+# How a latency other than the in-process one was taken (relative.csv's latency_kind for it).
+OTHER_LATENCY_KINDS = {"endpoint_latency_ms_p50": "HTTP endpoint", "onnx_cpu_latency_ms_p50": "ONNX Runtime CPU"}
+
+
+def figure_kind(results: pd.DataFrame, column: str) -> str:
+    """How a figure of the finished rows was taken (``train_time_kind``, ``latency_kind``): the
+    one kind all share, or "mixed: ..." naming each, so a table or axis never hides a mix."""
+    ok = results[results["status"] == "ok"] if "status" in results.columns else results
+    kinds = [k for k in dict.fromkeys(ok[column].dropna().astype(str))] if column in ok.columns else []
+    if not kinds:
+        return "not recorded"
+    return kinds[0] if len(kinds) == 1 else "mixed: " + ", ".join(kinds)
 
 
 def pareto_mask(accuracy: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -256,6 +270,9 @@ def relative_frame(results: pd.DataFrame, baseline: str | None = None, inference
         "relative_accuracy_ci_low": ci[:, 0],
         "relative_accuracy_ci_high": ci[:, 1],
         "p_vs_baseline": [mcnemar_p(c[1], c[2]) if c else math.nan for c in cells],
+        "train_time_kind": ok["train_time_kind"] if "train_time_kind" in ok.columns else None,
+        "latency_kind": ok["latency_kind"] if inference == "latency_ms_p50" and "latency_kind" in ok.columns
+        else OTHER_LATENCY_KINDS.get(inference),
     })
     learned = rel["relative_accuracy"].where(~chance)  # NaN: never on a front
     rel["pareto_training"] = pareto_mask(learned, rel["relative_training_time"])
