@@ -204,3 +204,38 @@ def test_budget_holds_its_capacity_and_serves_in_arrival_order():
     order, most, free = asyncio.run(main())
     assert order == ["s0", "s1", "s2", "big", "late"]
     assert most == 10 and free == 10
+
+
+@pytest.mark.skipif(not LINUX, reason="reads the server's state from /proc")
+def test_a_server_a_run_started_ends_with_that_run(run_dir):
+    """The endpoint-latency server of a run that is killed (as the out-of-memory killer would) does
+    not serve on for nobody."""
+    import os
+    import subprocess
+
+    script = ("import sys, time\nfrom bakeoff.serve.server import ServerProcess\n"
+              f"with ServerProcess({str(run_dir)!r}, {fuzz.MODEL!r}, 'cpu') as srv:\n"
+              "    print(srv.proc.pid, flush=True)\n    time.sleep(600)\n")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        served = int(run.stdout.readline())
+        os.kill(served, 0)  # serving
+        run.kill()
+        run.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                os.kill(served, 0)
+            except ProcessLookupError:
+                break
+            try:
+                with open(f"/proc/{served}/stat") as f:  # a zombie not yet reaped has ended too
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the server outlived its run by 10 s")
+    finally:
+        run.kill()

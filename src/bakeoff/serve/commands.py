@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -30,8 +31,13 @@ def serve_cmd(
 ) -> None:
     """Serve a fine-tuned model over HTTP with the SageMaker inference contract (GET /ping, POST /invocations)."""
     from bakeoff.serve.limits import ServeLimits
-    from bakeoff.serve.server import serve
+    from bakeoff.serve.server import PARENT_ENV, serve
 
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent and parent.isdigit():  # started by a run (endpoint latency): it ends with that run
+        from bakeoff.lifetime import die_with_parent
+
+        die_with_parent(int(parent))
     limits = ServeLimits(int(max_body_mb * 2**20), max_pixels, max_images, max_connections, header_timeout,
                          body_timeout)
     serve(out_dir, model, host, port, device, limits, max_batch, batch_wait_ms)

@@ -82,6 +82,10 @@ def serve(out_dir, model_id: str, host: str = "127.0.0.1", port: int = 8080, dev
     server.run(sockets=[sock])
 
 
+# Set for a server a run starts (``ServerProcess``): the id of the process it must not outlive.
+PARENT_ENV = "BAKEOFF_SERVE_PARENT"
+
+
 class ServerProcess:
     """``bakeoff serve`` in a subprocess on a free loopback port; ``url`` once ready.
 
@@ -99,7 +103,7 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         self._stderr = tempfile.TemporaryFile()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_ENV: str(os.getpid())})
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
         found: list[str] = []
         ready = threading.Event()
