@@ -25,8 +25,9 @@ from bakeoff.store import Store
 from conftest import TINY
 
 BAKEOFF = [sys.executable, "-m", "bakeoff.cli"]
-REQUIRED = ["model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "top5", "macro_f1",
-            "train_time_s", "latency_ms_p50", "latency_ms_p95", "throughput_img_s", "params", "size_mb"]
+REQUIRED = ["model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "p_vs_baseline", "n_val",
+            "top5", "macro_f1", "train_time_s", "train_time_kind", "setup_time_s", "latency_ms_p50", "latency_ms_p95",
+            "latency_kind", "throughput_img_s", "params", "size_mb"]
 
 
 @pytest.fixture(scope="module")
