@@ -71,6 +71,7 @@ def run_main(capsys, args):
     (["run", "{data}", "--epochs"], "Option '--epochs' requires an argument"),
     (["serve", "{data}", "-m", "x", "--port", "http"], "Invalid value for '--port'"),
     (["serve", "{data}", "-m", "x", "--port", "70000"], "Invalid value for '--port'"),
+    (["serve", "{data}", "-m", "x", "--device", "tpu"], "'tpu' is not a device"),
     (["run", "{data}", "--device", "tpu"], "'tpu' is not a device: pass auto, cpu, cuda or cuda:N"),
     (["run", "{data}", "--device", "cuda:x"], "'cuda:x' is not a device"),
     (["run", "{data}", "--trials-per-gpu", "0"], "pass a whole number from 1, or auto"),
