@@ -166,3 +166,22 @@ def test_a_trial_waits_for_its_pending_kernels_before_its_last_epoch_and_ends_on
     cold = _fit_time(0.0, compile_ready=ready, compile_settled=ready, compile_fn=lambda m: m)
     assert cold["compile_wait_s"] > 0 and cold["history"][-1]["kernels"] == "compiled"
     assert cold["compile_error"] is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs bakeoff[tensorflow]")
+def test_a_keras_trial_alone_times_every_stretch_after_the_epoch_start():
+    from bakeoff.engines import keras_fit
+    from bakeoff.engines.keras_engine import import_keras
+
+    keras = import_keras("cpu")
+    images, labels = _data(n=560, size=12)
+    protocol = Protocol(pretrained=False, epochs=2, batch_size=4, seed=1)
+    model = keras.Sequential([keras.Input((10, 10, 3)), keras.layers.Conv2D(2, 3), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3)])
+    steps = keras_fit.Steps(keras, model, keras_fit.make_optimizer(keras, protocol))
+    batcher = Batcher.create(images, np.arange(560), 10, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    got = keras_fit.fit(steps, batcher, np.arange(520), labels, np.arange(520, 560), protocol)
+    # 130 steps an epoch: windows of steps 9-56 and 57-104 (not 105-130: too short for a whole one)
+    assert got["train_time_basis"].startswith("median of 4 solo window(s) of 48 steps")
+    assert got["train_time_s"] == pytest.approx(260 * got["train_step_ms"] / 1000)
+    assert got["train_time_kind"] == PROJECTED

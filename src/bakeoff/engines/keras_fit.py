@@ -13,7 +13,7 @@ from bakeoff.data.batches import Batcher
 from bakeoff.measure import summarize_ms, time_calls, validation_figures
 from bakeoff.gpu_share import share
 from bakeoff.protocol import Protocol
-from bakeoff.timing import MEASURED, Clock, window
+from bakeoff.timing import MEASURED, WINDOW_STEPS, Clock, window
 
 __all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc"]
 
@@ -198,8 +198,9 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
         protocol: Protocol, on_step: Callable[[int, int, int, float], None] | None = None) -> dict:
     """Train with the protocol: the PyTorch engine's batches, order, crop boxes and flips
     (``torch_fit.fit``: one generator draws each epoch's boxes, on the device where the batcher
-    is), and its training-time definition (``bakeoff.timing``: a window of steps alone per
-    epoch). Compiling each batch shape happens before the loop (``compile_time_s``); evaluation
+    is), and its training-time definition (``bakeoff.timing``). A Keras trial always runs alone,
+    so after an epoch's first window it times every further stretch of ``WINDOW_STEPS`` steps as
+    well: a host-bound step varies more from stretch to stretch than a graphed one. Compiling each batch shape happens before the loop (``compile_time_s``); evaluation
     is timed apart.
     """
     import torch
@@ -248,6 +249,8 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
                               win == (0, steps_per_epoch))
                     opened = None
                     alone.close()
+                    if steps_per_epoch - step - 1 >= WINDOW_STEPS:  # alone anyway: the next stretch too
+                        win = (step + 1, step + 1 + WINDOW_STEPS)
                 if on_step is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
                     on_step(epoch, step + 1, steps_per_epoch, time.perf_counter() - t_epoch)
             if opened is not None:  # the window's last step was a skipped lone image
