@@ -222,3 +222,29 @@ def test_bit_loads_google_s_checkpoint_layout_and_standardises_weights(keras, tm
     y1 = keras.ops.convert_to_numpy(conv(x))
     conv.kernel.assign(keras.ops.convert_to_numpy(conv.kernel) * 3.0 + 0.5)  # standardisation undoes scale and shift
     np.testing.assert_allclose(keras.ops.convert_to_numpy(conv(x)), y1, rtol=1e-4, atol=1e-4)
+
+
+def test_random_init_batch_norm_statistics_move_at_pytorchs_rate(keras):
+    """From random weights a Keras model's running statistics follow the batches as a PyTorch
+    model's do (10% a step), so a few hundred steps leave them where the data is."""
+    from bakeoff.engines.keras_build import build_model, torch_rate_batch_norm
+    from bakeoff.engines.keras_fit import Steps, make_optimizer
+    from bakeoff.protocol import Protocol
+    from bakeoff.zoo import resolve
+
+    model, _, weights, _ = build_model(keras, resolve("keras/MobileNetV2"), 3, 32, pretrained=False)
+    norms = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    assert weights == "random-init" and len(norms) == 52 and {l.momentum for l in norms} == {0.9}
+
+    keras.utils.set_random_seed(0)
+    tiny = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.BatchNormalization(),
+                             keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    assert torch_rate_batch_norm(keras, tiny) == 1
+    steps = Steps(keras, tiny, make_optimizer(keras, Protocol(pretrained=False)))
+    x = np.broadcast_to(np.float32([1.0, 2.0, -3.0]), (8, 4, 4, 3)).copy()  # each channel's mean known
+    for _ in range(5):
+        steps.train(x, np.zeros(8, np.int32))
+    steps.finish()
+    moved = keras.ops.convert_to_numpy(tiny.layers[0].moving_mean)
+    # PyTorch's rule by hand: mean_k = (1 - 0.9^k) * batch mean, from 0
+    np.testing.assert_allclose(moved, (1 - 0.9 ** 5) * np.float32([1.0, 2.0, -3.0]), rtol=1e-5)

@@ -37,6 +37,9 @@ class Protocol:
     # build_model). One value, recorded: trials trained before, with each source's own random
     # head, have other keys and train again instead of resuming as these.
     head_init: str = "zeros"
+    # Batch-norm running statistics of random-init models move at PyTorch's rate (0.1 a step) in
+    # every framework (keras_build.torch_rate_batch_norm); recorded like head_init.
+    random_init_bn: str = "torch-rate"
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast + channels-last on CUDA, fp32 on CPU
     pretrained: bool | str = True  # True, False, or "offline": weights only where they need no network
@@ -64,6 +67,8 @@ class Protocol:
             raise BakeoffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile not in COMPILES:
             raise BakeoffError(f"--compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
+        if self.random_init_bn != "torch-rate":
+            raise BakeoffError(f"random_init_bn must be 'torch-rate', got {self.random_init_bn!r}")
         if self.head_init != "zeros":
             raise BakeoffError(f"head_init must be 'zeros' (the one head initialisation), got {self.head_init!r}")
         if self.augment not in ("rrc-flip", "none"):

@@ -12,7 +12,7 @@ from bakeoff.zoo.keras_zoo import BIT_ARCH, KERAS_APPLICATIONS, min_input_size, 
 from bakeoff.zoo.registry import find_weights_file, weights_available_offline
 from bakeoff.zoo.spec import ModelSpec
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "torch_rate_batch_norm", "TORCH_BN_MOMENTUM"]
 
 
 def _is_network_error(exc: Exception) -> bool:
@@ -85,6 +85,26 @@ def _backbone(keras, spec: ModelSpec, size: int, pretrained, weights_dir):
     return backbone, desc
 
 
+# Keras's running-statistics momentum in PyTorch's terms: each training step moves a batch-norm
+# layer's running mean and variance 10% of the way to the batch's (PyTorch's momentum 0.1).
+TORCH_BN_MOMENTUM = 0.9
+
+
+def torch_rate_batch_norm(keras, model) -> int:
+    """Set every batch-norm layer of ``model`` to PyTorch's update rate; returns how many.
+
+    Keras applications keep 0.99-0.999: from random weights, a few hundred steps leave their
+    running statistics near their starting values, so the model evaluates at chance while it
+    trains well, where a PyTorch model of the same steps does not. Under random init every
+    framework therefore updates at PyTorch's rate; pretrained models keep their own, which
+    start where their statistics should be."""
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = TORCH_BN_MOMENTUM
+    return len(layers)
+
+
 def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretrained=True, weights_dir=None):
     """Return (model, its backbone, starting weights, side the input is upsampled to or None).
 
@@ -95,6 +115,8 @@ def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretr
     """
     build_size = max(input_size, min_input_size(spec.architecture))
     backbone, weights = _backbone(keras, spec, build_size, pretrained, weights_dir)
+    if weights == "random-init":
+        torch_rate_batch_norm(keras, backbone)
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = inputs
     if build_size != input_size:
