@@ -66,7 +66,8 @@ def timeline(out: Path, start: float | None = None, end: float | None = None) ->
     report = {"span": span, "start": t0, "whole_s": end - t0,
               "scan_s": dataset.get("scan_time_s"), "decode_s": dataset.get("decode_time_s"), "trials": trials}
     if len(ok) > 1 and all(t["shared"] for t in ok):  # one at a time, epoch time and wall are the same
-        solo = sum(statistics.mean(t["epoch_times_s"]) for t in ok)
+        # an epoch alone: the trial's training time (its steps timed alone) per epoch
+        solo = sum(t["train_time_s"] / len(t["epoch_walls_s"]) for t in ok)
         shared = statistics.mean(statistics.mean(t["epoch_walls_s"]) for t in ok)
         report |= {"solo_epoch_sum_s": solo, "shared_epoch_wall_s": shared, "sharing_gain": solo / shared}
     if ok:
