@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +40,30 @@ def shared_colour_folder(tmp_path_factory) -> Path:
 
 
 TINY = dict(epochs=2, lr=0.002, batch_size=16, image_size=32, pretrained=False, progress=False, device="cpu")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: a zombie not yet reaped has ended (read from /proc where
+    there is one)."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """``predicate()``'s first true value within ``timeout`` seconds, else an assertion error."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

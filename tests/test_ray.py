@@ -19,7 +19,7 @@ from bakeoff.errors import BakeoffError  # noqa: E402
 from bakeoff.runners.ray_runner import MAX_RETRIES, TOKEN_FILE, _trial_task, _write_files, run_ray  # noqa: E402
 from bakeoff.store import Store  # noqa: E402
 from bakeoff.trial import TrialJob, trial_process_main  # noqa: E402
-from conftest import make_colour_folder  # noqa: E402
+from conftest import make_colour_folder, process_alive, wait_for  # noqa: E402
 
 # The hooks below run inside Ray workers, which cannot import this test module: ship them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -168,15 +168,7 @@ def test_ctrl_c_cancels_outstanding_trials_and_keeps_finished(cluster, tmp_path)
         run_ray(_fake_jobs(tmp_path, ["ok", "hangs"]), store, 1, on_event, entry=quick_or_dead, progress=False)
     assert [r["model"] for r in store.trials()] == ["ok"]
     pid = int((tmp_path / "hangs.pid").read_text())
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("the hanging trial's worker was not cancelled")
+    wait_for(lambda: not process_alive(pid), 20, "the hanging trial's worker to be cancelled")
 
 
 def test_worker_off_the_shared_disk_gets_cache_from_object_store_and_ships_model_back(cluster, tmp_path,

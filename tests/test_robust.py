@@ -21,6 +21,7 @@ import pytest
 from bakeoff.compare.outputs import write_outputs
 from bakeoff.data.cache import build_cache
 from bakeoff.lifetime import hold_folder, temp_path
+from conftest import process_alive, wait_for
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
 
@@ -31,18 +32,6 @@ MODELS = "timm/test_resnet,timm/test_efficientnet"
 def _args(data, out, epochs, models=MODELS) -> list[str]:
     return [*BAKEOFF, "run", str(data), "--models", models, "--out", str(out), "--no-pretrained",
             "--image-size", "32", "--epochs", str(epochs), "--device", "cpu"]
-
-
-def _state(pid: int) -> str | None:
-    """A process's state letter (Z: ended, not yet reaped by whoever adopted it); None: gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    return _state(pid) not in (None, "Z")
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -56,16 +45,6 @@ def _children(pid: int) -> dict[int, str]:
         except (OSError, ValueError, IndexError):
             continue
     return found
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +69,16 @@ def killed(tmp_path_factory, shared_colour_folder):
 
         # the run has stored itself as running and started its worker: another run and a report
         # now, while the worker starts up
-        pid = _wait(worker, 120, "the trial worker to start")
+        pid = wait_for(worker, 120, "the trial worker to start")
         second = subprocess.Popen(_args(shared_colour_folder, out, 1), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         during = subprocess.run([*BAKEOFF, "report", str(out)], capture_output=True, text=True, timeout=120)
         second_out, second_err = second.communicate(timeout=120)
-        assert _wait(lambda: worker(training=True), 120, "the trial worker to start training") == pid
+        assert wait_for(lambda: worker(training=True), 120, "the trial worker to start training") == pid
         run.send_signal(signal.SIGKILL)
         killed_at = time.time()
         run.wait(timeout=30)
-        _wait(lambda: not _alive(pid), 30, f"worker {pid} to end")
+        wait_for(lambda: not process_alive(pid), 30, f"worker {pid} to end")
         ended_s = time.time() - killed_at
     finally:
         if run.poll() is None:
@@ -161,7 +140,7 @@ def test_the_next_run_marks_the_killed_one_and_cleans_what_it_left(killed):
             with sqlite3.connect(killed.out / "bakeoff.db") as db:
                 return db.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
 
-        _wait(started, 120, "the second run to start")
+        wait_for(started, 120, "the second run to start")
     finally:
         rerun.kill()
         _, err = rerun.communicate(timeout=60)
@@ -200,11 +179,11 @@ def test_a_child_ends_when_its_parent_is_killed(tmp_path):
                                f"subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid()), {str(pid_file)!r}]);"
                                " time.sleep(60)"])
     try:
-        pid = int(_wait(lambda: pid_file.exists() and pid_file.read_text(), 30, "the child to start"))
-        assert _alive(pid)
+        pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30, "the child to start"))
+        assert process_alive(pid)
         parent.kill()
         parent.wait()
-        _wait(lambda: not _alive(pid), 5, f"child {pid} to end")
+        wait_for(lambda: not process_alive(pid), 5, f"child {pid} to end")
     finally:
         parent.kill()
 

@@ -16,6 +16,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from bakeoff.serve.server import ServerProcess  # noqa: E402
+from conftest import process_alive, wait_for  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("fuzz_serve", Path(__file__).parent.parent / "bench" / "fuzz_serve.py")
 fuzz = importlib.util.module_from_spec(spec)
@@ -222,20 +223,6 @@ def test_a_server_a_run_started_ends_with_that_run(run_dir):
         os.kill(served, 0)  # serving
         run.kill()
         run.wait()
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                os.kill(served, 0)
-            except ProcessLookupError:
-                break
-            try:
-                with open(f"/proc/{served}/stat") as f:  # a zombie not yet reaped has ended too
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        break
-            except FileNotFoundError:
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the server outlived its run by 10 s")
+        wait_for(lambda: not process_alive(served), 10, "the server to end with its run")
     finally:
         run.kill()
