@@ -2,7 +2,7 @@
 
 Question: `bakeoff run --trials-per-gpu N` runs N trials in one process, one CUDA stream each.
 On the H200 every trial's capture failed there while the same capture succeeded alone. This
-script isolates that: part 1 captures each model's real step (`torch_step._Step`: bf16,
+script isolates that: part 1 captures each model's real step (`torch_step.Step`: bf16,
 channels-last, capturable fused Adam) in each capture way, alone, and prints the mode, the
 error and the mean loss of five steps on one fixed batch (equal losses: the ways compute the
 same); part 2 builds and captures N trials at once in N threads through the same gate the
@@ -33,12 +33,12 @@ def _model(arch: str, device):
 def _step(arch: str, device, ways: list[str] | None = None) -> str:
     proto = Protocol(pretrained=False)
     model = _model(arch, device)
-    opt = tf._optimizer(proto, model.parameters(), capturable=True)
+    opt = tf.make_optimizer(proto, model.parameters(), capturable=True)
     original = tf.capture_ways
     if ways is not None:
         tf.capture_ways = lambda concurrent: ways
     try:
-        step = tf._Step(model, opt, proto, device, (16, 3, 224, 224), True)
+        step = tf.Step(model, opt, proto, device, (16, 3, 224, 224), True)
     except NeedsGpuAlone as exc:
         return f"needs the GPU alone: {exc}"
     finally:

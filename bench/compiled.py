@@ -3,7 +3,7 @@
 Question: a shared run of the eight models keeps the GPU busy (100% in nearly every sample,
 bench/RESULTS.md) and is bound by the GPU work of its steps at batch 16. Each step is already
 replayed from a CUDA graph, so launching costs nothing; what is left is the kernels. Here the
-same step (``torch_step._Step``: bf16 autocast, channels-last, fused Adam, captured in a graph)
+same step (``torch_step.Step``: bf16 autocast, channels-last, fused Adam, captured in a graph)
 is built twice per model, in one fresh process per model:
 
 - ``compiled``: the model wrapped in ``torch.compile`` (default mode: generated kernels that fuse
@@ -70,11 +70,11 @@ def child(arch: str, steps: int, variants: tuple[str, ...] = ("compiled", "eager
     for name, model in (("compiled", compiled), ("eager", eager)):
         if name not in variants:
             continue
-        opt = tf._optimizer(proto, model.parameters(), capturable=True)
+        opt = tf.make_optimizer(proto, model.parameters(), capturable=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
-            step = tf._Step(model, opt, proto, device, shape, channels_last=True)
+            step = tf.Step(model, opt, proto, device, shape, channels_last=True)
         except Exception as exc:  # noqa: BLE001 - a row that says why, and the next variant
             row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
             continue

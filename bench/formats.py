@@ -6,7 +6,7 @@ work of their batch-16 steps, and half of that work is two DenseNets, whose many
 concatenations and narrow convolutions may not gain from NHWC. For each model and format, in a
 fresh process each (cuDNN's plan caches start empty, as in a run):
 
-- building the step (``torch_step._Step``: bf16 autocast, fused capturable Adam, three warm-up
+- building the step (``torch_step.Step``: bf16 autocast, fused capturable Adam, three warm-up
   steps and the capture): wall seconds, a cold first call included; every neighbour of a
   shared run waits this long;
 - the graphed step's images/s: median of 3 timed stretches of ``--steps`` replays after 20
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from tuning import _built, replay_rates  # bench/, beside this script
+from tuning import build_step, replay_rates  # bench/, beside this script
 
 ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "densenet201", "googlenet",
          "inception_v3"]
@@ -44,10 +44,10 @@ def _step(arch: str, fmt: str):
     import bakeoff.engines.torch_step as tf
 
     torch.manual_seed(0)
-    model, opt, proto, shape = _built(arch, channels_last=fmt == "channels_last")
+    model, opt, proto, shape = build_step(arch, channels_last=fmt == "channels_last")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    step = tf._Step(model, opt, proto, torch.device("cuda"), shape, channels_last=fmt == "channels_last")
+    step = tf.Step(model, opt, proto, torch.device("cuda"), shape, channels_last=fmt == "channels_last")
     torch.cuda.synchronize()
     return step, shape, time.perf_counter() - t0
 
@@ -67,7 +67,7 @@ def mix(formats: dict[str, str], rounds: int) -> dict:
     """Seconds per round of one replay of each model's graph, each on its own stream."""
     import torch
 
-    from streams import _rate  # bench/, beside this script
+    from streams import replay_rate  # bench/, beside this script
 
     steps = [_step(a, f)[0] for a, f in formats.items()]
     for step in steps:
@@ -75,8 +75,8 @@ def mix(formats: dict[str, str], rounds: int) -> dict:
         step.static_x.copy_(torch.randn(shape, device="cuda"))
         step.static_y.copy_(torch.randint(0, 10, (shape[0],), device="cuda"))
     streams, device, batch = [torch.cuda.Stream() for _ in steps], torch.device("cuda"), steps[0].batch
-    _rate(steps, streams, 10, batch, device)  # warm-up
-    times = [len(steps) * batch / _rate(steps, streams, rounds, batch, device) for _ in range(3)]
+    replay_rate(steps, streams, 10, batch, device)  # warm-up
+    times = [len(steps) * batch / replay_rate(steps, streams, rounds, batch, device) for _ in range(3)]
     return {"formats": formats, "round_s": statistics.median(times), "round_s_min": min(times),
             "round_s_max": max(times)}
 

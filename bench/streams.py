@@ -3,7 +3,7 @@
 Question measured: once bakeoff's batch-16 step is a CUDA graph, packing trials as separate
 processes adds nothing (their kernels time-slice the GPU rather than overlap). Graphs replayed
 on separate streams of one process may overlap. This script builds K trials of bakeoff's real
-training step (`bakeoff.engines.torch_step._Step`: bf16 autocast, channels-last, capturable Adam,
+training step (`bakeoff.engines.torch_step.Step`: bf16 autocast, channels-last, capturable Adam,
 whole step captured), feeds each from images already on the GPU, and measures the total
 images/s of all K, replayed round-robin on one stream (serial) and on K streams (concurrent),
 after warm-up, device-synchronised; median of repeats with min-max.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bakeoff.engines.torch_build import build_model
-from bakeoff.engines.torch_step import _optimizer, _Step
+from bakeoff.engines.torch_step import make_optimizer, Step
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
 
@@ -32,9 +32,9 @@ def _trial(arch: str, device, batch: int):
     proto = Protocol(pretrained=False, batch_size=batch)
     model, _ = build_model(spec, 10, False)
     model = model.to(device).to(memory_format=torch.channels_last).train()
-    opt = _optimizer(proto, model.parameters(), capturable=True)
+    opt = make_optimizer(proto, model.parameters(), capturable=True)
     shape = (batch, 3, spec.input_size, spec.input_size)
-    step = _Step(model, opt, proto, device, shape, channels_last=True)
+    step = Step(model, opt, proto, device, shape, channels_last=True)
     if step.graph is None:
         raise RuntimeError(f"{arch}: capture failed: {getattr(step, 'capture_error', '')}")
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
@@ -44,7 +44,7 @@ def _trial(arch: str, device, batch: int):
     return step
 
 
-def _rate(steps, streams, n_steps: int, batch: int, device) -> float:
+def replay_rate(steps, streams, n_steps: int, batch: int, device) -> float:
     torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(n_steps):
@@ -61,10 +61,10 @@ def measure(archs: list[str], device, batch: int, n_steps: int, repeats: int) ->
     many = [torch.cuda.Stream(device) for _ in steps]
     for s in many:
         s.wait_stream(torch.cuda.current_stream(device))
-    _rate(steps, one, 10, batch, device)
-    _rate(steps, many, 10, batch, device)  # warm-up both ways
-    serial = [_rate(steps, one, n_steps, batch, device) for _ in range(repeats)]
-    concurrent = [_rate(steps, many, n_steps, batch, device) for _ in range(repeats)]
+    replay_rate(steps, one, 10, batch, device)
+    replay_rate(steps, many, 10, batch, device)  # warm-up both ways
+    serial = [replay_rate(steps, one, n_steps, batch, device) for _ in range(repeats)]
+    concurrent = [replay_rate(steps, many, n_steps, batch, device) for _ in range(repeats)]
     del steps
     torch.cuda.empty_cache()
     return {"models": archs, "serial_img_s": float(np.median(serial)), "serial_range": [min(serial), max(serial)],

@@ -38,7 +38,7 @@ ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "den
          "inception_v3"]
 
 
-def _built(arch: str, channels_last: bool = True):
+def build_step(arch: str, channels_last: bool = True):
     import torch
 
     import bakeoff.engines.torch_step as tf
@@ -53,7 +53,7 @@ def _built(arch: str, channels_last: bool = True):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    opt = tf._optimizer(proto, model.parameters(), capturable=True)
+    opt = tf.make_optimizer(proto, model.parameters(), capturable=True)
     return model, opt, proto, (proto.batch_size, 3, spec.input_size, spec.input_size)
 
 
@@ -66,10 +66,10 @@ def child(arch: str, mode: str, steps: int) -> dict:
     if mode.startswith("limit"):  # tuning on, timing at most this many candidate kernels per shape
         torch.backends.cudnn.benchmark_limit = int(mode[len("limit"):])
     device = torch.device("cuda")
-    model, opt, proto, shape = _built(arch)
+    model, opt, proto, shape = build_step(arch)
     torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
-    step = tf._Step(model, opt, proto, device, shape, channels_last=True)
+    step = tf.Step(model, opt, proto, device, shape, channels_last=True)
     torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if step.graph is None:
@@ -135,14 +135,14 @@ def together(archs: list[str], steps: int) -> list[dict]:
     tf.AUTOTUNE = True  # what tune_together is for: overlapping autotuning's host work
     device, gate = torch.device("cuda"), GpuShare(len(archs), tune_together=True)
     set_share(gate)
-    built = {a: _built(a) for a in archs}
+    built = {a: build_step(a) for a in archs}
     steps_of, ends, ready = {}, {}, threading.Barrier(len(archs))
 
     def capture(arch):
         model, opt, proto, shape = built[arch]
         with gate.place(device):
             ready.wait()
-            steps_of[arch] = tf._Step(model, opt, proto, device, shape, channels_last=True)
+            steps_of[arch] = tf.Step(model, opt, proto, device, shape, channels_last=True)
             torch.cuda.current_stream(device).synchronize()
             ends[arch] = time.perf_counter()
 

@@ -142,11 +142,11 @@ def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_th
 
 
 def test_undoing_a_warm_up_step_puts_weights_and_optimizer_state_back():
-    from bakeoff.engines.torch_step import _optimizer, _Step
+    from bakeoff.engines.torch_step import make_optimizer, Step
 
     model, proto = _small_net(), Protocol(pretrained=False)
-    opt = _optimizer(proto, model.parameters())
-    step = _Step(model, opt, proto, torch.device("cpu"), (8, 3, 20, 20), False)
+    opt = make_optimizer(proto, model.parameters())
+    step = Step(model, opt, proto, torch.device("cpu"), (8, 3, 20, 20), False)
     x, y = torch.randn(8, 3, 20, 20), torch.arange(8) % 3
     step(x, y)
     step(x, y)  # Adam's moments and step count are non-zero now
@@ -294,12 +294,12 @@ def test_a_graphed_step_switches_to_compiled_kernels_and_keeps_learning():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dropout_in_a_replayed_compiled_step_draws_new_masks():
     from bakeoff.engines.torch_compile import compile_model
-    from bakeoff.engines.torch_step import _graph_of
+    from bakeoff.engines.torch_step import graph_of
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Dropout(0.5)).cuda().train()
     fwd, x, outs = compile_model(model), torch.randn(32, 64, device="cuda"), []
     static = {}
-    graph = _graph_of(lambda: static.update(y=fwd(x)), torch.device("cuda"), "own stream, thread-local")
+    graph = graph_of(lambda: static.update(y=fwd(x)), torch.device("cuda"), "own stream, thread-local")
     for _ in range(3):
         graph.replay()
         outs.append((static["y"] == 0).clone())
@@ -316,7 +316,7 @@ def test_a_replayed_compiled_training_step_keeps_batch_norm_statistics_and_fresh
     import copy
 
     from bakeoff.engines.torch_compile import compile_model
-    from bakeoff.engines.torch_step import _optimizer, _Step, autocast_for
+    from bakeoff.engines.torch_step import make_optimizer, Step, autocast_for
 
     dev, proto = torch.device("cuda"), Protocol(pretrained=False, lr=1e-9)
     torch.manual_seed(0)
@@ -324,7 +324,7 @@ def test_a_replayed_compiled_training_step_keeps_batch_norm_statistics_and_fresh
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.5),
                                 torch.nn.Linear(8, 3)).to(dev).to(memory_format=torch.channels_last).train()
     eager = copy.deepcopy(model)
-    step = _Step(model, _optimizer(proto, model.parameters(), capturable=True), proto, dev, (16, 3, 20, 20), True,
+    step = Step(model, make_optimizer(proto, model.parameters(), capturable=True), proto, dev, (16, 3, 20, 20), True,
                  fwd=compile_model(model))
     assert step.mode == "cuda-graph, compiled", (step.capture_error, step.compile_error)
     x = (torch.randn(16, 3, 20, 20, device=dev) * 2 + 1).contiguous(memory_format=torch.channels_last)
@@ -359,7 +359,7 @@ def _dropout_grads_follow_masks(device: torch.device, replays: int = 3) -> list[
     """Whether the gradient reaching a compiled dropout's input follows the mask its forward
     drew (kept: 1 / (1 - p); dropped: 0), on ``device``; on a GPU, in a replayed graph."""
     from bakeoff.engines.torch_compile import compile_model
-    from bakeoff.engines.torch_step import _graph_of
+    from bakeoff.engines.torch_step import graph_of
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 64).to(device)
@@ -374,7 +374,7 @@ def _dropout_grads_follow_masks(device: torch.device, replays: int = 3) -> list[
 
     if device.type == "cuda":
         lin.bias.grad = torch.zeros_like(lin.bias)
-        graph = _graph_of(step, device, "own stream, thread-local")
+        graph = graph_of(step, device, "own stream, thread-local")
         runs = [graph.replay] * replays
     else:
         runs = [step] * replays

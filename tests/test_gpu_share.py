@@ -173,7 +173,7 @@ def test_by_default_tuners_take_turns_and_captures_never_overlap_a_warm_up():
 
 
 def test_a_trial_keeps_pace_with_the_one_that_has_the_most_training_left():
-    from bakeoff.gpu_share import PACE_SLACK
+    from bakeoff.pacing import PACE_SLACK
 
     gate, left, checks, waited = GpuShare(2), {"pacer": 200}, [], {}
     ready = threading.Event()
@@ -279,7 +279,7 @@ def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeyp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
-    from bakeoff.engines.torch_step import _optimizer, _Step
+    from bakeoff.engines.torch_step import make_optimizer, Step
     from bakeoff.protocol import Protocol
 
     dev = torch.device("cuda")
@@ -290,7 +290,7 @@ def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
         torch.manual_seed(0)
         head = torch.nn.Linear(32, 5).to(dev)
         proto = Protocol(pretrained=False, cuda_graphs=graphs, precision="fp32")
-        step = _Step(head, _optimizer(proto, head.parameters(), capturable=graphs), proto, dev, (16, 32), False,
+        step = Step(head, make_optimizer(proto, head.parameters(), capturable=graphs), proto, dev, (16, 32), False,
                      source=(feats, labels), steps=8)
         assert step.mode == ("cuda-graph" if graphs else "eager")
         for start in range(0, 640, 128):
@@ -303,7 +303,7 @@ def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_places_have_their_own_streams_at_each_priority_and_the_pace_bounds_queued_steps():
-    from bakeoff.engines.torch_step import _Pace
+    from bakeoff.engines.torch_step import Pace
 
     dev, gate, seen = torch.device("cuda"), GpuShare(3), {}
     ranked, done = threading.Event(), threading.Event()
@@ -334,7 +334,7 @@ def test_places_have_their_own_streams_at_each_priority_and_the_pace_bounds_queu
     assert seen[2, "start"] == seen[0, "start"]  # the first free place again
     streams = {s.cuda_stream for place in gate._streams[str(dev)] for s in place}
     assert len(streams) == 3 * 4  # no two places or levels on one stream
-    pace, t0 = _Pace(depth=2), time.perf_counter()
+    pace, t0 = Pace(depth=2), time.perf_counter()
     cycles = int(0.05 * torch.cuda.get_device_properties(dev).clock_rate * 1000)  # about 50 ms
     for _ in range(8):
         torch.cuda._sleep(cycles)
@@ -379,7 +379,7 @@ def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, au
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tune_together", [False, True])
 def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together):
-    from bakeoff.engines.torch_step import _optimizer, _Step
+    from bakeoff.engines.torch_step import make_optimizer, Step
     from bakeoff.gpu_share import set_share
     from bakeoff.protocol import Protocol
 
@@ -397,7 +397,7 @@ def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together)
                                     ).to(dev).to(memory_format=torch.channels_last)
         with gate.place(dev):
             start.wait()
-            step = _Step(model, _optimizer(proto, model.parameters(), capturable=True), proto, dev,
+            step = Step(model, make_optimizer(proto, model.parameters(), capturable=True), proto, dev,
                          (16, 3, 40, 40), True)
             x = torch.randn(16, 3, 40, 40, device=dev).contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 3, (16,), device=dev)
@@ -426,7 +426,7 @@ def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_last_smaller_batch_is_met_before_training_and_leaves_no_trace():
-    from bakeoff.engines.torch_step import _optimizer, _Step
+    from bakeoff.engines.torch_step import make_optimizer, Step
     from bakeoff.protocol import Protocol
 
     dev, seen, proto = torch.device("cuda"), [], Protocol(pretrained=False, precision="fp32")
@@ -434,8 +434,8 @@ def test_the_last_smaller_batch_is_met_before_training_and_leaves_no_trace():
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).to(dev)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.register_forward_hook(lambda mod, inp, out: seen.append(len(inp[0])))
-    opt = _optimizer(proto, model.parameters(), capturable=True)
-    step = _Step(model, opt, proto, dev, (16, 3, 36, 36), False, last_batch=6)
+    opt = make_optimizer(proto, model.parameters(), capturable=True)
+    step = Step(model, opt, proto, dev, (16, 3, 36, 36), False, last_batch=6)
     assert step.mode == "cuda-graph" and 6 in seen  # met at construction, not in the first epoch
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and batch-norm statistics put back

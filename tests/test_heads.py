@@ -17,7 +17,7 @@ import torch
 import bakeoff
 from bakeoff.data.cache import cache_side
 from bakeoff.engines.torch_build import build_model, find_head, head_names
-from bakeoff.engines.torch_step import _optimizer, _Step
+from bakeoff.engines.torch_step import make_optimizer, Step
 from bakeoff.protocol import Protocol
 from bakeoff.serve.predictor import Preprocess
 from bakeoff.zoo import resolve
@@ -29,7 +29,7 @@ def first_torch_loss(model: torch.nn.Module, classes: int, size: int, batch: int
     """The loss of the engine's first training step on random images and labels."""
     cpu = torch.device("cpu")
     protocol = Protocol(precision="fp32")
-    step = _Step(model.train(), _optimizer(protocol, model.parameters()), protocol, cpu, (batch, 3, size, size), False)
+    step = Step(model.train(), make_optimizer(protocol, model.parameters()), protocol, cpu, (batch, 3, size, size), False)
     gen = torch.Generator().manual_seed(0)
     step(torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, classes, (batch,), generator=gen))
     return float(step.loss_sum) / batch

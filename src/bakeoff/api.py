@@ -56,11 +56,11 @@ def models(pattern: str | None = None, framework: str | None = None, params: boo
 def _count_params(spec) -> int | None:
     import torch
 
-    from bakeoff.engines.torch_build import _create
+    from bakeoff.engines.torch_build import create_model
 
     try:
         with torch.device("meta"):
-            return int(sum(p.numel() for p in _create(spec, 1000).parameters()))
+            return int(sum(p.numel() for p in create_model(spec, 1000).parameters()))
     except Exception:
         return None
 

@@ -1,35 +1,18 @@
-"""Several trials of one process sharing a GPU, each on its own CUDA stream.
+"""Several trials of one process sharing a GPU, each on its own CUDA stream (scheduling).
 
-At batch 16 one graphed training step leaves most of a big GPU idle. Trials in separate
-processes only time-slice it; trials in one process, one stream each, overlap their kernels.
-The price is measurement: a trial's wall time then depends on its neighbours. So the GPU is
-shared through a gate: every piece of GPU work a trial launches happens in a ``shared()``
-section, and a trial that must measure alone (batch-1 latency, a solo window of training
-steps) takes ``exclusive()``, which waits until no other trial is launching work and drains
-the device before it starts. Building a training step (``tuning()``: its graph capture, or an
-eager step's first call) keeps the trials that train or measure away too. With
-``tune_together``, other trials may build theirs at the same time: the warm-ups overlap, the
-captures themselves still run one at a time (``warming()``, ``capturing()``). It is off in
-runs: it was made for cuDNN autotuning, seconds of host work per model with the GPU idle, and
-runs no longer autotune (``torch_step.AUTOTUNE``; bench/RESULTS.md).
+At batch 16 one graphed training step leaves most of a big GPU idle; trials in one process, one
+stream each, overlap their kernels. A trial's wall time then depends on its neighbours, so the
+GPU is shared through a gate: every piece of GPU work a trial launches happens in a
+``shared()`` section, and a trial that must measure alone (latency, a solo window of training
+steps) takes ``exclusive()``, which waits until no other trial is launching work and drains the
+device first. Building a training step (``tuning()``: a capture, or an eager step's first call)
+keeps the others away too; with ``tune_together`` tuners may overlap their warm-ups, not their
+captures (``warming()``, ``capturing()``).
 
-Each trial holds a ``place()``: a CUDA stream of its own for its whole run, at one of
-PyTorch's four stream priorities. Trials that have the most training left get the highest
-(``prioritize``), so the GPU's scheduler serves their kernels first and the longest trial does
-not end up training alone at the end while the GPU idles around it.
-
-Trials also keep pace with each other (``pacing()``): a trial may not pull further ahead of
-the one with the most training left than it was when it first met it. Left free, the small
-models finish first and the largest trains its last epochs alone, on a GPU it cannot fill at
-batch 16; kept in step, all of them share the GPU until the end. A worker turns pacing on
-(``pace``) once no more trials will join: before that, a trial that ends early makes room for
-the next one.
-
-Processes outside the gate that use the same GPU, the run's background compiles (which run
-the steps they compile), are stopped for each solo section and continued after it
-(``keeping_out``), so a solo window times the trial's own work only.
-
-One process-wide gate; when trials run one at a time it is a no-op.
+Each trial holds a ``place()``: a CUDA stream of its own at one of PyTorch's four priorities;
+the trials with the most training left get the highest (``prioritize``), and all keep pace
+(``pacing``), so the longest does not train alone at the end. The run's background compiles
+are stopped for each solo section (``keeping_out``), whether trials share the GPU or not.
 """
 
 from __future__ import annotations
@@ -39,15 +22,14 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Iterator
+
+from bakeoff.pacing import Pacing
 
 __all__ = ["GpuShare", "NeedsGpuAlone", "share", "set_share", "stream_sync", "PRIORITY_LEVELS"]
 
 # Stream priorities PyTorch offers (0, the default, down to -3, the highest).
 PRIORITY_LEVELS = 4
-# Steps a trial may run ahead of its pace before it waits: enough to ride over a neighbour's
-# short pauses (a window's start, an evaluation batch) without waiting at every step.
-PACE_SLACK = 16
 
 
 class NeedsGpuAlone(RuntimeError):
@@ -82,9 +64,7 @@ class GpuShare:
         self._capturing = False
         self._captures_waiting = 0
         self._kept_out: dict[int, int] = {}  # process id -> trials that asked (``keeping_out``)
-        self._pace_cv = threading.Condition()
-        self._pace: dict[int, tuple[int, float | None]] = {}  # thread -> (steps left, solo s per step)
-        self._ratio: dict[int, tuple[int, float]] = {}  # thread -> (trial it keeps pace with, steps-left ratio)
+        self._pacing = Pacing()
 
     @property
     def concurrent(self) -> bool:
@@ -359,53 +339,13 @@ class GpuShare:
         torch.cuda.set_stream(streams[level])
         return -level
 
-    @contextlib.contextmanager
-    def pacing(self) -> Iterator[Callable[[int, float | None], float]]:
-        """A trial's training loop keeps pace with its neighbours: call the function it yields
-        after each step with the steps it has left and its solo seconds per step (None until
-        measured); it returns the seconds it waited. The trial with the most training left
-        (steps left x seconds per step) sets the pace. Any other trial holds its ratio of steps
-        left to the pacer's from when it first met that pacer (at most 1: one that is behind
-        may catch up, not pass), within ``PACE_SLACK`` steps, and waits when it would get
-        further ahead. So all of them end together, and the GPU never runs the largest
-        model alone while the others have already finished. A trial that is alone on the GPU
-        (its solo window) never waits: the pacer itself would be waiting for it."""
-        key = threading.get_ident()
-        try:
-            yield lambda steps_left, step_s: self._keep_pace(key, steps_left, step_s)
-        finally:
-            with self._pace_cv:
-                self._pace.pop(key, None)
-                self._ratio.pop(key, None)
-                self._pace_cv.notify_all()
-
-    def _pacer(self) -> int | None:
-        known = {k: n * s for k, (n, s) in self._pace.items() if s is not None and n > 0}
-        return max(known, key=known.get) if known else None
-
-    def _keep_pace(self, key: int, steps_left: int, step_s: float | None) -> float:
+    def pacing(self):
+        """A context yielding the function a trial's loop calls after each step with its steps
+        left and solo seconds per step (``pacing.Pacing``); it returns the seconds it waited.
+        Trials one at a time never wait; nor does a trial inside its own solo section."""
         if not self.concurrent:
-            return 0.0
-        t0 = None
-        with self._pace_cv:
-            before, led = self._pace.get(key), self._pacer() == key
-            self._pace[key] = (steps_left, step_s)
-            pacer = self._pacer()
-            if led or pacer == key or before is None or before[1] != step_s:  # what can free a waiter
-                self._pace_cv.notify_all()
-            if step_s is None or not self.pace or getattr(self._local, "alone", False):
-                return 0.0
-            while pacer is not None and pacer != key:
-                pacer_left = self._pace[pacer][0]
-                held = self._ratio.get(key)
-                if held is None or held[0] != pacer:  # first met this pacer: hold today's ratio
-                    held = self._ratio[key] = (pacer, min(1.0, steps_left / pacer_left))
-                if steps_left >= held[1] * pacer_left - PACE_SLACK:
-                    break
-                t0 = t0 or time.perf_counter()
-                self._pace_cv.wait(timeout=1.0)
-                pacer = self._pacer()
-        return 0.0 if t0 is None else time.perf_counter() - t0
+            return contextlib.nullcontext(lambda steps_left, step_s: 0.0)
+        return self._pacing.track(lambda: self.pace and not getattr(self._local, "alone", False))
 
 
 class _Alone(GpuShare):

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["classification_metrics", "wilson_interval", "chance_level", "chance_p", "paired_cells", "mcnemar_p",
-           "paired_ratio_interval", "ALPHA", "time_calls", "summarize_ms"]
+           "paired_ratio_interval", "epoch_record", "ALPHA", "time_calls", "summarize_ms"]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -93,6 +93,15 @@ def validation_figures(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     top-1. Every engine scores its epochs with this, so their curves compare."""
     picked = np.clip(probs[np.arange(len(y)), y], 1e-12, None)
     return float(-np.log(picked).mean()), float((probs.argmax(1) == y).mean())
+
+
+def epoch_record(epoch: int, train_loss: float, train_acc: float, val_probs: np.ndarray | None, val_y: np.ndarray,
+                 epoch_time: float, seen: int) -> dict:
+    """One epoch's figures (``epoch`` 0-based), the same keys for every engine; the validation
+    ones are None after an epoch that was not validated."""
+    val_loss, val_acc = validation_figures(val_probs, val_y) if val_probs is not None else (None, None)
+    return {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+            "val_accuracy": val_acc, "epoch_time_s": epoch_time, "images_per_s": seen / epoch_time}
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:

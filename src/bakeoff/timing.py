@@ -1,8 +1,9 @@
 """Training time: one definition for every model, engine and runner.
 
 ``train_time_s`` is the seconds the protocol's training steps take with the device to the trial
-alone, on the kernels the trial ends with. Every epoch times one window of steps alone (the
-device synchronised before and after, no neighbour and no background compile running); the
+alone, on the kernels the trial ends with. Every epoch times a window of steps alone (the
+device synchronised before and after, no neighbour and no background compile running; a Keras
+trial, always alone, times every further stretch of the epoch as well); the
 first steps of an epoch, where one-off work lands (a new graph, a new batch shape, a kernel
 switch), are left out of it. The figure is the median seconds per step of the windows on the
 final kernels, times the steps the protocol ran. Building, loading weights, compiling, graph
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["window", "Clock", "WINDOW_SKIP", "WINDOW_STEPS", "MEASURED", "PROJECTED"]
+__all__ = ["window", "Clock", "background_pids", "WINDOW_SKIP", "WINDOW_STEPS", "MEASURED", "PROJECTED"]
 
 # A window: the steps it times, after a few that start the stream (or a new graph) going.
 WINDOW_SKIP, WINDOW_STEPS = 8, 48

@@ -21,9 +21,9 @@ def _is_network_error(exc: Exception) -> bool:
 
 
 def _network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
-    from bakeoff.engines.torch_build import _no_network_error  # one wording for every framework
+    from bakeoff.engines.torch_build import no_network_error  # one wording for every framework
 
-    return _no_network_error(spec, exc)
+    return no_network_error(spec, exc)
 
 
 def _bgr_first_conv(keras, backbone) -> None:

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from bakeoff.data.batches import Batcher
-from bakeoff.measure import summarize_ms, time_calls, validation_figures
+from bakeoff.measure import epoch_record, summarize_ms, time_calls
 from bakeoff.gpu_share import share
 from bakeoff.protocol import Protocol
 from bakeoff.timing import MEASURED, WINDOW_STEPS, Clock, window
@@ -200,8 +200,8 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
     (``torch_fit.fit``: one generator draws each epoch's boxes, on the device where the batcher
     is), and its training-time definition (``bakeoff.timing``). A Keras trial always runs alone,
     so after an epoch's first window it times every further stretch of ``WINDOW_STEPS`` steps as
-    well: a host-bound step varies more from stretch to stretch than a graphed one. Compiling each batch shape happens before the loop (``compile_time_s``); evaluation
-    is timed apart.
+    well: a host-bound step varies more from stretch to stretch than a graphed one. Compiling
+    each batch shape happens before the loop (``compile_time_s``); evaluation is timed apart.
     """
     import torch
 
@@ -260,23 +260,12 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
         clock.steps += ran
         epoch_time = time.perf_counter() - t_epoch
         wall_time += epoch_time
-        val_y = labels[val_idx]
-        val_loss = val_acc = None
+        val_probs = None
         if protocol.validates(epoch):
             t_eval = time.perf_counter()
             val_probs = predict_probs(steps, batcher, val_idx)
             eval_time += time.perf_counter() - t_eval
-            val_loss, val_acc = validation_figures(val_probs, val_y)
-        n = len(train_idx)
-        history.append({
-            "epoch": epoch + 1,
-            "train_loss": sum(float(loss) * k for loss, _, k in outs) / n,
-            "train_accuracy": sum(int(c) for _, c, _ in outs) / n,
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "epoch_time_s": epoch_time,
-            "images_per_s": n / epoch_time,
-        })
+        history.append(_record(epoch, outs, len(train_idx), val_probs, labels[val_idx], epoch_time))
     return {"history": history, **clock.figures("compiled"), "train_wall_s": wall_time, "data_time_s": data_time,
             "eval_time_s": eval_time, "compile_time_s": compile_s, "final_val_probs": val_probs}
 
@@ -329,16 +318,19 @@ def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: 
         if on_step is not None:
             on_step(epoch, n_steps, n_steps, epoch_time)
         val_probs = _softmax(steps.predict(f_val)) if protocol.validates(epoch) else None
-        val_loss, val_acc = validation_figures(val_probs, labels[val_idx]) if val_probs is not None else (None, None)
-        history.append({"epoch": epoch + 1, "train_loss": sum(float(loss) * k for loss, _, k in outs) / n,
-                        "train_accuracy": sum(int(c) for _, c, _ in outs) / n, "val_loss": val_loss,
-                        "val_accuracy": val_acc, "epoch_time_s": epoch_time, "images_per_s": n / epoch_time})
+        history.append(_record(epoch, outs, n, val_probs, labels[val_idx], epoch_time))
         final = val_probs if val_probs is not None else final
     steps.finish()
     return {"history": history, "train_time_s": train_time, "train_time_kind": MEASURED,
             "train_time_basis": "the training images' feature pass and every head epoch, alone",
             "train_wall_s": train_time, "data_time_s": 0.0, "eval_time_s": val_feature_s,
             "feature_time_s": feature_s, "compile_time_s": 0.0, "final_val_probs": final}
+
+
+def _record(epoch: int, outs: list, n: int, val_probs, val_y, epoch_time: float) -> dict:
+    """An epoch's figures from its steps' (loss, correct, batch size) device scalars."""
+    return epoch_record(epoch, sum(float(loss) * k for loss, _, k in outs) / n, sum(int(c) for _, c, _ in outs) / n,
+                        val_probs, val_y, epoch_time, n)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -352,7 +344,7 @@ def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: i
 
 
 def time_inference(steps: Steps, batcher: Batcher, idx: np.ndarray, protocol: Protocol) -> dict:
-    """Batch-1 latency by the rule every engine follows (``torch_fit.time_inference``): the
+    """Batch-1 latency by the rule every engine follows (``torch_infer.time_inference``): the
     compiled predict function, input already on the device, logits left there, synchronised;
     median and p95 of >= 50 runs after warm-up. Throughput at ``protocol.throughput_batch``."""
     one = steps.feed(batcher.eval_batch(idx[:1]))

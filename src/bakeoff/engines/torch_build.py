@@ -13,10 +13,10 @@ from bakeoff.zoo.registry import find_weights_file, weights_available_offline
 from bakeoff.zoo.spec import ModelSpec
 from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES
 
-__all__ = ["build_model", "find_head", "find_head_name", "head_names", "zero_heads"]
+__all__ = ["build_model", "create_model", "no_network_error", "find_head", "find_head_name", "head_names", "zero_heads"]
 
 
-def _no_network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
+def no_network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
     first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     return BakeoffError(
         f"could not fetch ImageNet weights for {spec.id} from {spec.weight_source} ({first}; no network?): "
@@ -69,7 +69,7 @@ def _load_positional(model: nn.Module, state: dict, spec: ModelSpec, origin: str
     model.load_state_dict(mapped, strict=False)
 
 
-def _create(spec: ModelSpec, num_classes: int) -> nn.Module:
+def create_model(spec: ModelSpec, num_classes: int) -> nn.Module:
     if spec.source == "torchvision":
         import torchvision
 
@@ -95,7 +95,7 @@ def build_model(spec: ModelSpec, num_classes: int, pretrained=True, weights_dir=
 
 
 def _with_weights(spec: ModelSpec, num_classes: int, pretrained, weights_dir) -> tuple[nn.Module, str]:
-    model = _create(spec, num_classes)
+    model = create_model(spec, num_classes)
     if pretrained == "offline" and not weights_available_offline(spec, weights_dir):
         pretrained = False
     if not pretrained:
@@ -133,10 +133,10 @@ def _with_weights(spec: ModelSpec, num_classes: int, pretrained, weights_dir) ->
     except BakeoffError:
         raise
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-        raise _no_network_error(spec, exc) from None
+        raise no_network_error(spec, exc) from None
     except Exception as exc:  # hub clients raise their own types when offline
         if any(w in type(exc).__name__ for w in ("Connection", "Http", "Hub", "Offline", "EntryNotFound", "Timeout")):
-            raise _no_network_error(spec, exc) from None
+            raise no_network_error(spec, exc) from None
         raise
     return model, f"imagenet ({spec.weight_source})"
 

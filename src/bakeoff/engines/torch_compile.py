@@ -179,18 +179,18 @@ def _compile_once(args: dict) -> str | None:
     returns why that failed, else None."""
     import torch
 
-    from bakeoff.engines.torch_build import _create
-    from bakeoff.engines.torch_step import _optimizer, _Step
+    from bakeoff.engines.torch_build import create_model
+    from bakeoff.engines.torch_step import make_optimizer, Step
     from bakeoff.protocol import Protocol
     from bakeoff.zoo.spec import ModelSpec
 
     spec, protocol = ModelSpec.from_dict(args["spec"]), Protocol(**args["protocol"])
     device = torch.device(args["device"])
     torch.cuda.set_device(device)
-    model = _create(spec, args["classes"]).to(device).to(memory_format=torch.channels_last).train()
-    opt = _optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=True)
+    model = create_model(spec, args["classes"]).to(device).to(memory_format=torch.channels_last).train()
+    opt = make_optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=True)
     size = args["input_size"]
-    step = _Step(model, opt, protocol, device, (protocol.batch_size, 3, size, size), True, capture=False)
+    step = Step(model, opt, protocol, device, (protocol.batch_size, 3, size, size), True, capture=False)
     return step.adopt(compile_model(model))
 
 
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         why = _compile_once(args)
     except Exception as exc:  # before the step could compile (no GPU, the model's build): in the step's own words
-        from bakeoff.engines.torch_step import _why
+        from bakeoff.engines.torch_step import failure_reason
 
-        why = _why(exc)
+        why = failure_reason(exc)
     if why:  # the trial trains eagerly and stores why
         marker.write("failed", error=why, seconds=time.perf_counter() - t0)
         return 1

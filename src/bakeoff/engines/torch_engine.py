@@ -39,7 +39,8 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
 
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.torch_build import build_model
-    from bakeoff.engines.torch_fit import fit, resolve_device, time_inference, uses_bf16
+    from bakeoff.engines.torch_fit import fit, resolve_device, uses_bf16
+    from bakeoff.engines.torch_infer import time_inference
     from bakeoff.measure import classification_metrics
 
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
@@ -130,10 +131,10 @@ def load_saved(model_dir, device: str = "cpu"):
     """
     import torch
 
-    from bakeoff.engines.torch_build import _create
+    from bakeoff.engines.torch_build import create_model
 
     folder, meta, classes = read_model_dir(model_dir, "weights.pt")
     spec = ModelSpec.from_dict({k: v for k, v in meta.items() if k in ModelSpec.__dataclass_fields__})
-    model = _create(spec, len(classes))
+    model = create_model(spec, len(classes))
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
     return model.to(device).eval(), meta, classes

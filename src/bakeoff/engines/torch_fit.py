@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -15,15 +14,15 @@ from torch import nn
 from bakeoff.data.batches import Batcher
 from bakeoff.engines.torch_build import find_head
 from bakeoff.engines.torch_compile import compile_model
-from bakeoff.engines.torch_step import _first_way, _graph_of, _optimizer, _Pace, _Step, autocast_for, uses_bf16
+from bakeoff.engines.torch_step import Pace, Step, autocast_for, make_optimizer, uses_bf16
 from bakeoff.gpu_share import share, stream_sync
-from bakeoff.measure import summarize_ms, time_calls, validation_figures
+from bakeoff.measure import epoch_record
 from bakeoff.protocol import Protocol
 from bakeoff.timing import MEASURED, WINDOW_SKIP, WINDOW_STEPS, Clock, window
 
 # autocast_for and uses_bf16 are the step's (torch_step), named here too for the engines that
 # fit, predict and serve with them.
-__all__ = ["fit", "predict_probs", "time_inference", "resolve_device", "sync_fn", "autocast_for", "uses_bf16"]
+__all__ = ["fit", "predict_probs", "resolve_device", "sync_fn", "autocast_for", "uses_bf16"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -59,14 +58,14 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     the trial ends with). Evaluation, capture and compiling are timed apart.
 
     When other trials share the GPU (``gpu_share``) a trial also keeps few steps queued
-    (``_Pace``), moves to the stream priority of the training it has left after each window
+    (``Pace``), moves to the stream priority of the training it has left after each window
     (``GpuShare.prioritize``) and keeps pace with the trial that has the most training left
     (``GpuShare.pacing``); each epoch records its waits.
 
     ``compile_ready`` (``torch_compile``): whether the step's compiled kernels can be loaded now.
     If so at the start, the step is compiled (``compile_fn``) before its first epoch; else it
     is asked every ``SWITCH_CHECK`` steps after the epoch's window and after each epoch, and the
-    step switches to them there (``_Step.adopt``); a switch mid-epoch gets a window of its own.
+    step switches to them there (``Step.adopt``); a switch mid-epoch gets a window of its own.
     ``compile_settled`` (the background compile ended, ready or failed): a trial whose kernels
     are still pending when its last epoch begins waits for them (up to ``compile_wait_s``,
     ``compile_wait_s`` in the result), so it ends on the same kernels whether the compile cache
@@ -77,7 +76,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     gate = share()
     sync = sync_fn(device)
     graphs = device.type == "cuda" and protocol.cuda_graphs
-    opt = _optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=graphs)
+    opt = make_optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=graphs)
     gen = torch.Generator().manual_seed(protocol.seed)
     rng = np.random.default_rng(protocol.seed)
     with gate.shared():
@@ -89,7 +88,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     compiled_from, compile_error = None, None
     early = compile_ready is not None and compile_ready()  # compiled by an earlier run: from the first epoch
     fwd = compile_fn(model) if early else None
-    step = _Step(model, opt, protocol, device, (min(bs, len(train_idx)), 3, batcher.input_size, batcher.input_size),
+    step = Step(model, opt, protocol, device, (min(bs, len(train_idx)), 3, batcher.input_size, batcher.input_size),
                  batcher.channels_last, last_batch=last if last >= 2 else None, fwd=fwd)
     sync()
     compile_s = step.compile_s
@@ -105,7 +104,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     def kernels() -> str:
         return "compiled" if compiled_from is not None else "eager"
 
-    pace = _Pace() if gate.concurrent and device.type == "cuda" else None
+    pace = Pace() if gate.concurrent and device.type == "cuda" else None
     clock = Clock()
     priority, step_s, compile_waited = 0, None, 0.0
     history, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0
@@ -200,7 +199,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
             record["kernels"] = kernels()
             if switched_at is not None:
                 record |= {"kernels": "eager, then compiled", "compiled_from_step": switched_at}
-            history.append(_epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen,
+            history.append(epoch_record(epoch, float(step.loss_sum) / seen, float(step.correct) / seen,
                                          val_probs if scored else None, labels[val_idx], epoch_wall, seen) | record)
             if pending() and epoch + 1 < protocol.epochs and compile_ready():
                 compile_error, seconds = _switch(step, compile_fn, model, sync)
@@ -223,8 +222,8 @@ def _wait_for(settled: Callable[[], bool], limit_s: float) -> float:
     return time.perf_counter() - t0
 
 
-def _switch(step: _Step, compile_fn: Callable, model: nn.Module, sync) -> tuple[str | None, float]:
-    """``step`` switched to compiled kernels now (``_Step.adopt``): why that failed (None if it
+def _switch(step: Step, compile_fn: Callable, model: nn.Module, sync) -> tuple[str | None, float]:
+    """``step`` switched to compiled kernels now (``Step.adopt``): why that failed (None if it
     did not) and the seconds it took, the GPU work included."""
     t0 = time.perf_counter()
     why = step.adopt(compile_fn(model))
@@ -243,13 +242,6 @@ def _close_window(alone: contextlib.ExitStack, sync, t_start: float, steps: int,
     return per_step, share().prioritize(per_step * steps_left)
 
 
-
-
-def _epoch_record(epoch, train_loss, train_acc, val_probs, val_y, epoch_time, seen) -> dict:
-    """One epoch's figures; the validation ones are None after an epoch that was not validated."""
-    val_loss, val_acc = validation_figures(val_probs, val_y) if val_probs is not None else (None, None)
-    return {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
-            "val_accuracy": val_acc, "epoch_time_s": epoch_time, "images_per_s": seen / epoch_time}
 
 
 def _one_shape(idx: np.ndarray, batch: int, device) -> np.ndarray:
@@ -312,7 +304,7 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
     for p in head.parameters():
         p.requires_grad_(True)
     graphs = device.type == "cuda" and protocol.cuda_graphs
-    opt = _optimizer(protocol, list(head.parameters()), capturable=graphs)
+    opt = make_optimizer(protocol, list(head.parameters()), capturable=graphs)
     gen = torch.Generator().manual_seed(protocol.seed)
     bs, n = protocol.batch_size, len(train_idx)
     with gate.shared():
@@ -320,8 +312,8 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
     full = n // bs
     k = max(1, min(HEAD_STEPS_PER_REPLAY, full))
     shape = (min(bs, n), f_train.shape[1])
-    many = _Step(head, opt, protocol, device, shape, False, source=(f_train, y_train), steps=k)
-    one = _Step(head, opt, protocol, device, shape, False, source=(f_train, y_train), steps=1)
+    many = Step(head, opt, protocol, device, shape, False, source=(f_train, y_train), steps=k)
+    one = Step(head, opt, protocol, device, shape, False, source=(f_train, y_train), steps=1)
     steps = int(np.ceil(n / bs))
     history, train_time = [], feature_s
     for epoch in range(protocol.epochs):
@@ -347,7 +339,7 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
             if scored:
                 val_probs = torch.softmax(head(f_val.to(head.weight.dtype)).float(), 1).cpu().numpy()
             loss_sum, correct = float(many.loss_sum + one.loss_sum), float(many.correct + one.correct)
-        history.append(_epoch_record(epoch, loss_sum / n, correct / n, val_probs if scored else None,
+        history.append(epoch_record(epoch, loss_sum / n, correct / n, val_probs if scored else None,
                                      labels[val_idx], epoch_time, n))
     return {"history": history, "train_time_s": train_time, "eval_time_s": val_feature_s,
             "final_val_probs": val_probs, "data_time_s": 0.0,
@@ -377,75 +369,3 @@ def predict_probs(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol:
     sync_fn(device)()
     with share().shared():
         return torch.cat(out).cpu().numpy()[:n]
-
-
-@torch.no_grad()
-def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Protocol,
-                   device: torch.device) -> dict:
-    """Batch-1 latency on a real validation image, by the rule every engine follows
-    (``bakeoff.timing``'s neighbour for inference): the model's compiled form, input already on
-    the device, median and p95 of >= 50 synchronised runs after warm-up (``latency_ms_*``). On
-    CUDA the compiled form is the forward pass replayed from a CUDA graph; on the CPU, the
-    traced and frozen TorchScript module. The eager call is timed too (``latency_eager_ms_*``),
-    and throughput at ``protocol.throughput_batch``. Timed with the GPU to itself: trials
-    sharing it wait meanwhile."""
-    model.eval()
-    sync = sync_fn(device)
-
-    def run(x):
-        with autocast_for(protocol, device):
-            model(x)
-
-    with share().exclusive(device, "latency"):
-        one = batcher.eval_batch(idx[:1])
-        reps = int(np.ceil(protocol.throughput_batch / len(idx)))
-        big = batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch])
-        lat = summarize_ms(time_calls(lambda: run(one), sync, protocol.latency_warmup, protocol.latency_runs))
-        thr_ms = time_calls(lambda: run(big), sync, 2, 7)
-        compiled = _graphed_latency(model, one, protocol, device) if device.type == "cuda" else \
-            _scripted_latency(model, one, protocol)
-    figures = {
-        "latency_eager_ms_p50": lat["p50"], "latency_eager_ms_p95": lat["p95"], "latency_runs": lat["n"],
-        "throughput_img_s": protocol.throughput_batch / (float(np.median(thr_ms)) / 1000.0),
-        "throughput_batch": protocol.throughput_batch, "throughput_kind": "eager",
-    }
-    if "error" in compiled:  # no compiled form: the eager figure stands in, and says so
-        return figures | {"latency_ms_p50": lat["p50"], "latency_ms_p95": lat["p95"], "latency_kind": "eager",
-                          "latency_form": f"eager (no compiled form: {compiled['error']})"}
-    return figures | {"latency_ms_p50": compiled["p50"], "latency_ms_p95": compiled["p95"],
-                      "latency_kind": "compiled", "latency_form": compiled["form"]}
-
-
-def _graphed_latency(model, one, protocol, device) -> dict:
-    """Batch-1 latency with the forward pass replayed from a CUDA graph (input in the graph's
-    static buffer on the device): no per-kernel launch cost, as a compiled deployment."""
-    static = one.clone()
-
-    def forward():
-        with autocast_for(protocol, device, cache_enabled=False):
-            model(static)
-
-    def timed(way: str) -> dict:
-        graph = _graph_of(forward, device, way)
-        return summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup, protocol.latency_runs))
-
-    figures, failed = _first_way(timed)
-    if figures is None:
-        return {"error": "; ".join(failed)}
-    return figures | {"form": f"CUDA graph replay{', bf16 autocast' if uses_bf16(protocol, device) else ''}"}
-
-
-def _scripted_latency(model, one, protocol) -> dict:
-    """Batch-1 latency of the model traced, frozen and optimised for inference by TorchScript:
-    PyTorch's compiled form on the CPU that needs no compiler toolchain at run time."""
-    try:
-        with warnings.catch_warnings():  # TorchScript says it is deprecated; it still serves CPU deployments
-            warnings.simplefilter("ignore")
-            scripted = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, one,
-                                                                                         check_trace=False)))
-            scripted(one)
-    except Exception as exc:  # some models do not trace: the eager figure stands in
-        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
-    figures = summarize_ms(time_calls(lambda: scripted(one), lambda: None, protocol.latency_warmup,
-                                      protocol.latency_runs))
-    return figures | {"form": "TorchScript (traced, frozen)"}

@@ -13,7 +13,8 @@ from torch import nn
 from bakeoff.gpu_share import NeedsGpuAlone, share
 from bakeoff.protocol import Protocol
 
-__all__ = ["uses_bf16", "autocast_for", "tuned", "capture_ways", "AUTOTUNE"]
+__all__ = ["Step", "Pace", "make_optimizer", "graph_of", "first_way", "failure_reason", "uses_bf16", "autocast_for", "tuned",
+           "capture_ways", "AUTOTUNE"]
 
 
 def uses_bf16(protocol: Protocol, device: torch.device) -> bool:
@@ -45,7 +46,7 @@ def tuned(device: torch.device, reason: str, autotune: bool | None = None):
     return share().tuning(device, reason, autotune=AUTOTUNE if autotune is None else autotune)
 
 
-def _optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
     params = list(params)
     # On a GPU, the fused Adam updates every parameter in one kernel instead of a dozen
     # per-tensor-group launches: the same update, and at batch 16 a visible share of the step.
@@ -57,7 +58,7 @@ def _optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.op
     return torch.optim.SGD(params, lr=protocol.lr, momentum=0.9)
 
 
-class _Step:
+class Step:
     """One training step, eager or replayed from a captured CUDA graph.
 
     At batch 16 a big GPU spends most of an eager step launching kernels; replaying the whole
@@ -90,7 +91,7 @@ class _Step:
             with tuned(device, "capture"):  # the warm-up meets the step's shapes first
                 with share().warming():
                     self._static()
-                captured, failed = _first_way(self._capture)
+                captured, failed = first_way(self._capture)
             if captured is not None:  # else some models cannot be captured: they train eagerly
                 self._take(captured, failed)
             self.capture_error = "; ".join(failed) or None
@@ -122,7 +123,7 @@ class _Step:
                 self._undone(self._static_step)
         except Exception as exc:  # any failure: the step stays eager
             self.fwd = before
-            return _why(exc)
+            return failure_reason(exc)
         finally:
             self.compile_s += time.perf_counter() - t0
         return None
@@ -136,7 +137,7 @@ class _Step:
         why = self._compile(fwd)
         if why is None and self.graph is not None:
             with tuned(self.device, "capture"):
-                captured, failed = _first_way(self._capture)
+                captured, failed = first_way(self._capture)
             if captured is None:
                 self.fwd = self.model
                 why = "; ".join(failed)
@@ -235,7 +236,7 @@ class _Step:
     def _capture(self, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
         with share().warming():
             restore = self._snapshot()
-        graph = _graph_of(self._static_step, self.device, way, restore)
+        graph = graph_of(self._static_step, self.device, way, restore)
         with share().warming():
             self.reset_counts()
         return graph, way
@@ -267,7 +268,7 @@ def _random_batch(n: int, batch_shape, channels_last: bool, device) -> tuple[tor
     return x, torch.zeros(n, dtype=torch.long, device=device)
 
 
-class _Pace:
+class Pace:
     """Keeps at most ``depth`` of a trial's steps queued on its stream while it shares the GPU.
 
     Unchecked, a trial's host loop runs far ahead of its GPU work (a graph replay takes
@@ -297,7 +298,7 @@ def capture_ways(concurrent: bool) -> list[str]:
     return ways if concurrent else ways + ["shared stream, global"]
 
 
-def _graph_of(run: Callable[[], None], device: torch.device, way: str,
+def graph_of(run: Callable[[], None], device: torch.device, way: str,
               reset: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
     """``run`` captured as a CUDA graph in one of ``capture_ways``, after three warm-up calls on
     a side stream (where kernels settle their algorithms and workspaces); ``reset`` undoes what
@@ -320,7 +321,7 @@ def _graph_of(run: Callable[[], None], device: torch.device, way: str,
     return graph
 
 
-def _first_way(attempt: Callable[[str], object]) -> tuple[object | None, list[str]]:
+def first_way(attempt: Callable[[str], object]) -> tuple[object | None, list[str]]:
     """``attempt(way)`` for each of ``capture_ways`` in turn until one succeeds: (what it
     returned, or None when none did; why the others failed)."""
     failed = []
@@ -328,10 +329,10 @@ def _first_way(attempt: Callable[[str], object]) -> tuple[object | None, list[st
         try:
             return attempt(way), failed
         except Exception as exc:  # any failure: the next way, or none
-            failed.append(f"{way}: {_why(exc)}")
+            failed.append(f"{way}: {failure_reason(exc)}")
     return None, failed
 
 
-def _why(exc: Exception) -> str:
+def failure_reason(exc: Exception) -> str:
     """An exception in one line: its type and the first line of its message."""
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
