@@ -494,6 +494,31 @@ def test_a_background_compile_is_stopped_for_each_solo_section_and_continued_aft
         pass
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process states from /proc")
+def test_a_background_compile_s_worker_processes_are_stopped_with_it():
+    import subprocess
+
+    # A compile started as the run starts it (its own session), with a worker of its own, as
+    # the compiler's pool has: the window stops both, and both go on after it.
+    code = ("import subprocess, sys, time\n"
+            "w = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(0.005)'])\n"
+            "print(w.pid, flush=True)\nwhile True: time.sleep(0.005)")
+    leader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    worker = int(leader.stdout.readline())
+    gate = GpuShare(2)
+    try:
+        with gate.keeping_out(leader.pid), gate.exclusive(reason="window"):
+            assert _becomes(leader.pid, stopped=True) and _becomes(worker, stopped=True)
+        assert _becomes(leader.pid, stopped=False) and _becomes(worker, stopped=False)
+    finally:
+        import os
+        import signal
+
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sends SIGSTOP")
 def test_ending_the_compiles_continues_a_stopped_one_so_it_can_exit():
     import os

@@ -26,7 +26,7 @@ from typing import Iterator
 
 from bakeoff.pacing import Pacing
 
-__all__ = ["GpuShare", "NeedsGpuAlone", "share", "set_share", "stream_sync", "PRIORITY_LEVELS"]
+__all__ = ["GpuShare", "NeedsGpuAlone", "share", "set_share", "stream_sync", "send_signal", "PRIORITY_LEVELS"]
 
 # Stream priorities PyTorch offers (0, the default, down to -3, the highest).
 PRIORITY_LEVELS = 4
@@ -117,7 +117,7 @@ class GpuShare:
         self._local.alone = True
         t_held = time.perf_counter()
         try:
-            _signal(stopped, "SIGSTOP")
+            send_signal(stopped, "SIGSTOP")
             if device is not None and getattr(device, "type", "") == "cuda":
                 import torch
 
@@ -125,7 +125,7 @@ class GpuShare:
             self._add_wait(time.perf_counter() - t0)
             yield
         finally:
-            _signal(stopped, "SIGCONT")
+            send_signal(stopped, "SIGCONT")
             self._local.alone = False
             with self._cv:
                 self._exclusive = False
@@ -361,21 +361,22 @@ class _Alone(GpuShare):
     @contextlib.contextmanager
     def exclusive(self, device=None, reason: str = "other") -> Iterator[None]:
         stopped = list(self._kept_out)  # nobody to wait for, but background compiles to stop
-        _signal(stopped, "SIGSTOP")
+        send_signal(stopped, "SIGSTOP")
         try:
             yield
         finally:
-            _signal(stopped, "SIGCONT")
+            send_signal(stopped, "SIGCONT")
 
 
 _SHARE: GpuShare = _Alone()
 
 
-def _signal(pids: list[int], name: str) -> None:
-    """Send signal ``name`` to each of ``pids`` that still exists."""
+def send_signal(pids: list[int], name: str) -> None:
+    """Send signal ``name`` to each of ``pids`` that still exists, to its whole group where it
+    leads one (a compile's worker pool, which would otherwise compile on during a window)."""
     for pid in pids:
         try:
-            os.kill(pid, getattr(signal, name))
+            (os.killpg if os.getpgid(pid) == pid else os.kill)(pid, getattr(signal, name))
         except (ProcessLookupError, PermissionError):  # ended (and reaped), or not ours
             pass
 

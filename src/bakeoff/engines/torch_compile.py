@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bakeoff.gpu_share import send_signal
 from bakeoff.lifetime import die_with_parent, temp_path
 
 __all__ = ["compile_model", "compile_key", "Marker", "Compiles", "cache_env", "use_cache", "marker_for"]
@@ -153,7 +154,7 @@ class Compiles:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "bakeoff.engines.torch_compile", json.dumps(args)],
                     env=os.environ | cache_env(folder), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL))
+                    stdin=subprocess.DEVNULL, start_new_session=True))  # its own group: see keeping_out
             # For the trial's solo sections (``GpuShare.keeping_out``): the process is not
             # reaped before ``stop``, so its id stays its own until the trials have ended.
             found[spec["id"]]["pid"] = self.procs[-1].pid
@@ -163,7 +164,7 @@ class Compiles:
         for proc in self.procs:
             if proc.poll() is None:
                 if hasattr(signal, "SIGCONT"):  # stopped by a solo section whose trial died meanwhile
-                    proc.send_signal(signal.SIGCONT)
+                    send_signal([proc.pid], "SIGCONT")
                 proc.terminate()
         for proc in self.procs:
             try:
