@@ -191,7 +191,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                 key = hashlib.sha256(f"{s.id}|{protocol.key()}|{data.fingerprint}|{dev.type}".encode()).hexdigest()[:20]
                 jobs.append(TrialJob(spec=s.to_dict(), protocol=protocol.to_dict(),
                                      cache_path=str(data.caches[(store_side, interp)].path), input_size=size,
-                                     side=side,
+                                     side=side, cache_root=str(cache_root),
                                      labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
                                      classes=data.classes, out_dir=str(out), device=str(dev),
                                      weights_dir=str(weights_dir) if weights_dir else None, key=key,

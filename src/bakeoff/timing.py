@@ -18,11 +18,12 @@ gate (``gpu_share``).
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["window", "Clock", "background_pids", "WINDOW_SKIP", "WINDOW_STEPS", "MEASURED", "PROJECTED"]
+__all__ = ["window", "Clock", "background_pids", "settle_heap", "WINDOW_SKIP", "WINDOW_STEPS", "MEASURED", "PROJECTED"]
 
 # A window: the steps it times, after a few that start the stream (or a new graph) going.
 WINDOW_SKIP, WINDOW_STEPS = 8, 48
@@ -70,6 +71,14 @@ class Clock:
             "train_step_ms_min": float(ms.min()),
             "train_step_ms_max": float(ms.max()),
         }
+
+
+def settle_heap() -> None:
+    """Collect garbage, then exempt what survived from later collections: called before an
+    epoch's windows, so a full collection over a framework's many objects never lands in one
+    (it would read as a slow stretch of a host-bound loop)."""
+    gc.collect()
+    gc.freeze()
 
 
 def background_pids(extra: dict) -> list[int]:

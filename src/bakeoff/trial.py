@@ -31,6 +31,7 @@ class TrialJob:
     weights_dir: str | None = None
     key: str = ""
     side: int | None = None  # the model's resize size; the cache may be stored at another
+    cache_root: str | None = None  # the run's cache folder (decoded images, compiled kernels)
     extra: dict = field(default_factory=dict)
 
 

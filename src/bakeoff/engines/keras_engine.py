@@ -145,6 +145,13 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
     want_gpu = job.device.startswith("cuda")
     keras = import_keras("cpu" if not want_gpu else job.device)
     backend = keras.backend.backend()
+    if backend == "jax" and job.cache_root:
+        # XLA picks kernels by timing them as it compiles, so two compiles of one network can
+        # differ by 10% in speed; kept in the run's cache, a network compiles (and is tuned)
+        # once for every trial and re-run that trains it.
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(job.cache_root) / "xla"))
     accel = _accelerator(keras)
     if want_gpu and accel is None:
         raise BakeoffError(f"--device {job.device}, but Keras on {backend} sees no GPU (a CPU-only build?): "

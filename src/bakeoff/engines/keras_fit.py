@@ -13,7 +13,7 @@ from bakeoff.data.batches import Batcher
 from bakeoff.measure import epoch_record, summarize_ms, time_calls
 from bakeoff.gpu_share import share
 from bakeoff.protocol import Protocol
-from bakeoff.timing import MEASURED, WINDOW_STEPS, Clock, window
+from bakeoff.timing import MEASURED, WINDOW_STEPS, Clock, settle_heap, window
 
 __all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc"]
 
@@ -219,6 +219,7 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
     clock = Clock()
     history, wall_time, data_time, eval_time = [], 0.0, 0.0, 0.0
     for epoch in range(protocol.epochs):
+        settle_heap()
         order = rng.permutation(train_idx)
         theta = batcher.crop_params(len(order), gen).to(batcher.device)
         pos = batcher.positions(order)

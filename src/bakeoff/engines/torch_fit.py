@@ -18,7 +18,7 @@ from bakeoff.engines.torch_step import Pace, Step, autocast_for, make_optimizer,
 from bakeoff.gpu_share import share, stream_sync
 from bakeoff.measure import epoch_record
 from bakeoff.protocol import Protocol
-from bakeoff.timing import MEASURED, WINDOW_SKIP, WINDOW_STEPS, Clock, window
+from bakeoff.timing import MEASURED, WINDOW_SKIP, WINDOW_STEPS, Clock, settle_heap, window
 
 # autocast_for and uses_bf16 are the step's (torch_step), named here too for the engines that
 # fit, predict and serve with them.
@@ -110,6 +110,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     history, wall_time, eval_time, data_time = [], 0.0, 0.0, 0.0
     with gate.pacing() as keep_pace:
         for epoch in range(protocol.epochs):
+            settle_heap()
             if epoch == protocol.epochs - 1 and pending() and compile_settled is not None:
                 waited_s = _wait_for(compile_settled, compile_wait_s)
                 compile_waited += waited_s
