@@ -152,6 +152,7 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", str(Path(job.cache_root) / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the predict function too
     accel = _accelerator(keras)
     if want_gpu and accel is None:
         raise BakeoffError(f"--device {job.device}, but Keras on {backend} sees no GPU (a CPU-only build?): "
