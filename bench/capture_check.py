@@ -18,8 +18,8 @@ import threading
 
 import torch
 
-import bakeoff.engines.torch_step as tf
-from bakeoff.engines.torch_build import build_model
+import bakeoff.engines.torch.step as tf
+from bakeoff.engines.torch.build import build_model
 from bakeoff.gpu_share import GpuShare, NeedsGpuAlone, set_share
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve

@@ -50,8 +50,8 @@ ARCHS = ["densenet201", "resnet152", "inception_v3", "densenet121", "mobilenet_v
 def child(arch: str, steps: int, variants: tuple[str, ...] = ("compiled", "eager")) -> dict:
     import torch
 
-    import bakeoff.engines.torch_step as tf
-    from bakeoff.engines.torch_build import build_model
+    import bakeoff.engines.torch.step as tf
+    from bakeoff.engines.torch.build import build_model
     from bakeoff.protocol import Protocol
     from bakeoff.zoo import resolve
 

@@ -41,7 +41,7 @@ def _step(arch: str, fmt: str):
     """The model's graphed step in ``fmt``, its batch shape, and the wall seconds building it took."""
     import torch
 
-    import bakeoff.engines.torch_step as tf
+    import bakeoff.engines.torch.step as tf
 
     torch.manual_seed(0)
     model, opt, proto, shape = build_step(arch, channels_last=fmt == "channels_last")

@@ -46,8 +46,8 @@ IMAGE, JSON, GOOD_ACCEPT = "application/x-image", "application/json", "applicati
 
 def tiny_saved_model(out: Path, model_id: str = MODEL, classes=("blue", "green", "red")) -> Path:
     """``out/models/<model>/`` as `bakeoff run` saves it, untrained (random weights): a run folder to serve."""
-    from bakeoff.engines.torch_build import build_model
-    from bakeoff.engines.torch_engine import save_model
+    from bakeoff.engines.torch.build import build_model
+    from bakeoff.engines.torch.trial import save_model
     from bakeoff.protocol import Protocol
     from bakeoff.zoo.registry import resolve
 

@@ -23,7 +23,7 @@ import time
 def one(arch: str, device: str, size: int, batch: int) -> dict:
     import torch
 
-    from bakeoff.engines.torch_build import build_model
+    from bakeoff.engines.torch.build import build_model
     from bakeoff.zoo import resolve
 
     dev = torch.device(device)

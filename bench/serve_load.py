@@ -121,7 +121,7 @@ def main() -> None:
 
     import torch
 
-    from bakeoff.engines.torch_fit import resolve_device
+    from bakeoff.engines.torch.fit import resolve_device
     from bakeoff.serve.endpoint_latency import validation_sample
     from bakeoff.serve.server import ServerProcess
     from bakeoff.trial import device_name

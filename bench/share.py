@@ -36,8 +36,8 @@ import torch
 
 from bakeoff.data.batches import Batcher
 from bakeoff.data.cache import cache_side
-from bakeoff.engines.torch_build import build_model
-from bakeoff.engines.torch_fit import fit, uses_bf16
+from bakeoff.engines.torch.build import build_model
+from bakeoff.engines.torch.fit import fit, uses_bf16
 from bakeoff.gpu_share import GpuShare, set_share
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve

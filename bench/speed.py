@@ -30,9 +30,9 @@ import textbook  # noqa: E402
 from bakeoff.data.batches import Batcher  # noqa: E402
 from bakeoff.data.cache import cache_side  # noqa: E402
 from bakeoff.data.prepare import prepare_data  # noqa: E402
-from bakeoff.engines.torch_build import build_model  # noqa: E402
-from bakeoff.engines.torch_fit import autocast_for, fit  # noqa: E402
-from bakeoff.engines.torch_step import tuned  # noqa: E402
+from bakeoff.engines.torch.build import build_model  # noqa: E402
+from bakeoff.engines.torch.fit import autocast_for, fit  # noqa: E402
+from bakeoff.engines.torch.step import tuned  # noqa: E402
 from bakeoff.measure import classification_metrics  # noqa: E402
 from bakeoff.protocol import Protocol  # noqa: E402
 from bakeoff.zoo import resolve  # noqa: E402

@@ -3,7 +3,7 @@
 Question measured: once bakeoff's batch-16 step is a CUDA graph, packing trials as separate
 processes adds nothing (their kernels time-slice the GPU rather than overlap). Graphs replayed
 on separate streams of one process may overlap. This script builds K trials of bakeoff's real
-training step (`bakeoff.engines.torch_step.Step`: bf16 autocast, channels-last, capturable Adam,
+training step (`bakeoff.engines.torch.step.Step`: bf16 autocast, channels-last, capturable Adam,
 whole step captured), feeds each from images already on the GPU, and measures the total
 images/s of all K, replayed round-robin on one stream (serial) and on K streams (concurrent),
 after warm-up, device-synchronised; median of repeats with min-max.
@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from bakeoff.engines.torch_build import build_model
-from bakeoff.engines.torch_step import make_optimizer, Step
+from bakeoff.engines.torch.build import build_model
+from bakeoff.engines.torch.step import make_optimizer, Step
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
 

@@ -41,8 +41,8 @@ ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "den
 def build_step(arch: str, channels_last: bool = True):
     import torch
 
-    import bakeoff.engines.torch_step as tf
-    from bakeoff.engines.torch_build import build_model
+    import bakeoff.engines.torch.step as tf
+    from bakeoff.engines.torch.build import build_model
     from bakeoff.protocol import Protocol
     from bakeoff.zoo import resolve
 
@@ -60,7 +60,7 @@ def build_step(arch: str, channels_last: bool = True):
 def child(arch: str, mode: str, steps: int) -> dict:
     import torch
 
-    import bakeoff.engines.torch_step as tf
+    import bakeoff.engines.torch.step as tf
 
     tf.AUTOTUNE = mode != "heuristics"
     if mode.startswith("limit"):  # tuning on, timing at most this many candidate kernels per shape
@@ -103,7 +103,7 @@ def replay_rates(step, shape, steps: int) -> dict:
 def _timed(step, model, proto, shape, steps: int) -> dict:
     import torch
 
-    import bakeoff.engines.torch_step as tf
+    import bakeoff.engines.torch.step as tf
 
     device = torch.device("cuda")
     rates = replay_rates(step, shape, steps)
@@ -129,7 +129,7 @@ def together(archs: list[str], steps: int) -> list[dict]:
 
     import torch
 
-    import bakeoff.engines.torch_step as tf
+    import bakeoff.engines.torch.step as tf
     from bakeoff.gpu_share import GpuShare, set_share
 
     tf.AUTOTUNE = True  # what tune_together is for: overlapping autotuning's host work

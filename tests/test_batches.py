@@ -103,7 +103,7 @@ def test_gpu_passes_fill_their_last_batch_and_drop_the_filler(monkeypatch):
 
     from torch import nn
 
-    from bakeoff.engines.torch_fit import _features, predict_probs
+    from bakeoff.engines.torch.fit import _features, predict_probs
     from bakeoff.protocol import Protocol
 
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def test_gpu_passes_fill_their_last_batch_and_drop_the_filler(monkeypatch):
     b = Batcher.create(_images(n=300), np.arange(300), 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
     idx = np.arange(299, -1, -1)
     proto = Protocol(pretrained=False, precision="fp32")
-    monkeypatch.setattr("bakeoff.engines.torch_fit.sync_fn", lambda device: lambda: None)  # stand-in "cuda": no stream
+    monkeypatch.setattr("bakeoff.engines.torch.fit.sync_fn", lambda device: lambda: None)  # stand-in "cuda": no stream
     sizes = []
     model.register_forward_hook(lambda mod, inp, out: sizes.append(len(inp[0])))
     plain = _features(model, b, idx, proto, torch.device("cpu"), head)

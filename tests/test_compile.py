@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bakeoff.engines.torch_compile import Compiles, Marker, compile_key
+from bakeoff.engines.torch.compile import Compiles, Marker, compile_key
 from bakeoff.gpu_share import GpuShare
 from bakeoff.protocol import Protocol
 
@@ -36,7 +36,7 @@ def _small_net(classes=3):
 
 def _fit(device, compile_ready=None, compile_fn=None, epochs=3, n=96, **proto):
     from bakeoff.data.batches import Batcher
-    from bakeoff.engines.torch_fit import fit
+    from bakeoff.engines.torch.fit import fit
 
     images, labels = _learnable(n)
     model = _small_net().to(device)
@@ -76,7 +76,7 @@ def test_a_step_switches_kernels_between_epochs_and_trains_on_as_before():
 
 
 def test_a_step_switches_mid_epoch_as_soon_as_its_kernels_are_ready(monkeypatch):
-    from bakeoff.engines import torch_fit
+    from bakeoff.engines.torch import fit as torch_fit
 
     monkeypatch.setattr(torch_fit, "SWITCH_CHECK", 10)
     long = dict(n=640, batch_size=4, epochs=2)  # 120 steps an epoch; the epoch's window is steps 9-56
@@ -96,7 +96,7 @@ def test_a_step_switches_mid_epoch_as_soon_as_its_kernels_are_ready(monkeypatch)
 
 
 def test_sharing_a_mid_epoch_switch_waits_for_the_solo_window_and_times_each_kernel_set_alone(monkeypatch):
-    from bakeoff.engines import torch_fit
+    from bakeoff.engines.torch import fit as torch_fit
     from bakeoff.gpu_share import set_share
 
     monkeypatch.setattr(torch_fit, "SWITCH_CHECK", 10)
@@ -142,7 +142,7 @@ def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_th
 
 
 def test_undoing_a_warm_up_step_puts_weights_and_optimizer_state_back():
-    from bakeoff.engines.torch_step import make_optimizer, Step
+    from bakeoff.engines.torch.step import make_optimizer, Step
 
     model, proto = _small_net(), Protocol(pretrained=False)
     opt = make_optimizer(proto, model.parameters())
@@ -202,7 +202,7 @@ def test_a_compile_runs_beside_training_and_never_beside_a_solo_section():
 
 
 def test_a_trial_waits_only_for_kernels_compiled_on_its_own_gpu(tmp_path):
-    from bakeoff.engines.torch_compile import marker_for
+    from bakeoff.engines.torch.compile import marker_for
 
     found = {"folder": str(tmp_path), "key": "k", "device": "cuda:0"}
     assert marker_for(found, torch.device("cuda:0")) == Marker(str(tmp_path), "k")
@@ -262,7 +262,7 @@ def test_a_background_compile_that_fails_leaves_its_reason_and_the_trial_its_eag
                      "architecture": "resnet34"},
             "classes": 3, "input_size": 32, "protocol": Protocol(pretrained=False).to_dict(), "device": "cuda:99",
             "folder": str(tmp_path), "key": "k"}
-    done = subprocess.run([sys.executable, "-m", "bakeoff.engines.torch_compile", json.dumps(args)],
+    done = subprocess.run([sys.executable, "-m", "bakeoff.engines.torch.compile", json.dumps(args)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     marker = Marker(str(tmp_path), "k")
@@ -293,8 +293,8 @@ def test_a_graphed_step_switches_to_compiled_kernels_and_keeps_learning():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dropout_in_a_replayed_compiled_step_draws_new_masks():
-    from bakeoff.engines.torch_compile import compile_model
-    from bakeoff.engines.torch_step import graph_of
+    from bakeoff.engines.torch.compile import compile_model
+    from bakeoff.engines.torch.step import graph_of
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Dropout(0.5)).cuda().train()
     fwd, x, outs = compile_model(model), torch.randn(32, 64, device="cuda"), []
@@ -315,8 +315,8 @@ def test_a_replayed_compiled_training_step_keeps_batch_norm_statistics_and_fresh
     # evaluation worse.
     import copy
 
-    from bakeoff.engines.torch_compile import compile_model
-    from bakeoff.engines.torch_step import make_optimizer, Step, autocast_for
+    from bakeoff.engines.torch.compile import compile_model
+    from bakeoff.engines.torch.step import make_optimizer, Step, autocast_for
 
     dev, proto = torch.device("cuda"), Protocol(pretrained=False, lr=1e-9)
     torch.manual_seed(0)
@@ -358,8 +358,8 @@ def test_a_started_compile_hands_its_trial_the_process_to_keep_out_of_solo_secti
 def _dropout_grads_follow_masks(device: torch.device, replays: int = 3) -> list[bool]:
     """Whether the gradient reaching a compiled dropout's input follows the mask its forward
     drew (kept: 1 / (1 - p); dropped: 0), on ``device``; on a GPU, in a replayed graph."""
-    from bakeoff.engines.torch_compile import compile_model
-    from bakeoff.engines.torch_step import graph_of
+    from bakeoff.engines.torch.compile import compile_model
+    from bakeoff.engines.torch.step import graph_of
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 64).to(device)

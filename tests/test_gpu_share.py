@@ -106,7 +106,7 @@ def test_a_process_running_one_trial_has_a_gate_that_never_waits():
 
 
 def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypatch):
-    from bakeoff.engines.torch_step import tuned
+    from bakeoff.engines.torch.step import tuned
     from bakeoff.gpu_share import set_share
 
     gate, log, both = GpuShare(3, tune_together=True), [], threading.Barrier(2, timeout=5)
@@ -246,7 +246,7 @@ def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeyp
     from types import SimpleNamespace
 
     from bakeoff.data.batches import Batcher
-    from bakeoff.engines.torch_fit import predict_probs
+    from bakeoff.engines.torch.fit import predict_probs
     from bakeoff.gpu_share import set_share
     from bakeoff.protocol import Protocol
 
@@ -265,7 +265,7 @@ def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeyp
     b = Batcher.create(images, np.arange(300), 32, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     model.register_forward_hook(lambda mod, inp, out: flags.append(torch.backends.cudnn.benchmark))
-    monkeypatch.setattr("bakeoff.engines.torch_fit.sync_fn", lambda device: lambda: None)  # stand-in "cuda"
+    monkeypatch.setattr("bakeoff.engines.torch.fit.sync_fn", lambda device: lambda: None)  # stand-in "cuda"
     set_share(Recording(2))
     try:
         probs = predict_probs(model, b, np.arange(300), Protocol(pretrained=False, precision="fp32"),
@@ -279,7 +279,7 @@ def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeyp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
-    from bakeoff.engines.torch_step import make_optimizer, Step
+    from bakeoff.engines.torch.step import make_optimizer, Step
     from bakeoff.protocol import Protocol
 
     dev = torch.device("cuda")
@@ -303,7 +303,7 @@ def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_places_have_their_own_streams_at_each_priority_and_the_pace_bounds_queued_steps():
-    from bakeoff.engines.torch_step import Pace
+    from bakeoff.engines.torch.step import Pace
 
     dev, gate, seen = torch.device("cuda"), GpuShare(3), {}
     ranked, done = threading.Event(), threading.Event()
@@ -351,7 +351,7 @@ def test_places_have_their_own_streams_at_each_priority_and_the_pace_bounds_queu
 @pytest.mark.parametrize("graphs", [True, False])
 def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, autotune, monkeypatch):
     from bakeoff.data.batches import Batcher
-    from bakeoff.engines.torch_fit import fit
+    from bakeoff.engines.torch.fit import fit
 
     from bakeoff.protocol import Protocol
 
@@ -365,7 +365,7 @@ def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, au
     b = Batcher.create(images, np.arange(90), 32, (0.5,) * 3, (0.25,) * 3, dev)
     proto = Protocol(pretrained=False, epochs=1, precision="fp32", cuda_graphs=graphs)
     torch.backends.cudnn.benchmark = False
-    monkeypatch.setattr("bakeoff.engines.torch_step.AUTOTUNE", autotune)
+    monkeypatch.setattr("bakeoff.engines.torch.step.AUTOTUNE", autotune)
     out = fit(model, b, np.arange(70), labels, np.arange(70, 90), proto, dev)
     assert out["step_mode"] == ("cuda-graph" if graphs else "eager")
     tuned = {(n, train) for n, train, on in seen if on}
@@ -379,7 +379,7 @@ def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, au
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tune_together", [False, True])
 def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together):
-    from bakeoff.engines.torch_step import make_optimizer, Step
+    from bakeoff.engines.torch.step import make_optimizer, Step
     from bakeoff.gpu_share import set_share
     from bakeoff.protocol import Protocol
 
@@ -426,7 +426,7 @@ def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_last_smaller_batch_is_met_before_training_and_leaves_no_trace():
-    from bakeoff.engines.torch_step import make_optimizer, Step
+    from bakeoff.engines.torch.step import make_optimizer, Step
     from bakeoff.protocol import Protocol
 
     dev, seen, proto = torch.device("cuda"), [], Protocol(pretrained=False, precision="fp32")
@@ -524,7 +524,7 @@ def test_ending_the_compiles_continues_a_stopped_one_so_it_can_exit():
     import os
     import signal
 
-    from bakeoff.engines.torch_compile import Compiles
+    from bakeoff.engines.torch.compile import Compiles
 
     # It handles SIGTERM itself, as a compiler's worker pool may: stopped, it would never see it.
     child = _spinning_child("signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))\n")

@@ -16,8 +16,8 @@ import torch
 
 import bakeoff
 from bakeoff.data.cache import cache_side
-from bakeoff.engines.torch_build import build_model, find_head, head_names
-from bakeoff.engines.torch_step import make_optimizer, Step
+from bakeoff.engines.torch.build import build_model, find_head, head_names
+from bakeoff.engines.torch.step import make_optimizer, Step
 from bakeoff.protocol import Protocol
 from bakeoff.serve.predictor import Preprocess
 from bakeoff.zoo import resolve
@@ -79,9 +79,9 @@ def test_a_head_behind_a_relu_starts_uniform_and_still_learns():
 
 @pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs bakeoff[tensorflow]")
 def test_keras_head_starts_at_zero_and_the_first_loss_is_ln_classes():
-    from bakeoff.engines.keras_build import build_model as build_keras
-    from bakeoff.engines.keras_engine import import_keras
-    from bakeoff.engines.keras_fit import Steps, make_optimizer
+    from bakeoff.engines.keras.build import build_model as build_keras
+    from bakeoff.engines.keras.trial import import_keras
+    from bakeoff.engines.keras.fit import Steps, make_optimizer
 
     keras = import_keras("cpu")
     spec = resolve("tensorflow-ic-imagenet-mobilenet-v2-050-224-classification-4")

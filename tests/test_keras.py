@@ -27,7 +27,7 @@ TF_MOBILENET = "tensorflow-ic-imagenet-mobilenet-v2-050-224-classification-4"
 
 @pytest.fixture(scope="module")
 def keras():
-    from bakeoff.engines.keras_engine import import_keras
+    from bakeoff.engines.keras.trial import import_keras
 
     return import_keras("cpu")
 
@@ -82,7 +82,7 @@ def comparison_trials(out):
 
 
 def test_saved_keras_model_loads_back_with_its_preprocessing(mixed_run):
-    from bakeoff.engines.keras_engine import load_saved
+    from bakeoff.engines.keras.trial import load_saved
 
     out, _ = mixed_run
     folder = out / "models" / TF_MOBILENET
@@ -97,7 +97,7 @@ def test_saved_keras_model_loads_back_with_its_preprocessing(mixed_run):
 
 
 def test_every_study_tensorflow_id_builds_and_predicts_its_classes(keras):
-    from bakeoff.engines.keras_build import build_model
+    from bakeoff.engines.keras.build import build_model
 
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     for mid in KERAS_STUDY_IDS:
@@ -138,7 +138,7 @@ def test_keras_zoo_lists_every_application_without_importing_keras(keras):
 def test_no_network_gives_the_weights_dir_fix(keras, monkeypatch):
     from keras.src.utils import file_utils
 
-    from bakeoff.engines.keras_build import build_model
+    from bakeoff.engines.keras.build import build_model
 
     def offline(fname=None, origin=None, **kwargs):
         raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution")
@@ -155,7 +155,7 @@ def test_no_network_gives_the_weights_dir_fix(keras, monkeypatch):
 
 
 def test_weights_dir_file_loads_and_caffe_models_take_rgb(keras, tmp_path):
-    from bakeoff.engines.keras_build import build_model
+    from bakeoff.engines.keras.build import build_model
 
     spec = resolve("keras/VGG16")
     source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
@@ -199,7 +199,7 @@ def _bit_checkpoint(units) -> dict[str, np.ndarray]:
 
 
 def test_bit_loads_google_s_checkpoint_layout_and_standardises_weights(keras, tmp_path):
-    from bakeoff.engines.keras_bit import StdConv2D, bit_backbone, load_bit_npz
+    from bakeoff.engines.keras.bit import StdConv2D, bit_backbone, load_bit_npz
 
     units = (1, 2, 1, 1)
     ckpt = _bit_checkpoint(units)
@@ -227,8 +227,8 @@ def test_bit_loads_google_s_checkpoint_layout_and_standardises_weights(keras, tm
 def test_random_init_batch_norm_statistics_move_at_pytorchs_rate(keras):
     """From random weights a Keras model's running statistics follow the batches as a PyTorch
     model's do (10% a step), so a few hundred steps leave them where the data is."""
-    from bakeoff.engines.keras_build import build_model, torch_rate_batch_norm
-    from bakeoff.engines.keras_fit import Steps, make_optimizer
+    from bakeoff.engines.keras.build import build_model, torch_rate_batch_norm
+    from bakeoff.engines.keras.fit import Steps, make_optimizer
     from bakeoff.protocol import Protocol
     from bakeoff.zoo import resolve
 

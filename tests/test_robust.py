@@ -217,6 +217,6 @@ def test_a_background_compile_whose_run_is_gone_ends_without_compiling(tmp_path)
     # the run died and the compile was adopted): it ends before compiling, and leaves no marker
     args = {"spec": {}, "classes": 3, "input_size": 32, "protocol": {}, "device": "cuda:0", "folder": str(tmp_path),
             "key": "k", "parent": os.getpid() + 1_000_000}
-    proc = subprocess.run([sys.executable, "-m", "bakeoff.engines.torch_compile", json.dumps(args)],
+    proc = subprocess.run([sys.executable, "-m", "bakeoff.engines.torch.compile", json.dumps(args)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and not list(tmp_path.iterdir()), proc.stderr

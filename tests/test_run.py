@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from bakeoff.api import report, run_comparison
-from bakeoff.engines.torch_engine import load_saved
+from bakeoff.engines.torch.trial import load_saved
 from bakeoff.errors import BakeoffError
 from bakeoff.protocol import Protocol
 from bakeoff.store import Store
@@ -284,7 +284,7 @@ def test_a_learning_rate_that_wrecks_training_is_reported_as_at_chance(tmp_path,
 def test_train_only_top_layer_trains_the_head_on_features_computed_once(shared_colour_folder, tmp_path):
     import torch
 
-    from bakeoff.engines.torch_build import build_model
+    from bakeoff.engines.torch.build import build_model
     from bakeoff.zoo import resolve
 
     out = tmp_path / "top"

@@ -265,7 +265,7 @@ def test_start_up_errors_are_one_line(run_dir, tmp_path, monkeypatch, capsys):
 
 def test_keras_model_is_served_when_the_keras_engine_exists(tmp_path):
     """A saved Keras model (model.keras + the same spec.json / class map) answers like a PyTorch one."""
-    engine = pytest.importorskip("bakeoff.engines.keras_engine")
+    engine = pytest.importorskip("bakeoff.engines.keras.trial")
     try:
         keras = engine.import_keras("cpu")
     except Exception as exc:  # the engine is there but no Keras backend is installed

@@ -58,8 +58,9 @@ def _small_net(classes=3):
 
 @pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs bakeoff[tensorflow]")
 def test_both_engines_draw_the_same_crop_box_and_flip_for_each_image_in_each_epoch():
-    from bakeoff.engines import keras_fit, torch_fit
-    from bakeoff.engines.keras_engine import import_keras
+    from bakeoff.engines.keras import fit as keras_fit
+    from bakeoff.engines.torch import fit as torch_fit
+    from bakeoff.engines.keras.trial import import_keras
 
     keras = import_keras("cpu")
     images, labels = _data()
@@ -102,7 +103,7 @@ class _SlowFirstCalls(torch.nn.Module):
 
 
 def _fit_time(seconds: float, **extra) -> dict:
-    from bakeoff.engines.torch_fit import fit
+    from bakeoff.engines.torch.fit import fit
 
     images, labels = _data(n=120)
     batcher = Batcher.create(images, np.arange(120), 20, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
@@ -169,8 +170,8 @@ def test_a_trial_waits_for_its_pending_kernels_before_its_last_epoch_and_ends_on
 
 @pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs bakeoff[tensorflow]")
 def test_a_keras_trial_alone_times_every_stretch_after_the_epoch_start():
-    from bakeoff.engines import keras_fit
-    from bakeoff.engines.keras_engine import import_keras
+    from bakeoff.engines.keras import fit as keras_fit
+    from bakeoff.engines.keras.trial import import_keras
 
     keras = import_keras("cpu")
     images, labels = _data(n=560, size=12)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bakeoff.engines.torch_build import build_model, find_head_name
+from bakeoff.engines.torch.build import build_model, find_head_name
 from bakeoff.errors import BakeoffError
 from bakeoff.zoo import list_specs, resolve, weights_available_offline
 from bakeoff.zoo.registry import STUDY_IDS, check_weights_reachable

@@ -22,7 +22,7 @@ from bakeoff.compare.outputs import Comparison, write_outputs
 from bakeoff.data.cache import cache_side
 from bakeoff.data.prepare import prepare_data, storage_side, write_class_map
 from bakeoff.data.scan import scan_folder
-from bakeoff.engines.torch_compile import Compiles
+from bakeoff.engines.torch.compile import Compiles
 from bakeoff.errors import BakeoffError
 from bakeoff.lifetime import hold_folder, remove_stale_temps
 from bakeoff.progress import NullProgress, RunProgress
@@ -56,7 +56,7 @@ def models(pattern: str | None = None, framework: str | None = None, params: boo
 def _count_params(spec) -> int | None:
     import torch
 
-    from bakeoff.engines.torch_build import create_model
+    from bakeoff.engines.torch.build import create_model
 
     try:
         with torch.device("meta"):
@@ -89,7 +89,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     ``endpoint_latency=N`` serves each trained model locally and times N one-image HTTP requests.
     ``val_every=N`` scores the validation split after every N-th epoch only (the last always).
     ``compile="auto"``: on a CUDA GPU, graphed training steps switch to compiled kernels once
-    they are compiled in the background (``engines.torch_compile``), the default; ``"off"``
+    they are compiled in the background (``engines.torch.compile``), the default; ``"off"``
     keeps eager kernels throughout.
     """
     if endpoint_latency:
@@ -133,7 +133,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     scanned = (train_folder, val_folder, time.perf_counter() - t_scan)
     if pretrained is True:
         check_weights_reachable(specs, weights_dir)
-    from bakeoff.engines.torch_fit import resolve_device
+    from bakeoff.engines.torch.fit import resolve_device
 
     if executor == "ray":
         from bakeoff.runners.ray_runner import cluster_device, connect

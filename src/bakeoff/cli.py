@@ -18,6 +18,7 @@ from rich.table import Table
 
 from bakeoff.compare.recommend import LATENCIES, fmt_p_value
 from bakeoff.compare.tables import CHANCE_STATUS, display_status, figure_kind, weights_kind
+from bakeoff.engines import ENGINES
 from bakeoff.errors import BakeoffError
 from bakeoff.protocol import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from bakeoff.serve.commands import export_cmd, serve_cmd
@@ -162,7 +163,7 @@ def print_models(df) -> None:
 @app.command("models")
 def models_cmd(
     pattern: Optional[str] = typer.Argument(None, help="Substring or glob of the model id, e.g. resnet or 'timm/*lite*'."),
-    framework: Optional[str] = typer.Option(None, "--framework", help="pytorch or tensorflow."),
+    framework: Optional[str] = typer.Option(None, "--framework", help=' or '.join(ENGINES) + "."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Also count weights found in this folder."),
     fmt: str = typer.Option("table", "--format", "-f", callback=model_format,
                             help="table (to read; ids are never shortened), csv or json (for scripts: every "

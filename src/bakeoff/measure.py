@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["classification_metrics", "wilson_interval", "chance_level", "chance_p", "paired_cells", "mcnemar_p",
-           "paired_ratio_interval", "epoch_record", "ALPHA", "time_calls", "summarize_ms"]
+           "paired_ratio_interval", "epoch_record", "ALPHA", "time_calls", "summarize_ms", "softmax"]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -85,6 +85,13 @@ def paired_ratio_interval(cells: tuple[int, int, int, int], resamples: int = 10_
     tail = (1 - level) / 2
     lo, hi = np.nanquantile(ratio, [tail, 1 - tail])
     return (float(lo), float(hi))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits, shifted by each row's maximum so large logits cannot overflow."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def validation_figures(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:

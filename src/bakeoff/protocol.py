@@ -38,7 +38,7 @@ class Protocol:
     # head, have other keys and train again instead of resuming as these.
     head_init: str = "zeros"
     # Batch-norm running statistics of random-init models move at PyTorch's rate (0.1 a step) in
-    # every framework (keras_build.torch_rate_batch_norm); recorded like head_init.
+    # every framework (engines.keras.build.torch_rate_batch_norm); recorded like head_init.
     random_init_bn: str = "torch-rate"
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast + channels-last on CUDA, fp32 on CPU
@@ -46,7 +46,7 @@ class Protocol:
     image_size: int | None = None
     cuda_graphs: bool = True  # capture the training step in a CUDA graph on GPUs (same arithmetic, less overhead)
     val_every: int = 1  # validate after every N-th epoch; the last epoch is always validated
-    # auto: graphed CUDA steps switch to compiled kernels once compiled (torch_compile); off:
+    # auto: graphed CUDA steps switch to compiled kernels once compiled (engines.torch.compile); off:
     # eager kernels throughout. Runs with repeated seeds ended at the same accuracy either way
     # (bench/RESULTS.md, "Compiled against eager kernels, seed by seed").
     compile: str = "auto"

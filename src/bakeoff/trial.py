@@ -127,16 +127,9 @@ def result_row(spec, job: TrialJob, protocol, metrics: dict, fitted: dict, timin
 
 def run_trial(job: TrialJob, on_step=None) -> dict:
     """Train and measure one model with the engine of its framework; returns the result row."""
-    framework = job.spec["framework"]
-    if framework == "pytorch":
-        from bakeoff.engines.torch_engine import run_torch_trial
+    from bakeoff.engines import engine_for
 
-        return run_torch_trial(job, on_step)
-    if framework == "tensorflow":
-        from bakeoff.engines.keras_engine import run_keras_trial
-
-        return run_keras_trial(job, on_step)
-    raise ValueError(f"no engine for framework {framework!r}")
+    return engine_for(job.spec["framework"]).load().run_trial(job, on_step)
 
 
 def trial_process_main(job: TrialJob, queue) -> None:
@@ -173,7 +166,9 @@ def reusable_after(job: TrialJob) -> bool:
     full fine-tune on a GPU ends its worker (a fresh process per graph-captured trial; its load
     is small beside its training), and so does a Keras trial, which leaves its backend's memory
     behind."""
-    return job.spec["framework"] == "pytorch" and (
+    from bakeoff.engines import engine_for
+
+    return engine_for(job.spec["framework"]).shares_process and (
         job.device == "cpu" or bool(job.protocol.get("train_only_top_layer"))
         or job.extra.get("concurrent_trials", 1) > 1)
 
@@ -203,8 +198,8 @@ def _warm_up(device: str) -> None:
     and the imports of the PyTorch engine and of torchvision."""
     import torch
 
-    import bakeoff.engines.torch_engine  # noqa: F401
-    import bakeoff.engines.torch_fit  # noqa: F401
+    import bakeoff.engines.torch.trial  # noqa: F401
+    import bakeoff.engines.torch.fit  # noqa: F401
 
     try:
         import torchvision  # noqa: F401

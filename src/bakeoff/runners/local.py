@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Callable
 
+from bakeoff.engines import engine_for
 from bakeoff.lifetime import die_with_parent
 from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
@@ -126,7 +127,7 @@ class _Worker:
 
 def _own_process(job: TrialJob) -> bool:
     """A Keras trial, or one that could not share its GPU: it runs alone in a fresh process."""
-    return job.spec["framework"] != "pytorch" or bool(job.extra.get("alone", False))
+    return not engine_for(job.spec["framework"]).shares_process or bool(job.extra.get("alone", False))
 
 
 def _shareable(jobs: list[TrialJob]) -> int:
@@ -158,7 +159,7 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     pending, counts = split_finished(jobs, store, on_event)
     # Trials wanting the same stored image size run one after another, so a worker's resident
     # images serve the next trial too; Keras trials (a fresh process each) come last.
-    pending.sort(key=lambda j: (j.spec["framework"] != "pytorch", j.side or 0))
+    pending.sort(key=lambda j: (not engine_for(j.spec["framework"]).shares_process, j.side or 0))
     slots = devices or [None]
     share = max(1, per_device) if devices else 1
     # No more places per GPU than trials to fill them: a trial sharing with nobody is measured,
@@ -179,9 +180,9 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     w = None
                 while pending:
                     job = pending[0]
-                    keras = job.spec["framework"] != "pytorch"
+                    one_process_each = not engine_for(job.spec["framework"]).shares_process
                     alone = _own_process(job)
-                    if alone and w is not None and (keras or w.capacity > 1):
+                    if alone and w is not None and (one_process_each or w.capacity > 1):
                         # a Keras trial, or one that could not share the GPU: a process of its own
                         if w.running:
                             break
@@ -201,7 +202,7 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     job = dataclasses.replace(job, extra=extra, device=device or job.device)
                     on_event("start", job, None)
                     w.give(job)
-                    if keras:
+                    if one_process_each:
                         w.closing = True
                     elif (slot not in spares and str(job.device).startswith("cuda") and not reusable_after(job)
                           and _shareable(pending)):

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bakeoff.engines import ENGINES
 from bakeoff.errors import BakeoffError
 from bakeoff.measure import summarize_ms, time_calls
 from bakeoff.serve.endpoint_latency import validation_sample
-from bakeoff.serve.predictor import Preprocess, describe, find_model_dir, require_serve, softmax
+from bakeoff.measure import softmax
+from bakeoff.serve.predictor import Preprocess, describe, find_model_dir, require_serve
 from bakeoff.store import Store
 
 __all__ = ["export_model", "ExportResult", "FORMATS", "TOLERANCE"]
@@ -129,14 +131,15 @@ def export_model(out_dir, model_id: str, fmt: str = "onnx", n_check: int = 32, s
     out_dir = Path(out_dir).expanduser()
     folder = find_model_dir(out_dir, model_id)
     meta = json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").is_file() else {}
-    if meta.get("framework", "pytorch") != "pytorch":
+    framework = meta.get("framework", "pytorch")
+    if framework not in ENGINES or not ENGINES[framework].exports:
         raise BakeoffError(f"{meta.get('id', model_id)} is a {meta['framework']} model; export handles PyTorch "
                            f"models (serve Keras models with `bakeoff serve`)")
     if fmt == "onnx":
         require_serve("onnx", "onnxruntime")
     import torch
 
-    from bakeoff.engines.torch_engine import load_saved
+    from bakeoff.engines.torch.trial import load_saved
 
     model, meta, _ = load_saved(folder, "cpu")
     pre = Preprocess.from_meta(meta)

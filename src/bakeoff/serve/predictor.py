@@ -14,10 +14,11 @@ from PIL import Image
 
 from bakeoff.data.cache import cache_side
 from bakeoff.data.images import load_rgb, square_resize
+from bakeoff.engines import ENGINES
 from bakeoff.errors import BakeoffError
 from bakeoff.zoo.spec import safe_name
 
-__all__ = ["Preprocess", "Predictor", "find_model_dir", "saved_models", "load_predictor", "require_serve", "softmax",
+__all__ = ["Preprocess", "Predictor", "find_model_dir", "saved_models", "load_predictor", "require_serve",
            "describe", "SERVED_FORMATS"]
 
 
@@ -142,12 +143,6 @@ class Preprocess:
         return (x - mean) / std
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 @dataclass
 class Predictor:
     """One loaded model: ``predict(N x 3 x S x S float32) -> N x classes`` probabilities."""
@@ -162,48 +157,6 @@ class Predictor:
     model_dir: Path
 
 
-def _torch_predict(model_dir: Path, device: str):
-    import torch
-
-    from bakeoff.engines.torch_engine import load_saved
-    from bakeoff.engines.torch_fit import autocast_for, resolve_device, uses_bf16
-    from bakeoff.protocol import Protocol
-
-    dev = resolve_device(device)
-    model, meta, classes = load_saved(model_dir, dev)
-    # Serve at the precision the model was trained and timed with (bf16 autocast on CUDA by default).
-    saved = model_dir / "protocol.json"
-    protocol = Protocol(**json.loads(saved.read_text())) if saved.is_file() else Protocol(precision="fp32")
-    channels_last = dev.type == "cuda" and uses_bf16(protocol, dev)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def predict(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(batch).to(dev, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(protocol, dev):
-            logits = model(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
-
-    return predict, meta, classes, str(dev)
-
-
-def _keras_predict(model_dir: Path, device: str):
-    from bakeoff.engines.keras_engine import load_saved
-
-    model, meta, classes = load_saved(model_dir, device)
-    logits = meta.get("output", "logits") == "logits"
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        # Keras computes NHWC; predict_on_batch is its compiled path (eager calls are far slower).
-        out = np.asarray(model.predict_on_batch(np.ascontiguousarray(batch.transpose(0, 2, 3, 1))), np.float32)
-        return softmax(out) if logits else out
-
-    return predict, meta, classes, device
-
-
 def load_predictor(out_dir, model_id: str, device: str = "auto") -> Predictor:
     """Load ``OUT/models/<model_id>`` for serving; every missing piece is a one-line BakeoffError."""
     folder = find_model_dir(out_dir, model_id)
@@ -215,16 +168,15 @@ def load_predictor(out_dir, model_id: str, device: str = "auto") -> Predictor:
     except (ValueError, OSError) as exc:
         raise BakeoffError(f"cannot read {spec_file}: {describe(exc)}")
     framework = meta.get("framework", "pytorch")
-    loaders = {"pytorch": _torch_predict, "tensorflow": _keras_predict}
-    if framework not in loaders:
-        raise BakeoffError(f"{spec_file} names framework {framework!r}; bakeoff serves {' and '.join(loaders)}")
+    if framework not in ENGINES:
+        raise BakeoffError(f"{spec_file} names framework {framework!r}; bakeoff serves {' and '.join(ENGINES)}")
     try:
-        predict, meta, classes, dev = loaders[framework](folder, device)
+        predict, meta, classes, dev = ENGINES[framework].load().load_predict(folder, device)
     except BakeoffError:
         raise
     except ImportError as exc:
-        hint = "pip install 'bakeoff[tensorflow]'" if framework == "tensorflow" else "pip install bakeoff"
-        raise BakeoffError(f"{folder} is a {framework} model and {exc.name or 'its library'} is not installed: {hint}")
+        raise BakeoffError(f"{folder} is a {framework} model and {exc.name or 'its library'} is not installed: "
+                           f"{ENGINES[framework].install_hint}")
     except Exception as exc:  # a corrupt or mismatched weights file: say which, not a traceback
         raise BakeoffError(f"cannot load the saved model in {folder}: {describe(exc)}")
     return Predictor(meta.get("id", model_id), framework, classes, meta, Preprocess.from_meta(meta), predict, dev,

@@ -97,7 +97,7 @@ KERAS_APPLICATIONS: dict[str, tuple[int, int, str, int, str, str]] = {
                  "tensorflow/keras-applications/xception/*"),
 }
 
-# BiT-S R101x1 is in no Keras package: bakeoff builds it (engines/keras_bit.py) and loads Google's
+# BiT-S R101x1 is in no Keras package: bakeoff builds it (engines/keras/bit.py) and loads Google's
 # released checkpoint, whose pixels are scaled to [-1, 1] (the "tf" mode).
 BIT_ARCH = "BiT-S-R101x1"
 _BIT = (224, 32, "tf", 44541480, "BiT-S-R101x1.npz", "bit_models/*")

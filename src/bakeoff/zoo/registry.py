@@ -9,6 +9,7 @@ import socket
 from urllib.parse import urlparse
 from pathlib import Path
 
+from bakeoff.engines import ENGINES
 from bakeoff.errors import BakeoffError
 from bakeoff.zoo.keras_zoo import KERAS_STUDY_IDS, keras_names, keras_spec, keras_weights_cached, study_spec
 from bakeoff.zoo.spec import ModelSpec
@@ -82,8 +83,8 @@ def resolve(model_id: str) -> ModelSpec:
 
 def list_specs(pattern: str | None = None, framework: str | None = None) -> list[ModelSpec]:
     """Specs whose id matches ``pattern`` (a substring or a glob), study ids first."""
-    if framework and framework not in ("pytorch", "tensorflow"):
-        raise BakeoffError(f"--framework must be pytorch or tensorflow, got {framework!r}")
+    if framework and framework not in ENGINES:
+        raise BakeoffError(f"--framework must be {' or '.join(ENGINES)}, got {framework!r}")
     ids = _all_ids()
     if pattern:
         glob = any(ch in pattern for ch in "*?[")
@@ -104,7 +105,7 @@ def find_weights_file(spec: ModelSpec, weights_dir) -> Path | None:
     folder = Path(weights_dir).expanduser()
     stems = {spec.architecture, spec.id.replace("/", "__"), spec.id.split("/")[-1]}
     candidates = [folder / spec.weight_file] if spec.weight_file else []
-    exts = (".weights.h5", ".h5", ".npz") if spec.framework == "tensorflow" else (".pth", ".pt", ".bin", ".safetensors")
+    exts = ENGINES[spec.framework].weight_files
     candidates += [folder / f"{s}{ext}" for s in sorted(stems) for ext in exts]
     return next((c for c in candidates if c.is_file()), None)
 

@@ -197,7 +197,7 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
         protocol: Protocol, on_step: Callable[[int, int, int, float], None] | None = None) -> dict:
     """Train with the protocol: the PyTorch engine's batches, order, crop boxes and flips
-    (``torch_fit.fit``: one generator draws each epoch's boxes, on the device where the batcher
+    (``engines.torch.fit.fit``: one generator draws each epoch's boxes, on the device where the batcher
     is), and its training-time definition (``bakeoff.timing``). A Keras trial always runs alone,
     so after an epoch's first window it times every further stretch of ``WINDOW_STEPS`` steps as
     well: a host-bound step varies more from stretch to stretch than a graphed one. Compiling
@@ -273,7 +273,7 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
 
 def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
                  protocol: Protocol, on_step=None) -> dict:
-    """--train-only-top-layer, the PyTorch engine's protocol (``torch_fit.fit_top_only``): the
+    """--train-only-top-layer, the PyTorch engine's protocol (``engines.torch.fit.fit_top_only``): the
     frozen backbone runs once over the training images (centre crops, timed as training) and
     once over the validation images (timed apart), then the ``classifier`` layer trains on
     those features in the same order and batches."""
@@ -345,7 +345,7 @@ def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: i
 
 
 def time_inference(steps: Steps, batcher: Batcher, idx: np.ndarray, protocol: Protocol) -> dict:
-    """Batch-1 latency by the rule every engine follows (``torch_infer.time_inference``): the
+    """Batch-1 latency by the rule every engine follows (``engines.torch.infer.time_inference``): the
     compiled predict function, input already on the device, logits left there, synchronised;
     median and p95 of >= 50 runs after warm-up. Throughput at ``protocol.throughput_batch``."""
     one = steps.feed(batcher.eval_batch(idx[:1]))

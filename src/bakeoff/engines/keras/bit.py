@@ -1,7 +1,7 @@
 """BiT-S R101x1 in Keras 3: ResNetV2-101 (pre-activation) with group norm and weight-standardised
 convolutions, as released by Google Research (big_transfer), and a loader for its ``.npz`` weights.
 
-Import only after ``keras_engine.import_keras()`` has chosen the backend.
+Import only after ``engines.keras.trial.import_keras()`` has chosen the backend.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bakeoff.engines import engine_for
 from bakeoff.gpu_share import send_signal
 from bakeoff.lifetime import die_with_parent, temp_path
 
@@ -141,7 +142,7 @@ class Compiles:
         folder = Path(cache_root) / FOLDER
         found: dict[str, dict] = {}
         for spec, size in models:
-            if spec["framework"] != "pytorch" or spec["id"] in found:
+            if not engine_for(spec["framework"]).compiles or spec["id"] in found:
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             marker = Marker(str(folder), compile_key(spec["id"], classes, size, protocol, device_name))
@@ -152,7 +153,7 @@ class Compiles:
                     "folder": str(folder), "key": marker.key, "parent": os.getpid()}
             with open(folder / f"{marker.key}.log", "w") as log:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "bakeoff.engines.torch_compile", json.dumps(args)],
+                    [sys.executable, "-m", "bakeoff.engines.torch.compile", json.dumps(args)],
                     env=os.environ | cache_env(folder), stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True))  # its own group: see keeping_out
             # For the trial's solo sections (``GpuShare.keeping_out``): the process is not
@@ -180,8 +181,8 @@ def _compile_once(args: dict) -> str | None:
     returns why that failed, else None."""
     import torch
 
-    from bakeoff.engines.torch_build import create_model
-    from bakeoff.engines.torch_step import make_optimizer, Step
+    from bakeoff.engines.torch.build import create_model
+    from bakeoff.engines.torch.step import make_optimizer, Step
     from bakeoff.protocol import Protocol
     from bakeoff.zoo.spec import ModelSpec
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         why = _compile_once(args)
     except Exception as exc:  # before the step could compile (no GPU, the model's build): in the step's own words
-        from bakeoff.engines.torch_step import failure_reason
+        from bakeoff.engines.torch.step import failure_reason
 
         why = failure_reason(exc)
     if why:  # the trial trains eagerly and stores why

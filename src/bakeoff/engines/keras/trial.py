@@ -20,7 +20,7 @@ from bakeoff.protocol import Protocol
 from bakeoff.trial import TrialJob, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
-__all__ = ["run_keras_trial", "load_saved", "import_keras", "choose_backend"]
+__all__ = ["run_trial", "load_saved", "load_predict", "import_keras", "choose_backend"]
 
 BACKENDS = ("tensorflow", "jax")
 INSTALL_HINT = "pip install 'bakeoff[tensorflow]' (Keras on TensorFlow), or install keras and jax"
@@ -137,7 +137,7 @@ def _save(model, spec: ModelSpec, classes: list[str], protocol: Protocol, out_di
                            "input_layout": "NHWC", "output": "logits"})
 
 
-def run_keras_trial(job: TrialJob, on_step=None) -> dict:
+def run_trial(job: TrialJob, on_step=None) -> dict:
     """Train and measure one Keras model; returns the result row (the PyTorch engine's keys + backend)."""
     import torch
 
@@ -159,8 +159,8 @@ def run_keras_trial(job: TrialJob, on_step=None) -> dict:
                            f"install a GPU build of {backend}, set KERAS_BACKEND to one that has it, or use --device cpu")
 
     from bakeoff.data.batches import Batcher
-    from bakeoff.engines.keras_build import build_model
-    from bakeoff.engines.keras_fit import Steps, fit, fit_top_only, make_optimizer, time_inference
+    from bakeoff.engines.keras.build import build_model
+    from bakeoff.engines.keras.fit import Steps, fit, fit_top_only, make_optimizer, time_inference
     from bakeoff.gpu_share import share
     from bakeoff.timing import background_pids
     from bakeoff.measure import classification_metrics
@@ -224,7 +224,22 @@ def load_saved(model_dir, device: str = "auto"):
     """
     folder, meta, classes = read_model_dir(model_dir, "model.keras", " for a Keras model")
     keras = import_keras(device)
-    import bakeoff.engines.keras_bit  # noqa: F401 - registers BiT's layer for deserialisation
+    import bakeoff.engines.keras.bit  # noqa: F401 - registers BiT's layer for deserialisation
 
     model = keras.saving.load_model(folder / "model.keras", compile=False)
     return model, meta, classes
+
+
+def load_predict(model_dir: Path, device: str):
+    """A saved model for serving: (predict(N x 3 x S x S float32) -> probabilities, spec dict, class names, device)."""
+    from bakeoff.measure import softmax
+
+    model, meta, classes = load_saved(model_dir, device)
+    logits = meta.get("output", "logits") == "logits"
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        # Keras computes NHWC; predict_on_batch is its compiled path (eager calls are far slower).
+        out = np.asarray(model.predict_on_batch(np.ascontiguousarray(batch.transpose(0, 2, 3, 1))), np.float32)
+        return softmax(out) if logits else out
+
+    return predict, meta, classes, device

@@ -21,7 +21,7 @@ def _is_network_error(exc: Exception) -> bool:
 
 
 def _network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
-    from bakeoff.engines.torch_build import no_network_error  # one wording for every framework
+    from bakeoff.engines.torch.build import no_network_error  # one wording for every framework
 
     return no_network_error(spec, exc)
 
@@ -44,7 +44,7 @@ def _backbone(keras, spec: ModelSpec, size: int, pretrained, weights_dir):
     if pretrained == "offline" and not weights_available_offline(spec, weights_dir):
         pretrained = False
     if spec.architecture == BIT_ARCH:
-        from bakeoff.engines.keras_bit import BIT_URL, bit_backbone, load_bit_npz
+        from bakeoff.engines.keras.bit import BIT_URL, bit_backbone, load_bit_npz
 
         backbone = bit_backbone((size, size, 3))
         if not pretrained:
@@ -122,7 +122,7 @@ def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretr
     if build_size != input_size:
         x = keras.layers.Resizing(build_size, build_size, interpolation="bilinear", name="upsample")(x)
     x = backbone(x)
-    # Zero weights and bias, like every engine's new head (torch_build.zero_heads): uniform
+    # Zero weights and bias, like every engine's new head (engines.torch.build.zero_heads): uniform
     # predictions at the start, not Keras's Glorot draw.
     outputs = keras.layers.Dense(num_classes, dtype="float32", name="classifier",
                                  kernel_initializer="zeros", bias_initializer="zeros")(x)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from bakeoff.data.batches import Batcher
-from bakeoff.engines.torch_fit import sync_fn
-from bakeoff.engines.torch_step import autocast_for, first_way, graph_of, uses_bf16
+from bakeoff.engines.torch.fit import sync_fn
+from bakeoff.engines.torch.step import autocast_for, first_way, graph_of, uses_bf16
 from bakeoff.gpu_share import share
 from bakeoff.measure import summarize_ms, time_calls
 from bakeoff.protocol import Protocol

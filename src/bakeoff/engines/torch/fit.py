@@ -1,5 +1,5 @@
 """Fit, evaluate and time a PyTorch model on batches from the decoded cache (its training step:
-``torch_step``)."""
+``step``)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import torch
 from torch import nn
 
 from bakeoff.data.batches import Batcher
-from bakeoff.engines.torch_build import find_head
-from bakeoff.engines.torch_compile import compile_model
-from bakeoff.engines.torch_step import Pace, Step, autocast_for, make_optimizer, uses_bf16
+from bakeoff.engines.torch.build import find_head
+from bakeoff.engines.torch.compile import compile_model
+from bakeoff.engines.torch.step import Pace, Step, autocast_for, make_optimizer, uses_bf16
 from bakeoff.gpu_share import share, stream_sync
 from bakeoff.measure import epoch_record
 from bakeoff.protocol import Protocol
 from bakeoff.timing import MEASURED, WINDOW_SKIP, WINDOW_STEPS, Clock, settle_heap, window
 
-# autocast_for and uses_bf16 are the step's (torch_step), named here too for the engines that
+# autocast_for and uses_bf16 are the step's (step.py), named here too for the engines that
 # fit, predict and serve with them.
 __all__ = ["fit", "predict_probs", "resolve_device", "sync_fn", "autocast_for", "uses_bf16"]
 
@@ -62,7 +62,7 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     (``GpuShare.prioritize``) and keeps pace with the trial that has the most training left
     (``GpuShare.pacing``); each epoch records its waits.
 
-    ``compile_ready`` (``torch_compile``): whether the step's compiled kernels can be loaded now.
+    ``compile_ready`` (``compile``): whether the step's compiled kernels can be loaded now.
     If so at the start, the step is compiled (``compile_fn``) before its first epoch; else it
     is asked every ``SWITCH_CHECK`` steps after the epoch's window and after each epoch, and the
     step switches to them there (``Step.adopt``); a switch mid-epoch gets a window of its own.

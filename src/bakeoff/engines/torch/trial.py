@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import threading
+import json
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from bakeoff.timing import background_pids
 from bakeoff.trial import TrialJob, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
-__all__ = ["run_torch_trial", "save_model", "load_saved"]
+__all__ = ["run_trial", "save_model", "load_saved", "load_predict"]
 
 # Building draws the initial weights from the process's global generator: trials building at
 # the same time in one process would interleave their draws and lose the seed's meaning.
@@ -33,14 +34,14 @@ def save_model(model, spec: ModelSpec, classes: list[str], protocol: Protocol, o
                           {"input_size": input_size, "start_weights": weights})
 
 
-def run_torch_trial(job: TrialJob, on_step=None) -> dict:
+def run_trial(job: TrialJob, on_step=None) -> dict:
     """Train and measure one PyTorch model; returns the result row (figures and provenance)."""
     import torch
 
     from bakeoff.data.batches import Batcher
-    from bakeoff.engines.torch_build import build_model
-    from bakeoff.engines.torch_fit import fit, resolve_device, uses_bf16
-    from bakeoff.engines.torch_infer import time_inference
+    from bakeoff.engines.torch.build import build_model
+    from bakeoff.engines.torch.fit import fit, resolve_device, uses_bf16
+    from bakeoff.engines.torch.infer import time_inference
     from bakeoff.measure import classification_metrics
 
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
@@ -53,7 +54,7 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
         if not gate.concurrent:  # one process-wide peak: per trial only when the trial is alone
             torch.cuda.reset_peak_memory_stats(device)
         # cuDNN autotuning stays off (PyTorch's default): on an H200 it made no training step
-        # faster and cost seconds of host work per shape (torch_step.AUTOTUNE).
+        # faster and cost seconds of host work per shape (step.AUTOTUNE).
     bf16 = uses_bf16(protocol, device)
     channels_last = device.type == "cuda" and bf16
 
@@ -77,9 +78,9 @@ def run_torch_trial(job: TrialJob, on_step=None) -> dict:
                              side=job.side, keep=bool(job.extra.get("keep_data")))
     load_s = time.perf_counter() - t_load
 
-    from bakeoff.engines.torch_compile import marker_for, use_cache
+    from bakeoff.engines.torch.compile import marker_for, use_cache
 
-    marker = marker_for(job.extra.get("compile"), device)  # a background compile's (``torch_compile``)
+    marker = marker_for(job.extra.get("compile"), device)  # a background compile's (``compile``)
     if marker is not None:
         use_cache(marker.folder)
     # The run's background compiles stop while a trial of this process times steps alone.
@@ -131,10 +132,37 @@ def load_saved(model_dir, device: str = "cpu"):
     """
     import torch
 
-    from bakeoff.engines.torch_build import create_model
+    from bakeoff.engines.torch.build import create_model
 
     folder, meta, classes = read_model_dir(model_dir, "weights.pt")
     spec = ModelSpec.from_dict({k: v for k, v in meta.items() if k in ModelSpec.__dataclass_fields__})
     model = create_model(spec, len(classes))
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
     return model.to(device).eval(), meta, classes
+
+
+def load_predict(model_dir: Path, device: str):
+    """A saved model for serving: (predict(N x 3 x S x S float32) -> probabilities, spec dict, class names, device)."""
+    import torch
+
+    from bakeoff.engines.torch.fit import autocast_for, resolve_device, uses_bf16
+
+    dev = resolve_device(device)
+    model, meta, classes = load_saved(model_dir, dev)
+    # Serve at the precision the model was trained and timed with (bf16 autocast on CUDA by default).
+    saved = model_dir / "protocol.json"
+    protocol = Protocol(**json.loads(saved.read_text())) if saved.is_file() else Protocol(precision="fp32")
+    channels_last = dev.type == "cuda" and uses_bf16(protocol, dev)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(dev, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(protocol, dev):
+            logits = model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    return predict, meta, classes, str(dev)
