@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from bakeoff.compare.recommend import LATENCIES, fmt_p_value
 from bakeoff.compare.tables import CHANCE_STATUS, display_status, figure_kind, weights_kind
 from bakeoff.engines import ENGINES
 from bakeoff.errors import BakeoffError
+from bakeoff.options import device_name
 from bakeoff.protocol import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from bakeoff.serve.commands import export_cmd, serve_cmd
 
@@ -113,16 +113,6 @@ def writable_folder(ctx: typer.Context, param: typer.CallbackParam, value: Optio
                     p.rmdir()
     except OSError as exc:
         raise bad(f"cannot be written ({exc.strerror or exc}): pass a folder you can write in") from None
-    return value
-
-
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def device_name(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
-    if not DEVICE.fullmatch(value):
-        raise typer.BadParameter(f"{value!r} is not a device: pass auto, cpu, cuda or cuda:N (N: a GPU index)",
-                                 ctx=ctx, param=param)
     return value
 
 

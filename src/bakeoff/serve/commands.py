@@ -7,14 +7,9 @@ from pathlib import Path
 
 import typer
 
+from bakeoff.options import device_name
+
 __all__ = ["serve_cmd", "export_cmd"]
-
-
-def _device(ctx: typer.Context, param: typer.CallbackParam, value: str) -> str:
-    """The run command's device check, before the model loads (the CLI module imports this one)."""
-    from bakeoff.cli import device_name
-
-    return device_name(ctx, param, value)
 
 
 def serve_cmd(
@@ -22,7 +17,7 @@ def serve_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Model id to serve (see results.csv)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 exposes it to the network."),
     port: int = typer.Option(8080, min=0, max=65535, help="Port (0 picks a free one)."),
-    device: str = typer.Option("auto", callback=_device, help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", callback=device_name, help="auto, cpu, cuda or cuda:N."),
     max_body_mb: float = typer.Option(10.0, help="Larger request bodies get 413."),
     max_pixels: int = typer.Option(10_000_000, help="Pixels one image may take to decode and resize, read from its "
                                    "header before decoding (a JPEG counts after its decoder's shrink); more get 413."),
