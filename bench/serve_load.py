@@ -124,7 +124,7 @@ def main() -> None:
     from bakeoff.engines.torch.fit import resolve_device
     from bakeoff.serve.endpoint_latency import validation_sample
     from bakeoff.serve.server import ServerProcess
-    from bakeoff.trial import device_name
+    from bakeoff.machine import device_name
 
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bakeoff-serve-load-"))

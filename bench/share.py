@@ -63,12 +63,12 @@ def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: 
             marks.setdefault("start", time.perf_counter() - elapsed)
 
     fitted = fit(model, batcher, train_idx, labels, val_idx, proto, device, on_step)
-    second = fitted["history"][1]
+    second = fitted.history[1]
     marks["end"] = marks.get("start", 0.0) + second.get("epoch_wall_s", second["epoch_time_s"])  # synchronised
     # the second epoch alone: its window's seconds per step (on the kernels it ended with) x its steps
     steps = int(np.ceil(len(train_idx) / proto.batch_size))
     return {"epoch_s": second["solo_step_s"][-1] * steps, "wall_s": second.get("epoch_wall_s", second["epoch_time_s"]),
-            "mode": fitted["step_mode"], "kind": fitted["train_time_kind"]}
+            "mode": fitted.step_mode, "kind": fitted.train_time_kind}
 
 
 def fmt(values: list[float]) -> str:

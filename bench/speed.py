@@ -56,8 +56,8 @@ def bakeoff_rate(arch, images, labels, train_idx, val_idx, steps, cuda_graphs, d
     batcher = Batcher.create(images, np.concatenate([sub, val_idx[:256]]), spec.input_size, spec.mean, spec.std,
                              device, channels_last=True, side=_side(arch))
     out = fit(model, batcher, sub, labels, val_idx[:256], proto, device)
-    return {"images_per_s": len(sub) / out["train_time_s"], "capture_s": out["capture_time_s"],
-            "mode": out["step_mode"], "capture_error": out.get("capture_error")}
+    return {"images_per_s": len(sub) / out.train_time_s, "capture_s": out.capture_time_s,
+            "mode": out.step_mode, "capture_error": out.capture_error}
 
 
 def floor_rate(arch, images, idx, device, batch=128, steps=30) -> float:
@@ -205,8 +205,8 @@ def main() -> None:
         batcher = Batcher.create(images, np.concatenate([data.train_idx, data.val_idx]), spec.input_size, spec.mean,
                                  spec.std, device, True, side=_side(arch))
         out = fit(model, batcher, data.train_idx, data.labels, data.val_idx, proto, device)
-        metrics = classification_metrics(data.labels[data.val_idx], out["final_val_probs"], data.classes)
-        acc.update(bakeoff_train_s=out["train_time_s"], bakeoff_accuracy=metrics["accuracy"],
+        metrics = classification_metrics(data.labels[data.val_idx], out.final_val_probs, data.classes)
+        acc.update(bakeoff_train_s=out.train_time_s, bakeoff_accuracy=metrics["accuracy"],
                    bakeoff_ci=[metrics["accuracy_ci_low"], metrics["accuracy_ci_high"]], epochs=a.accuracy_epochs,
                    textbook_images_per_s=tr["images_per_s"])
         from bakeoff.measure import wilson_interval

@@ -65,14 +65,14 @@ def _traced(model):
 def test_a_step_switches_kernels_between_epochs_and_trains_on_as_before():
     eager_model, eager = _fit(torch.device("cpu"))
     model, out = _fit(torch.device("cpu"), compile_ready=_ready_after(1), compile_fn=_traced)
-    assert [h["kernels"] for h in out["history"]] == ["eager", "compiled", "compiled"]
-    assert out["compiled_from_epoch"] == 2 and out["compile_error"] is None
-    assert 0 < out["compile_time_s"] and out["step_mode"] == "eager, compiled"
+    assert [h["kernels"] for h in out.history] == ["eager", "compiled", "compiled"]
+    assert out.compiled_from_epoch == 2 and out.compile_error is None
+    assert 0 < out.compile_time_s and out.step_mode == "eager, compiled"
     for (name, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-4), name
-    assert [h["train_loss"] for h in out["history"]] == pytest.approx([h["train_loss"] for h in eager["history"]],
+    assert [h["train_loss"] for h in out.history] == pytest.approx([h["train_loss"] for h in eager.history],
                                                                      rel=1e-4)
-    assert out["history"][-1]["val_accuracy"] > 0.6  # it learned: chance is 1/3
+    assert out.history[-1]["val_accuracy"] > 0.6  # it learned: chance is 1/3
 
 
 def test_a_step_switches_mid_epoch_as_soon_as_its_kernels_are_ready(monkeypatch):
@@ -84,14 +84,14 @@ def test_a_step_switches_mid_epoch_as_soon_as_its_kernels_are_ready(monkeypatch)
     # Asked at the start, then every 10 steps after the epoch's window while 56 steps (room for
     # a window on the new kernels) are left: after step 60 only, and ready at that second ask.
     model, out = _fit(torch.device("cpu"), compile_ready=_ready_after(1), compile_fn=_traced, **long)
-    first, second = out["history"]
+    first, second = out.history
     assert (first["kernels"], first["compiled_from_step"], second["kernels"]) == (
         "eager, then compiled", 61, "compiled")
-    assert out["compiled_from_epoch"] == 1 and out["compile_time_s"] > 0 and out["compile_error"] is None
+    assert out.compiled_from_epoch == 1 and out.compile_time_s > 0 and out.compile_error is None
     # The switch kept weights, optimizer state and the epoch's running loss: as if it had not happened.
     for (name, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-4), name
-    assert [h["train_loss"] for h in out["history"]] == pytest.approx([h["train_loss"] for h in eager["history"]],
+    assert [h["train_loss"] for h in out.history] == pytest.approx([h["train_loss"] for h in eager.history],
                                                                      rel=1e-4)
 
 
@@ -110,21 +110,21 @@ def test_sharing_a_mid_epoch_switch_waits_for_the_solo_window_and_times_each_ker
                        batch_size=4, epochs=2)
     finally:
         set_share(None)
-    (only,) = out["history"]
-    assert out["compiled_from_epoch"] == 1 and only["compiled_from_step"] == 61, out["compile_error"]
+    (only,) = out.history
+    assert out.compiled_from_epoch == 1 and only["compiled_from_step"] == 61, out.compile_error
     eager_s, compiled_s = only["solo_step_s"]
     # The training time is the kernels the trial ended with, for every step it ran.
-    assert out["train_time_s"] == pytest.approx(120 * compiled_s)
-    assert out["train_time_kind"] == "projected from solo windows"
+    assert out.train_time_s == pytest.approx(120 * compiled_s)
+    assert out.train_time_kind == "projected from solo windows"
     # Not ready at step 60, the last ask with room for a window after it: the next ask is at the
     # epoch's end, and the switch there.
-    assert [h["kernels"] for h in late["history"]] == ["eager", "compiled"] and late["compiled_from_epoch"] == 2
-    assert len(late["history"][0]["solo_step_s"]) == 1
+    assert [h["kernels"] for h in late.history] == ["eager", "compiled"] and late.compiled_from_epoch == 2
+    assert len(late.history[0]["solo_step_s"]) == 1
 
 
 def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_the_step_eager():
     _, out = _fit(torch.device("cpu"), compile_ready=lambda: True, compile_fn=_traced, epochs=2)
-    assert [h["kernels"] for h in out["history"]] == ["compiled", "compiled"] and out["compiled_from_epoch"] == 1
+    assert [h["kernels"] for h in out.history] == ["compiled", "compiled"] and out.compiled_from_epoch == 1
 
     def broken(model):
         def fwd(x):
@@ -132,13 +132,13 @@ def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_th
         return fwd
 
     _, out = _fit(torch.device("cpu"), compile_ready=lambda: False, compile_fn=_traced, epochs=2)
-    assert out["compiled_from_epoch"] is None and out["compile_error"] == (
+    assert out.compiled_from_epoch is None and out.compile_error == (
         "its compiled kernels were not ready before the last epoch began")
 
     model, out = _fit(torch.device("cpu"), compile_ready=_ready_after(1), compile_fn=broken)
-    assert [h["kernels"] for h in out["history"]] == ["eager"] * 3 and out["compiled_from_epoch"] is None
-    assert out["compile_error"] == "RuntimeError: no kernels for this model"
-    assert out["step_mode"] == "eager" and out["history"][-1]["val_accuracy"] > 0.6
+    assert [h["kernels"] for h in out.history] == ["eager"] * 3 and out.compiled_from_epoch is None
+    assert out.compile_error == "RuntimeError: no kernels for this model"
+    assert out.step_mode == "eager" and out.history[-1]["val_accuracy"] > 0.6
 
 
 def test_undoing_a_warm_up_step_puts_weights_and_optimizer_state_back():
@@ -285,9 +285,9 @@ def test_a_graphed_step_switches_to_compiled_kernels_and_keeps_learning():
     dev = torch.device("cuda")
     _, eager = _fit(dev)
     _, out = _fit(dev, compile_ready=_ready_after(1))
-    assert out["step_mode"] == "cuda-graph, compiled" and out["compiled_from_epoch"] == 2, out["compile_error"]
-    assert out["history"][-1]["val_accuracy"] > 0.6
-    assert out["history"][-1]["train_loss"] == pytest.approx(eager["history"][-1]["train_loss"], rel=0.1)
+    assert out.step_mode == "cuda-graph, compiled" and out.compiled_from_epoch == 2, out.compile_error
+    assert out.history[-1]["val_accuracy"] > 0.6
+    assert out.history[-1]["train_loss"] == pytest.approx(eager.history[-1]["train_loss"], rel=0.1)
 
 
 @pytest.mark.gpu

@@ -160,7 +160,7 @@ def test_process_pool_decoding_writes_the_same_cache_as_threads(tmp_path, monkey
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_available_memory_respects_the_control_group_limit(tmp_path, version):
-    from bakeoff.trial import available_memory_bytes
+    from bakeoff.machine import available_memory_bytes
 
     proc, cg = tmp_path / "proc", tmp_path / "cg"
     (proc / "self").mkdir(parents=True)

@@ -367,7 +367,7 @@ def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, au
     torch.backends.cudnn.benchmark = False
     monkeypatch.setattr("bakeoff.engines.torch.step.AUTOTUNE", autotune)
     out = fit(model, b, np.arange(70), labels, np.arange(70, 90), proto, dev)
-    assert out["step_mode"] == ("cuda-graph" if graphs else "eager")
+    assert out.step_mode == ("cuda-graph" if graphs else "eager")
     tuned = {(n, train) for n, train, on in seen if on}
     # With autotuning, the training step's shape only, at its warm-up or capture; without, none.
     assert tuned == ({(16, True)} if autotune else set())

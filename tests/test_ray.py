@@ -18,7 +18,8 @@ from bakeoff.api import run_comparison  # noqa: E402
 from bakeoff.errors import BakeoffError  # noqa: E402
 from bakeoff.runners.ray_runner import MAX_RETRIES, TOKEN_FILE, _trial_task, _write_files, run_ray  # noqa: E402
 from bakeoff.store import Store  # noqa: E402
-from bakeoff.trial import TrialJob, trial_process_main  # noqa: E402
+from bakeoff.job import TrialJob  # noqa: E402
+from bakeoff.trial import trial_process_main  # noqa: E402
 from conftest import make_colour_folder, process_alive, wait_for  # noqa: E402
 
 # The hooks below run inside Ray workers, which cannot import this test module: ship them by value.

@@ -304,7 +304,8 @@ def test_train_only_top_layer_trains_the_head_on_features_computed_once(shared_c
 
 
 def test_which_trials_a_worker_runs_after_another():
-    from bakeoff.trial import TrialJob, reusable_after
+    from bakeoff.job import TrialJob
+    from bakeoff.trial import reusable_after
 
     def job(framework="pytorch", device="cpu", top=False):
         return TrialJob(spec={"framework": framework}, protocol={"train_only_top_layer": top}, cache_path="",
@@ -374,7 +375,7 @@ def _stand_in_worker(jobs, queue, capacity=1, prewarm=False):
         else:
             queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
                                            "concurrent_trials_seen": capacity,
-                                           "shared_gpu_error": job.extra.get("shared_gpu_error"),
+                                           "shared_gpu_error": job.shared_gpu_error,
                                            "pid": os.getpid(), "prewarm": prewarm}))
 
 
@@ -384,7 +385,7 @@ def _fake_run(tmp_path, beside: dict | None = None, n=3):
     import numpy as np
 
     from bakeoff.store import Store
-    from bakeoff.trial import TrialJob
+    from bakeoff.job import TrialJob
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     jobs = [TrialJob(spec={"id": f"m{i}", "framework": "pytorch", "beside": (beside or {}).get(f"m{i}", "ok")},

@@ -102,7 +102,7 @@ class _SlowFirstCalls(torch.nn.Module):
         return self.net(x)
 
 
-def _fit_time(seconds: float, **extra) -> dict:
+def _fit_time(seconds: float, **extra):
     from bakeoff.engines.torch.fit import fit
 
     images, labels = _data(n=120)
@@ -115,21 +115,21 @@ def _fit_time(seconds: float, **extra) -> dict:
 def test_one_off_work_at_an_epoch_start_or_a_slow_compile_stays_out_of_the_training_time():
     plain = _fit_time(0.0)
     slow = _fit_time(1.0)
-    assert slow["train_wall_s"] > plain["train_wall_s"] + 1.5  # the sleeps happened, in the loop
+    assert slow.train_wall_s > plain.train_wall_s + 1.5  # the sleeps happened, in the loop
     # 12 steps an epoch: the window is steps 9-12, so the slow first steps are never timed (one
     # sleep inside a 4-step window would add 0.25 s to each of its steps)
-    windows = [s for h in slow["history"] for s in h["solo_step_s"]]
+    windows = [s for h in slow.history for s in h["solo_step_s"]]
     assert len(windows) == 2 and max(windows) < 0.2
-    assert slow["train_time_s"] == pytest.approx(24 * slow["train_step_ms"] / 1000)
-    assert slow["train_time_kind"] == plain["train_time_kind"] == PROJECTED
+    assert slow.train_time_s == pytest.approx(24 * slow.train_step_ms / 1000)
+    assert slow.train_time_kind == plain.train_time_kind == PROJECTED
 
     def slow_compile(model):
         time.sleep(1.0)
         return model
 
     compiled = _fit_time(0.0, compile_ready=lambda: True, compile_fn=slow_compile)
-    assert compiled["compile_time_s"] + compiled["capture_time_s"] >= 1.0  # reported apart
-    assert max(s for h in compiled["history"] for s in h["solo_step_s"]) < 0.2
+    assert compiled.compile_time_s + compiled.capture_time_s >= 1.0  # reported apart
+    assert max(s for h in compiled.history for s in h["solo_step_s"]) < 0.2
 
 
 def test_the_figure_is_the_final_kernels_median_step_times_the_steps_ran():
@@ -164,8 +164,8 @@ def test_a_trial_waits_for_its_pending_kernels_before_its_last_epoch_and_ends_on
         return time.perf_counter() > ready_at
 
     cold = _fit_time(0.0, compile_ready=ready, compile_settled=ready, compile_fn=lambda m: m)
-    assert cold["compile_wait_s"] > 0 and cold["history"][-1]["kernels"] == "compiled"
-    assert cold["compile_error"] is None
+    assert cold.compile_wait_s > 0 and cold.history[-1]["kernels"] == "compiled"
+    assert cold.compile_error is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs bakeoff[tensorflow]")
@@ -182,6 +182,6 @@ def test_a_keras_trial_alone_times_every_stretch_after_the_epoch_start():
     batcher = Batcher.create(images, np.arange(560), 10, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
     got = keras_fit.fit(steps, batcher, np.arange(520), labels, np.arange(520, 560), protocol)
     # 130 steps an epoch: windows of steps 9-56 and 57-104 (not 105-130: too short for a whole one)
-    assert got["train_time_basis"].startswith("median of 4 solo window(s) of 48 steps")
-    assert got["train_time_s"] == pytest.approx(260 * got["train_step_ms"] / 1000)
-    assert got["train_time_kind"] == PROJECTED
+    assert got.train_time_basis.startswith("median of 4 solo window(s) of 48 steps")
+    assert got.train_time_s == pytest.approx(260 * got.train_step_ms / 1000)
+    assert got.train_time_kind == PROJECTED

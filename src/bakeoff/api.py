@@ -30,7 +30,8 @@ from bakeoff.protocol import Protocol, apply_preset
 from bakeoff.provenance import provenance
 from bakeoff.runners.local import run_local
 from bakeoff.store import Store
-from bakeoff.trial import TrialJob, device_name
+from bakeoff.job import TrialJob
+from bakeoff.machine import device_name
 from bakeoff.zoo.registry import check_weights_reachable, list_specs, resolve, weights_available_offline
 
 __all__ = ["run", "run_comparison", "report", "models"]
@@ -195,8 +196,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                                      labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
                                      classes=data.classes, out_dir=str(out), device=str(dev),
                                      weights_dir=str(weights_dir) if weights_dir else None, key=key,
-                                     extra=({"compile": compile_for[s.id]} if s.id in compile_for else {})
-                                     | {"background": background}))
+                                     compile=compile_for.get(s.id), background=background))
             command = command or " ".join(shlex.quote(a) for a in sys.argv)
             # A preset's differences from the study it reproduces go with the protocol into the report.
             stored = protocol.to_dict() | (apply_preset(preset).record(preset) if preset else {})

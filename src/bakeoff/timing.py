@@ -81,13 +81,13 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-def background_pids(extra: dict) -> list[int]:
+def background_pids(background: dict | None, compile: dict | None) -> list[int]:
     """The run's background compile processes a trial stops during its solo windows (and
-    latency timing), from its job's ``extra``: only where the trial runs on the host that
+    latency timing), from its job's ``background`` and ``compile``: only where the trial runs on the host that
     started them (a Ray worker elsewhere has other processes under those ids)."""
     import socket
 
-    found = extra.get("background") or {}
+    found = background or {}
     pids = list(found.get("pids", [])) if found.get("host") == socket.gethostname() else []
-    own = (extra.get("compile") or {}).get("pid")
+    own = (compile or {}).get("pid")
     return sorted(set(pids + ([own] if own is not None else [])))

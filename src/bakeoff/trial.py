@@ -4,125 +4,11 @@
 from __future__ import annotations
 
 import os
-import platform
 import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
+from bakeoff.job import TrialJob
 
-__all__ = ["TrialJob", "run_trial", "trial_process_main", "worker_main", "available_memory_bytes", "device_name"]
-
-
-@dataclass
-class TrialJob:
-    """Everything a trial process needs; plain data so it crosses process boundaries."""
-
-    spec: dict
-    protocol: dict
-    cache_path: str
-    input_size: int
-    labels: np.ndarray
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    classes: list[str]
-    out_dir: str
-    device: str = "auto"
-    weights_dir: str | None = None
-    key: str = ""
-    side: int | None = None  # the model's resize size; the cache may be stored at another
-    cache_root: str | None = None  # the run's cache folder (decoded images, compiled kernels)
-    extra: dict = field(default_factory=dict)
-
-
-def available_memory_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
-    """Memory this process may still use: the machine's available memory, or less where the
-    process's control group (a container's memory limit, v1 or v2) leaves less."""
-    free = None
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                free = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if free is None:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    room = _cgroup_room(proc, cgroups)
-    return min(free, room) if room is not None else free
-
-
-def _cgroup_room(proc: Path, cgroups: Path) -> int | None:
-    try:
-        lines = (proc / "self" / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2: memory.max / memory.current
-            limit_file, used_file = cgroups / path.lstrip("/") / "memory.max", "memory.current"
-        elif "memory" in controllers.split(","):  # v1
-            limit_file, used_file = cgroups / "memory" / path.lstrip("/") / "memory.limit_in_bytes", \
-                "memory.usage_in_bytes"
-        else:
-            continue
-        try:
-            limit = limit_file.read_text().strip()
-            used = int((limit_file.parent / used_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
-            return max(0, int(limit) - used)
-    return None
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def result_row(spec, job: TrialJob, protocol, metrics: dict, fitted: dict, timing: dict, *, build_s: float,
-               load_s: float, params: int, model_path: Path, peak: tuple[float, str], weights: str,
-               **engine_fields) -> dict:
-    """The stored row of a finished trial, the same keys whatever the engine; ``engine_fields``
-    adds what only one engine knows (precision, device, step mode, backend, ...)."""
-    train_s = fitted["train_time_s"]
-    return {
-        "model": spec.id,
-        "framework": spec.framework,
-        "source": spec.source,
-        "status": "ok",
-        **metrics,
-        "train_time_s": train_s,
-        # how train_time_s was taken (``bakeoff.timing``), the same keys for every engine
-        **{k: fitted.get(k) for k in ("train_time_kind", "train_time_basis", "train_step_ms", "train_step_ms_min",
-                                      "train_step_ms_max")},
-        "data_time_s": fitted["data_time_s"],
-        # Share of the trial's data + training time spent getting images ready (cache load included).
-        "data_fraction": (load_s + fitted["data_time_s"]) / (load_s + train_s) if train_s else None,
-        "eval_time_s": fitted["eval_time_s"],
-        "build_time_s": build_s,
-        "load_time_s": load_s,
-        "train_images_per_s": len(job.train_idx) * protocol.epochs / train_s if train_s else None,
-        **timing,
-        "params": int(params),
-        "size_mb": model_path.stat().st_size / 2**20,
-        "peak_memory_mb": peak[0],
-        "peak_memory_kind": peak[1],
-        "history": fitted["history"],
-        "weights": weights,
-        "input_size": job.input_size,
-        "model_dir": str(model_path.parent.relative_to(job.out_dir)),
-        **engine_fields,
-    }
+__all__ = ["run_trial", "trial_process_main", "worker_main", "reusable_after"]
 
 
 def run_trial(job: TrialJob, on_step=None) -> dict:
@@ -170,7 +56,7 @@ def reusable_after(job: TrialJob) -> bool:
 
     return engine_for(job.spec["framework"]).shares_process and (
         job.device == "cpu" or bool(job.protocol.get("train_only_top_layer"))
-        or job.extra.get("concurrent_trials", 1) > 1)
+        or job.concurrent_trials > 1)
 
 
 def _run_one(job: TrialJob, queue, own_stream: bool) -> None:

@@ -49,7 +49,7 @@ RESIDENT_SHARE = 0.4
 def resident_budget(device) -> int:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] * RESIDENT_SHARE)
-    from bakeoff.trial import available_memory_bytes
+    from bakeoff.machine import available_memory_bytes
 
     return int(available_memory_bytes() * RESIDENT_SHARE)
 

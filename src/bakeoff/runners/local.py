@@ -18,7 +18,8 @@ from bakeoff.engines import engine_for
 from bakeoff.lifetime import die_with_parent
 from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
-from bakeoff.trial import TrialJob, reusable_after, worker_main
+from bakeoff.job import TrialJob
+from bakeoff.trial import reusable_after, worker_main
 
 __all__ = ["run_local", "prestart"]
 
@@ -127,7 +128,7 @@ class _Worker:
 
 def _own_process(job: TrialJob) -> bool:
     """A Keras trial, or one that could not share its GPU: it runs alone in a fresh process."""
-    return not engine_for(job.spec["framework"]).shares_process or bool(job.extra.get("alone", False))
+    return not engine_for(job.spec["framework"]).shares_process or job.alone
 
 
 def _shareable(jobs: list[TrialJob]) -> int:
@@ -198,8 +199,8 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     if not w.has_room():
                         break
                     pending.pop(0)
-                    extra = job.extra | {"keep_data": True, "concurrent_trials": w.capacity}
-                    job = dataclasses.replace(job, extra=extra, device=device or job.device)
+                    job = dataclasses.replace(job, keep_data=True, concurrent_trials=w.capacity,
+                                              device=device or job.device)
                     on_event("start", job, None)
                     w.give(job)
                     if one_process_each:
@@ -212,16 +213,15 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     w.last_wave()
             for w in workers.values():
                 for job, started, status, payload in w.poll(on_event):
-                    if status == "error" and w.capacity > 1 and not job.extra.get("alone"):
+                    if status == "error" and w.capacity > 1 and not job.alone:
                         # A trial that failed beside others (out of memory, a neighbour's crash
                         # that ended the process) runs again alone: the error it keeps is its own.
                         status, payload = "alone", f"failed beside other trials: {payload['error']}"
                     if status == "alone":  # first in line for a process of its own
-                        pending.insert(0, dataclasses.replace(
-                            job, extra=job.extra | {"alone": True, "shared_gpu_error": payload}))
+                        pending.insert(0, dataclasses.replace(job, alone=True, shared_gpu_error=payload))
                         continue
                     if status == "ok":
-                        payload = payload | {"concurrent_trials": job.extra.get("concurrent_trials", 1)}
+                        payload = payload | {"concurrent_trials": job.concurrent_trials}
                     record_outcome(store, run_id, job, started, status == "ok", payload, counts, on_event)
             time.sleep(0.05)
     finally:

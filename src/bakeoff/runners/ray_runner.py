@@ -22,7 +22,8 @@ import numpy as np
 from bakeoff.errors import BakeoffError
 from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
-from bakeoff.trial import TrialJob, trial_process_main
+from bakeoff.job import TrialJob
+from bakeoff.trial import trial_process_main
 
 __all__ = ["connect", "cluster_device", "gpu_share", "run_ray", "MAX_RETRIES"]
 

@@ -12,6 +12,7 @@ import numpy as np
 from bakeoff.data.batches import Batcher
 from bakeoff.measure import epoch_record, summarize_ms, time_calls
 from bakeoff.gpu_share import share
+from bakeoff.job import FitResult
 from bakeoff.protocol import Protocol
 from bakeoff.timing import MEASURED, WINDOW_STEPS, Clock, settle_heap, window
 
@@ -195,7 +196,7 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
-        protocol: Protocol, on_step: Callable[[int, int, int, float], None] | None = None) -> dict:
+        protocol: Protocol, on_step: Callable[[int, int, int, float], None] | None = None) -> FitResult:
     """Train with the protocol: the PyTorch engine's batches, order, crop boxes and flips
     (``engines.torch.fit.fit``: one generator draws each epoch's boxes, on the device where the batcher
     is), and its training-time definition (``bakeoff.timing``). A Keras trial always runs alone,
@@ -267,12 +268,12 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
             val_probs = predict_probs(steps, batcher, val_idx)
             eval_time += time.perf_counter() - t_eval
         history.append(_record(epoch, outs, len(train_idx), val_probs, labels[val_idx], epoch_time))
-    return {"history": history, **clock.figures("compiled"), "train_wall_s": wall_time, "data_time_s": data_time,
-            "eval_time_s": eval_time, "compile_time_s": compile_s, "final_val_probs": val_probs}
+    return FitResult(history=history, **clock.figures("compiled"), train_wall_s=wall_time, data_time_s=data_time,
+                     eval_time_s=eval_time, compile_time_s=compile_s, final_val_probs=val_probs)
 
 
 def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
-                 protocol: Protocol, on_step=None) -> dict:
+                 protocol: Protocol, on_step=None) -> FitResult:
     """--train-only-top-layer, the PyTorch engine's protocol (``engines.torch.fit.fit_top_only``): the
     frozen backbone runs once over the training images (centre crops, timed as training) and
     once over the validation images (timed apart), then the ``classifier`` layer trains on
@@ -322,10 +323,10 @@ def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: 
         history.append(_record(epoch, outs, n, val_probs, labels[val_idx], epoch_time))
         final = val_probs if val_probs is not None else final
     steps.finish()
-    return {"history": history, "train_time_s": train_time, "train_time_kind": MEASURED,
-            "train_time_basis": "the training images' feature pass and every head epoch, alone",
-            "train_wall_s": train_time, "data_time_s": 0.0, "eval_time_s": val_feature_s,
-            "feature_time_s": feature_s, "compile_time_s": 0.0, "final_val_probs": final}
+    return FitResult(history=history, train_time_s=train_time, train_time_kind=MEASURED,
+                     train_time_basis="the training images' feature pass and every head epoch, alone",
+                     train_wall_s=train_time, data_time_s=0.0, eval_time_s=val_feature_s,
+                     feature_time_s=feature_s, compile_time_s=0.0, final_val_probs=final)
 
 
 def _record(epoch: int, outs: list, n: int, val_probs, val_y, epoch_time: float) -> dict:

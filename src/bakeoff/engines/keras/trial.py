@@ -16,8 +16,9 @@ import numpy as np
 
 from bakeoff.engines.saved import read_model_dir, save_model_dir
 from bakeoff.errors import BakeoffError
+from bakeoff.job import TrialJob, result_row
+from bakeoff.machine import device_name
 from bakeoff.protocol import Protocol
-from bakeoff.trial import TrialJob, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_trial", "load_saved", "load_predict", "import_keras", "choose_backend"]
@@ -191,13 +192,13 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
                              if on_gpu else torch.device("cpu"), on_gpu, "auto", side=job.side)
     load_s = time.perf_counter() - t_load
 
-    with share().keeping_out(background_pids(job.extra)):
+    with share().keeping_out(background_pids(job.background, job.compile)):
         if protocol.train_only_top_layer:
             fitted = fit_top_only(keras, model, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
             steps = Steps(keras, model, make_optimizer(keras, protocol))
         else:
             fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
-        metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
+        metrics = classification_metrics(job.labels[job.val_idx], fitted.final_val_probs, job.classes)
         timing = time_inference(steps, batcher, job.val_idx, protocol)
     steps.finish()
     path = _save(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights, backend)
@@ -205,8 +206,8 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
     return result_row(
         spec, job, protocol, metrics, fitted, timing, build_s=build_s, load_s=load_s,
         params=model.count_params(), model_path=path, peak=(peak_mb, peak_kind), weights=weights,
-        compile_time_s=fitted["compile_time_s"], input_upsampled_to=upsampled, train_wall_s=fitted["train_wall_s"],
-        setup_time_s=build_s + load_s + fitted["compile_time_s"], feature_time_s=fitted.get("feature_time_s"),
+        compile_time_s=fitted.compile_time_s, input_upsampled_to=upsampled, train_wall_s=fitted.train_wall_s,
+        setup_time_s=build_s + load_s + fitted.compile_time_s, feature_time_s=fitted.feature_time_s,
         precision="bf16-mixed" if bf16 else "fp32", channels_last=True,  # Keras computes NHWC
         device="cuda" if accel else "cpu",
         device_name=accel[1] if accel else device_name(torch.device("cpu")),

@@ -107,7 +107,7 @@ class Marker:
 
 def marker_for(found: dict | None, device) -> Marker | None:
     """The marker a trial on ``device`` (a ``torch.device``) waits for, from its job's
-    ``extra["compile"]``; None where there is none or it was compiled for another GPU: a cache
+    ``compile``; None where there is none or it was compiled for another GPU: a cache
     entry made for one device may not be found for another, and a trial that compiled cold in
     its own process (22-240 s per model on an H200) would hold its neighbours' solo windows
     back all that time."""
@@ -134,7 +134,7 @@ class Compiles:
               device: str, device_name: str) -> dict[str, dict]:
         """One background compile per model, given as (spec, input size), that trains in full
         on a CUDA GPU with graphs, bf16 and ``compile="auto"``, unless an earlier run left its
-        marker. Returns, per model id, what its trial needs (``job.extra["compile"]``): the
+        marker. Returns, per model id, what its trial needs (``TrialJob.compile``): the
         cache folder and the marker's key."""
         if (protocol.get("train_only_top_layer") or not protocol.get("cuda_graphs")
                 or protocol.get("compile", "off") != "auto" or protocol.get("precision") == "fp32"):

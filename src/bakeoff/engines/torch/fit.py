@@ -16,6 +16,7 @@ from bakeoff.engines.torch.build import find_head
 from bakeoff.engines.torch.compile import compile_model
 from bakeoff.engines.torch.step import Pace, Step, autocast_for, make_optimizer, uses_bf16
 from bakeoff.gpu_share import share, stream_sync
+from bakeoff.job import FitResult
 from bakeoff.measure import epoch_record
 from bakeoff.protocol import Protocol
 from bakeoff.timing import MEASURED, WINDOW_SKIP, WINDOW_STEPS, Clock, settle_heap, window
@@ -52,7 +53,7 @@ COMPILE_WAIT_S = 900.0
 def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
         protocol: Protocol, device: torch.device, on_step: Callable[[int, int, int, float], None] | None = None,
         compile_ready: Callable[[], bool] | None = None, compile_fn: Callable = compile_model,
-        compile_settled: Callable[[], bool] | None = None, compile_wait_s: float = COMPILE_WAIT_S) -> dict:
+        compile_settled: Callable[[], bool] | None = None, compile_wait_s: float = COMPILE_WAIT_S) -> FitResult:
     """Train with the protocol; return per-epoch history and the training time (``bakeoff.timing``:
     each epoch times a window of steps alone, the figure comes from the windows on the kernels
     the trial ends with). Evaluation, capture and compiling are timed apart.
@@ -208,11 +209,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
                 compiled_from = epoch + 2 if compile_error is None else None
     if pending():
         compile_error = "its compiled kernels were not ready before the last epoch began"
-    return {"history": history, **clock.figures(kernels()), "eval_time_s": eval_time, "final_val_probs": val_probs,
-            "data_time_s": data_time, "step_mode": step.mode, "capture_time_s": capture_s,
-            "capture_error": step.capture_error, "train_wall_s": wall_time,
-            "compiled_from_epoch": compiled_from, "compile_time_s": compile_s, "compile_error": compile_error,
-            "compile_wait_s": compile_waited}
+    return FitResult(history=history, **clock.figures(kernels()), eval_time_s=eval_time, final_val_probs=val_probs,
+                     data_time_s=data_time, step_mode=step.mode, capture_time_s=capture_s,
+                     capture_error=step.capture_error, train_wall_s=wall_time,
+                     compiled_from_epoch=compiled_from, compile_time_s=compile_s, compile_error=compile_error,
+                     compile_wait_s=compile_waited)
 
 
 def _wait_for(settled: Callable[[], bool], limit_s: float) -> float:
@@ -275,7 +276,7 @@ def _features(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Pro
 HEAD_STEPS_PER_REPLAY = 64
 
 
-def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step=None) -> dict:
+def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step=None) -> FitResult:
     """--train-only-top-layer: run the frozen backbone once over every image, then train the
     classifier on the cached features (the backbone's output cannot change, so computing it
     every epoch would be waste). Features come from centre crops: no augmentation.
@@ -342,12 +343,12 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
             loss_sum, correct = float(many.loss_sum + one.loss_sum), float(many.correct + one.correct)
         history.append(epoch_record(epoch, loss_sum / n, correct / n, val_probs if scored else None,
                                      labels[val_idx], epoch_time, n))
-    return {"history": history, "train_time_s": train_time, "eval_time_s": val_feature_s,
-            "final_val_probs": val_probs, "data_time_s": 0.0,
-            "step_mode": f"cached-features, {many.mode}, {k} steps per replay", "feature_time_s": feature_s,
-            "capture_time_s": 0.0, "capture_error": many.capture_error, "train_time_kind": MEASURED,
-            "train_time_basis": "the training images' feature pass and every head epoch, alone",
-            "train_wall_s": train_time}
+    return FitResult(history=history, train_time_s=train_time, eval_time_s=val_feature_s,
+                     final_val_probs=val_probs, data_time_s=0.0,
+                     step_mode=f"cached-features, {many.mode}, {k} steps per replay", feature_time_s=feature_s,
+                     capture_time_s=0.0, capture_error=many.capture_error, train_time_kind=MEASURED,
+                     train_time_basis="the training images' feature pass and every head epoch, alone",
+                     train_wall_s=train_time)
 
 
 @torch.no_grad()

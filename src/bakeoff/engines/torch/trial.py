@@ -12,9 +12,10 @@ import numpy as np
 
 from bakeoff.engines.saved import read_model_dir, save_model_dir
 from bakeoff.gpu_share import share
+from bakeoff.job import TrialJob, result_row
+from bakeoff.machine import device_name
 from bakeoff.protocol import Protocol
 from bakeoff.timing import background_pids
-from bakeoff.trial import TrialJob, device_name, result_row
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["run_trial", "save_model", "load_saved", "load_predict"]
@@ -75,22 +76,22 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
     needed = np.concatenate([job.train_idx, job.val_idx])
     t_load = time.perf_counter()
     batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, channels_last, "auto",
-                             side=job.side, keep=bool(job.extra.get("keep_data")))
+                             side=job.side, keep=job.keep_data)
     load_s = time.perf_counter() - t_load
 
     from bakeoff.engines.torch.compile import marker_for, use_cache
 
-    marker = marker_for(job.extra.get("compile"), device)  # a background compile's (``compile``)
+    marker = marker_for(job.compile, device)  # a background compile's (``compile``)
     if marker is not None:
         use_cache(marker.folder)
     # The run's background compiles stop while a trial of this process times steps alone.
-    with gate.keeping_out(background_pids(job.extra)):
+    with gate.keeping_out(background_pids(job.background, job.compile)):
         try:
             fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step,
                          compile_ready=marker.ready if marker is not None else None,
                          compile_settled=(lambda: marker.read() is not None) if marker is not None else None)
             with gate.shared():
-                metrics = classification_metrics(job.labels[job.val_idx], fitted["final_val_probs"], job.classes)
+                metrics = classification_metrics(job.labels[job.val_idx], fitted.final_val_probs, job.classes)
             t_measure = time.perf_counter()
             timing = time_inference(model, batcher, job.val_idx, protocol, device)
             measure_s = time.perf_counter() - t_measure
@@ -110,13 +111,13 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
     return result_row(
         spec, job, protocol, metrics, fitted, timing, build_s=build_s, load_s=load_s,
         params=sum(p.numel() for p in model.parameters()), model_path=weights_path, peak=(peak_mb, peak_kind),
-        weights=weights, step_mode=fitted.get("step_mode"), capture_time_s=fitted.get("capture_time_s"),
-        capture_error=fitted.get("capture_error"), feature_time_s=fitted.get("feature_time_s"),
-        train_wall_s=fitted.get("train_wall_s"), compile_wait_s=fitted.get("compile_wait_s"),
-        setup_time_s=build_s + load_s + (fitted.get("capture_time_s") or 0.0) + (fitted.get("compile_time_s") or 0.0),
-        compiled_from_epoch=fitted.get("compiled_from_epoch"), compile_time_s=fitted.get("compile_time_s"),
-        compile_error=(marker.error() if marker is not None else None) or fitted.get("compile_error"),
-        shared_gpu_error=job.extra.get("shared_gpu_error"), measure_time_s=measure_s, save_time_s=save_s,
+        weights=weights, step_mode=fitted.step_mode, capture_time_s=fitted.capture_time_s,
+        capture_error=fitted.capture_error, feature_time_s=fitted.feature_time_s,
+        train_wall_s=fitted.train_wall_s, compile_wait_s=fitted.compile_wait_s,
+        setup_time_s=build_s + load_s + (fitted.capture_time_s or 0.0) + (fitted.compile_time_s or 0.0),
+        compiled_from_epoch=fitted.compiled_from_epoch, compile_time_s=fitted.compile_time_s,
+        compile_error=(marker.error() if marker is not None else None) or fitted.compile_error,
+        shared_gpu_error=job.shared_gpu_error, measure_time_s=measure_s, save_time_s=save_s,
         gpu_wait_s=gate.waited() - waited if gate.concurrent else None,
         gpu_alone_s={k: v - alone.get(k, 0.0) for k, v in gate.alone().items()} if gate.concurrent else None,
         precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,

@@ -1,0 +1,63 @@
+"""What the machine offers a trial: its device's name (for the result row), the memory it may use."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+__all__ = ["available_memory_bytes", "device_name"]
+
+
+def available_memory_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
+    """Memory this process may still use: the machine's available memory, or less where the
+    process's control group (a container's memory limit, v1 or v2) leaves less."""
+    free = None
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if free is None:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    room = _cgroup_room(proc, cgroups)
+    return min(free, room) if room is not None else free
+
+
+def _cgroup_room(proc: Path, cgroups: Path) -> int | None:
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: memory.max / memory.current
+            limit_file, used_file = cgroups / path.lstrip("/") / "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            limit_file, used_file = cgroups / "memory" / path.lstrip("/") / "memory.limit_in_bytes", \
+                "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            limit = limit_file.read_text().strip()
+            used = int((limit_file.parent / used_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge number: no limit
+            return max(0, int(limit) - used)
+    return None
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
