@@ -76,11 +76,12 @@ def _model_list(models_arg) -> list[str]:
 
 def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | None = None,
                    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
-                   optimizer: str | None = None, train_only_top_layer: bool = False, val_dir=None,
-                   val_fraction: float = 0.2, seed: int = 0, pretrained=True, weights_dir=None,
-                   device: str = "auto", preset: str | None = None, precision: str = "auto",
-                   image_size: int | None = None, cache_dir=None, trials_per_gpu="auto",
-                   cuda_graphs: bool = True, val_every: int = 1, compile: str = "auto", progress: bool = True,
+                   optimizer: str | None = None, train_only_top_layer: bool = Protocol.train_only_top_layer,
+                   val_dir=None, val_fraction: float = 0.2, seed: int = Protocol.seed, pretrained=Protocol.pretrained,
+                   weights_dir=None, device: str = "auto", preset: str | None = None,
+                   precision: str = Protocol.precision, image_size: int | None = Protocol.image_size, cache_dir=None,
+                   trials_per_gpu="auto", cuda_graphs: bool = Protocol.cuda_graphs, val_every: int = Protocol.val_every,
+                   compile: str = Protocol.compile, progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
                    mlflow_uri: str | None = None, endpoint_latency: int = 0) -> Comparison:
     """Fine-tune every model with one protocol, measure, store, and compare (see ``run``).
@@ -104,7 +105,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         from bakeoff.tracking import require_mlflow
 
         require_mlflow()
-    settings = dict(epochs=5, lr=0.001, batch_size=16, optimizer="adam")
+    # epochs, lr, batch size and optimizer: Protocol's defaults, then the preset's, then the caller's
+    settings = dict(epochs=Protocol.epochs, lr=Protocol.lr, batch_size=Protocol.batch_size, optimizer=Protocol.optimizer)
     model_ids = _model_list(models)
     if preset:
         p = apply_preset(preset)

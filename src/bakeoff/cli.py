@@ -20,7 +20,7 @@ from bakeoff.compare.tables import CHANCE_STATUS, display_status, figure_kind, w
 from bakeoff.engines import ENGINES
 from bakeoff.errors import BakeoffError
 from bakeoff.options import device_name
-from bakeoff.protocol import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from bakeoff.protocol import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, OPTIMIZERS, Protocol
 from bakeoff.serve.commands import export_cmd, serve_cmd
 
 app = typer.Typer(
@@ -179,21 +179,23 @@ def run_cmd(
     baseline: Optional[str] = typer.Option(None, help="Model the others are compared to (default: the first listed)."),
     out: Path = typer.Option(Path("bakeoff-out"), "--out", "-o", callback=writable_folder,
                              help="Output folder (made if missing; must be writable); re-running resumes in it."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs  [default: 5]"),
-    lr: Optional[float] = typer.Option(None, help="Learning rate, a finite number above 0  [default: 0.001]"),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size  [default: 16]"),
-    optimizer: Optional[str] = typer.Option(None, help="adam, adamw or sgd  [default: adam]"),
-    train_only_top_layer: bool = typer.Option(False, "--train-only-top-layer", help="Freeze all but the classifier."),
+    epochs: Optional[int] = typer.Option(None, help=f"Epochs  \\[default: {Protocol.epochs}]"),
+    lr: Optional[float] = typer.Option(None, help=f"Learning rate, a finite number above 0  \\[default: {Protocol.lr}]"),
+    batch_size: Optional[int] = typer.Option(None, help=f"Batch size  \\[default: {Protocol.batch_size}]"),
+    optimizer: Optional[str] = typer.Option(None, help=f"{', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}  "
+                                            f"\\[default: {Protocol.optimizer}]"),
+    train_only_top_layer: bool = typer.Option(Protocol.train_only_top_layer, "--train-only-top-layer",
+                                              help="Freeze all but the classifier."),
     val_dir: Optional[Path] = typer.Option(None, help="Separate validation folder (same class folders)."),
     val_fraction: float = typer.Option(0.2, help="Held-out fraction per class when there is no --val-dir."),
-    val_every: int = typer.Option(1, help="Score the validation split after every N-th epoch (the last one always): "
+    val_every: int = typer.Option(Protocol.val_every, help="Score the validation split after every N-th epoch (the last one always): "
                                   "1 draws full learning curves; 5 with 5 epochs skips four evaluation passes."),
-    seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
+    seed: int = typer.Option(Protocol.seed, help="Seed of the split, the initialisation and the batch order."),
+    pretrained: bool = typer.Option(Protocol.pretrained, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
     weights_dir: Optional[Path] = typer.Option(None, help="Folder of local weight files (no network needed)."),
     device: str = typer.Option("auto", callback=device_name, help="auto, cpu, cuda or cuda:N."),
     preset: Optional[str] = typer.Option(None, help="Named protocol and models, e.g. jumpstart-blog."),
-    precision: str = typer.Option("auto", help="auto (bf16 + channels-last on CUDA), fp32 or bf16."),
+    precision: str = typer.Option(Protocol.precision, help="auto (bf16 + channels-last on CUDA), fp32 or bf16."),
     image_size: Optional[int] = typer.Option(None, help=f"Override every model's input size (quick runs), "
                                              f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels."),
     cache_dir: Optional[Path] = typer.Option(None, callback=writable_folder,
@@ -204,9 +206,9 @@ def run_cmd(
                                        "a number, or auto (as many full fine-tunes as memory allows; "
                                        "top-only trials one at a time). 1 measures every training "
                                        "time alone instead of projecting it."),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
+    cuda_graphs: bool = typer.Option(Protocol.cuda_graphs, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
-    compile: str = typer.Option("auto", "--compile", help="auto (on CUDA GPUs, compile each model's training "
+    compile: str = typer.Option(Protocol.compile, "--compile", help="auto (on CUDA GPUs, compile each model's training "
                                 "step in the background and switch to the compiled kernels once ready; kept "
                                 "for later runs) or off (eager kernels throughout)."),
     endpoint_latency: int = typer.Option(0, help="Serve each model locally and time N one-image HTTP requests."),
