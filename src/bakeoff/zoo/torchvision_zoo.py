@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
 
 from bakeoff.zoo.spec import ModelSpec
 
-__all__ = ["torchvision_names", "torchvision_spec", "CLASSIFIER_ATTR"]
+__all__ = ["torchvision_names", "torchvision_spec", "torchvision_create", "torchvision_weights_offline",
+           "in_torch_hub", "CLASSIFIER_ATTR"]
 
 # The layer each family ends in; the engine also finds it by shape when a family is missing.
 CLASSIFIER_ATTR = {
@@ -64,3 +66,21 @@ def torchvision_spec(name: str, model_id: str | None = None, aliases: tuple[str,
         build_kwargs=kwargs,
         aliases=aliases,
     )
+
+
+def torchvision_create(spec: ModelSpec, num_classes: int):
+    """The network with a ``num_classes`` head and random weights."""
+    import torchvision
+
+    return torchvision.models.get_model(spec.architecture, weights=None, num_classes=num_classes, **spec.build_kwargs)
+
+
+def in_torch_hub(filename: str) -> bool:
+    """Whether torch.hub's cache holds ``filename`` (torchvision's and some timm weights land there)."""
+    import torch
+
+    return bool(filename) and (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
+
+
+def torchvision_weights_offline(spec: ModelSpec) -> bool:
+    return in_torch_hub(spec.weight_file)

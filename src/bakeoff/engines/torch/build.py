@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bakeoff.errors import BakeoffError
-from bakeoff.zoo.registry import find_weights_file, weights_available_offline
+from bakeoff.zoo.registry import SOURCES, find_weights_file, weights_available_offline
 from bakeoff.zoo.spec import ModelSpec
 from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES
 
@@ -42,7 +42,7 @@ def _load_matching(model: nn.Module, state: dict, spec: ModelSpec, origin: str) 
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     left = [k for k in own if k not in keep and not k.endswith("num_batches_tracked")]
-    head = find_head_name(model)
+    head = find_head_name(model, spec)
     stray = [k for k in left if not (head and k.startswith(head + "."))]
     if stray:
         raise BakeoffError(
@@ -59,7 +59,7 @@ def _load_positional(model: nn.Module, state: dict, spec: ModelSpec, origin: str
     dst = [k for k in own if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
         raise BakeoffError(f"weights {origin} hold {len(src)} tensors, {spec.id} has {len(dst)}")
-    head = find_head_name(model)
+    head = find_head_name(model, spec)
     mapped = {}
     for k, v in zip(dst, src):
         if own[k].shape == v.shape:
@@ -70,15 +70,10 @@ def _load_positional(model: nn.Module, state: dict, spec: ModelSpec, origin: str
 
 
 def create_model(spec: ModelSpec, num_classes: int) -> nn.Module:
-    if spec.source == "torchvision":
-        import torchvision
-
-        return torchvision.models.get_model(spec.architecture, weights=None, num_classes=num_classes,
-                                            **spec.build_kwargs)
-    if spec.source == "timm":
-        import timm
-
-        return timm.create_model(spec.architecture, pretrained=False, num_classes=num_classes)
+    """The zoo's network for ``spec`` with a ``num_classes`` head and random weights."""
+    source = SOURCES.get(spec.source)
+    if source is not None and source.create is not None:
+        return source.create(spec, num_classes)
     raise BakeoffError(f"{spec.id}: the PyTorch engine cannot build models from {spec.source}")
 
 
@@ -90,7 +85,7 @@ def build_model(spec: ModelSpec, num_classes: int, pretrained=True, weights_dir=
     (random init), or "offline" (ImageNet weights where no network is needed, else random init).
     """
     model, weights = _with_weights(spec, num_classes, pretrained, weights_dir)
-    zero_heads(model)
+    zero_heads(model, spec)
     return model, weights
 
 
@@ -141,9 +136,14 @@ def _with_weights(spec: ModelSpec, num_classes: int, pretrained, weights_dir) ->
     return model, f"imagenet ({spec.weight_source})"
 
 
-def head_names(model: nn.Module) -> list[str]:
-    """The attribute paths of the classification layers: timm names them (distilled models have
-    two); else the last Linear/Conv."""
+def head_names(model: nn.Module, spec: ModelSpec | None = None) -> list[str]:
+    """The attribute paths of the classification layers: the zoo's (``spec.classifier``; timm's
+    distilled models have two), else those timm's config names, else the last Linear/Conv (a
+    model built without a spec, or a family the zoo does not name)."""
+    named = spec.classifier if spec is not None else None
+    named = [named] if isinstance(named, str) else list(named or ())
+    if named and all(_has_module(model, n) for n in named):
+        return named
     if hasattr(model, "get_classifier") and hasattr(model, "pretrained_cfg"):
         names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
         names = [names] if isinstance(names, str) else list(names or ())
@@ -156,18 +156,26 @@ def head_names(model: nn.Module) -> list[str]:
     return [last] if last else []
 
 
-def find_head_name(model: nn.Module) -> str | None:
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def find_head_name(model: nn.Module, spec: ModelSpec | None = None) -> str | None:
     """The attribute path of the (first) classification layer."""
-    names = head_names(model)
+    names = head_names(model, spec)
     return names[0] if names else None
 
 
-def find_head(model: nn.Module) -> nn.Module:
-    return model.get_submodule(find_head_name(model))
+def find_head(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
+    return model.get_submodule(find_head_name(model, spec))
 
 
 @torch.no_grad()
-def zero_heads(model: nn.Module) -> None:
+def zero_heads(model: nn.Module, spec: ModelSpec | None = None) -> None:
     """Start every new classifier at zero weights and zero bias, whatever the source's own scheme
     (timm, torchvision and Keras each draw theirs differently, and a large random head starts far
     from uniform: a loss well above ln(classes) that a short top-only run spends its epochs
@@ -175,7 +183,7 @@ def zero_heads(model: nn.Module) -> None:
 
     A head followed by a ReLU (SqueezeNet's convolution) would pass no gradient from an output
     of exactly zero, so its bias starts at one instead: still equal logits, still uniform."""
-    for name in head_names(model):
+    for name in head_names(model, spec):
         head = model.get_submodule(name)
         if not isinstance(getattr(head, "weight", None), torch.Tensor):
             continue  # an Identity head (num_classes=0) has nothing to start

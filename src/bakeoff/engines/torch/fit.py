@@ -53,7 +53,8 @@ COMPILE_WAIT_S = 900.0
 def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
         protocol: Protocol, device: torch.device, on_step: Callable[[int, int, int, float], None] | None = None,
         compile_ready: Callable[[], bool] | None = None, compile_fn: Callable = compile_model,
-        compile_settled: Callable[[], bool] | None = None, compile_wait_s: float = COMPILE_WAIT_S) -> FitResult:
+        compile_settled: Callable[[], bool] | None = None, compile_wait_s: float = COMPILE_WAIT_S,
+        head_name: str | None = None) -> FitResult:
     """Train with the protocol; return per-epoch history and the training time (``bakeoff.timing``:
     each epoch times a window of steps alone, the figure comes from the windows on the kernels
     the trial ends with). Evaluation, capture and compiling are timed apart.
@@ -70,10 +71,11 @@ def fit(model: nn.Module, batcher: Batcher, train_idx: np.ndarray, labels: np.nd
     ``compile_settled`` (the background compile ended, ready or failed): a trial whose kernels
     are still pending when its last epoch begins waits for them (up to ``compile_wait_s``,
     ``compile_wait_s`` in the result), so it ends on the same kernels whether the compile cache
-    was cold or warm.
+    was cold or warm. ``head_name``: the classifier a top-only fit trains (the zoo's
+    ``spec.classifier``); found in the model when None.
     """
     if protocol.train_only_top_layer:
-        return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step)
+        return fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step, head_name)
     gate = share()
     sync = sync_fn(device)
     graphs = device.type == "cuda" and protocol.cuda_graphs
@@ -276,7 +278,8 @@ def _features(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Pro
 HEAD_STEPS_PER_REPLAY = 64
 
 
-def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step=None) -> FitResult:
+def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, on_step=None,
+                 head_name: str | None = None) -> FitResult:
     """--train-only-top-layer: run the frozen backbone once over every image, then train the
     classifier on the cached features (the backbone's output cannot change, so computing it
     every epoch would be waste). Features come from centre crops: no augmentation.
@@ -286,7 +289,7 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
     neighbours overlap is the rest of the trial (building, loading, saving)."""
     gate = share()
     sync = sync_fn(device)
-    head = find_head(model)
+    head = model.get_submodule(head_name) if head_name else find_head(model)
     if not isinstance(head, nn.Linear):
         raise ValueError(f"--train-only-top-layer needs a linear classifier, found {type(head).__name__}")
     for p in model.parameters():

@@ -40,7 +40,7 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
     import torch
 
     from bakeoff.data.batches import Batcher
-    from bakeoff.engines.torch.build import build_model
+    from bakeoff.engines.torch.build import build_model, find_head_name
     from bakeoff.engines.torch.fit import fit, resolve_device, uses_bf16
     from bakeoff.engines.torch.infer import time_inference
     from bakeoff.measure import classification_metrics
@@ -67,6 +67,7 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
         torch.manual_seed(protocol.seed)
         np.random.seed(protocol.seed)
         model, weights = build_model(spec, len(job.classes), protocol.pretrained, job.weights_dir)
+        head_name = find_head_name(model, spec)  # the zoo's classifier, for a top-only fit
         model = model.to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -89,7 +90,8 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
         try:
             fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step,
                          compile_ready=marker.ready if marker is not None else None,
-                         compile_settled=(lambda: marker.read() is not None) if marker is not None else None)
+                         compile_settled=(lambda: marker.read() is not None) if marker is not None else None,
+                         head_name=head_name)
             with gate.shared():
                 metrics = classification_metrics(job.labels[job.val_idx], fitted.final_val_probs, job.classes)
             t_measure = time.perf_counter()
