@@ -12,7 +12,7 @@ Linux) empties the page cache before each. Runs go in the order of `--modes`, on
         --models pytorch-ic-resnet34,pytorch-ic-mobilenet-v2 --modes auto,off --seeds 0 -- --no-pretrained
 
 Everything after `--` goes to every `bakeoff run` unchanged. Figures land in WORK/ab.json and
-as a table at the end; `bench/timeline.py WORK/<run>` reads any one run back in detail.
+as a table at the end; `bakeoff timeline WORK/<run>` reads any one run back in detail.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timeline import timeline  # noqa: E402  (bench/, beside this script)
+from bakeoff.compare.timeline import timeline
 
 BAKEOFF = [sys.executable, "-c", "from bakeoff.cli import main; main()"]
 
