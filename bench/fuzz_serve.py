@@ -1,5 +1,5 @@
 """Claim: `bakeoff serve` answers every request of a hostile mix from 32 concurrent clients with
-the status its README names (2xx for good requests, 4xx for bad ones): no 5xx, no dropped
+the status docs/serving.md names (2xx for good requests, 4xx for bad ones): no 5xx, no dropped
 connection, no crash, and the server's peak memory stays a few hundred MB above the idle server.
 
 The mix (seeded, drawn request by request): valid images in several formats and modes, JSON
