@@ -1,7 +1,7 @@
 """Whether compiled kernels make bakeoff's graphed training step cheaper on the GPU, per model.
 
 Question: a shared run of the eight models keeps the GPU busy (100% in nearly every sample,
-bench/RESULTS.md) and is bound by the GPU work of its steps at batch 16. Each step is already
+docs/results.md) and is bound by the GPU work of its steps at batch 16. Each step is already
 replayed from a CUDA graph, so launching costs nothing; what is left is the kernels. Here the
 same step (``torch_step.Step``: bf16 autocast, channels-last, fused Adam, captured in a graph)
 is built twice per model, in one fresh process per model:

@@ -1,7 +1,7 @@
 """What cuDNN autotuning of the training step costs and buys, per model.
 
 Question: in a shared run, the eight captures at the start took about 100 s with the GPU near
-idle (bench/RESULTS.md): each capture's warm-up autotuned every convolution shape on the host.
+idle (docs/results.md): each capture's warm-up autotuned every convolution shape on the host.
 This script measures, for each model and each way of picking kernels (``tuned``: autotuning on
 inside ``torch_step.tuned``, bakeoff's default until 2026-12; ``heuristics``: cuDNN's
 heuristics only, the default since this script's figures), in a fresh process each (cuDNN's
