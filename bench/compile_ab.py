@@ -17,7 +17,6 @@ as a table at the end; `bakeoff timeline WORK/<run>` reads any one run back in d
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 from bakeoff.compare.timeline import timeline
+
+from harness import parser, write_json  # bench/, beside this script
 
 BAKEOFF = [sys.executable, "-c", "from bakeoff.cli import main; main()"]
 
@@ -57,7 +58,7 @@ def _acc(m: dict | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("data", help="the image folder every run trains on")
     ap.add_argument("--work", type=Path, required=True, help="where the runs' output and cache folders go")
     ap.add_argument("--models", required=True)
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in a.modes.split(","):
             rows.append(one_run(a.data, a.work, a.models, mode, seed, extra, a.drop_caches))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "models"}), flush=True)
-            (a.work / "ab.json").write_text(json.dumps(rows, indent=2))
+            write_json(a.work / "ab.json", rows)
     print("\n| run | whole s | " + " | ".join(m.split("-ic-")[-1] for m in a.models.split(",")) + " |")
     print("|---|---|" + "---|" * len(a.models.split(",")))
     for r in rows:
