@@ -2,7 +2,7 @@
 
 Question: `bakeoff run --trials-per-gpu N` runs N trials in one process, one CUDA stream each.
 On the H200 every trial's capture failed there while the same capture succeeded alone. This
-script isolates that: part 1 captures each model's real step (`torch_step.Step`: bf16,
+script isolates that: part 1 captures each model's real step (`engines.torch.step.Step`: bf16,
 channels-last, capturable fused Adam) in each capture way, alone, and prints the mode, the
 error and the mean loss of five steps on one fixed batch (equal losses: the ways compute the
 same); part 2 builds and captures N trials at once in N threads through the same gate the
@@ -13,7 +13,6 @@ worker uses, and prints what each capture said.
 
 from __future__ import annotations
 
-import argparse
 import threading
 
 import torch
@@ -23,6 +22,8 @@ from bakeoff.engines.torch.build import build_model
 from bakeoff.gpu_share import GpuShare, NeedsGpuAlone, set_share
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
+
+from harness import parser  # bench/, beside this script
 
 def _model(arch: str, device):
     torch.manual_seed(0)
@@ -53,7 +54,7 @@ def _step(arch: str, device, ways: list[str] | None = None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--models", default="resnet34,mobilenet_v2")
     ap.add_argument("--threads", type=int, default=4)
     args = ap.parse_args()

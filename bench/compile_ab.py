@@ -12,20 +12,20 @@ Linux) empties the page cache before each. Runs go in the order of `--modes`, on
         --models pytorch-ic-resnet34,pytorch-ic-mobilenet-v2 --modes auto,off --seeds 0 -- --no-pretrained
 
 Everything after `--` goes to every `bakeoff run` unchanged. Figures land in WORK/ab.json and
-as a table at the end; `bench/timeline.py WORK/<run>` reads any one run back in detail.
+as a table at the end; `bakeoff timeline WORK/<run>` reads any one run back in detail.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timeline import timeline  # noqa: E402  (bench/, beside this script)
+from bakeoff.compare.timeline import timeline
+
+from harness import parser, write_json  # bench/, beside this script
 
 BAKEOFF = [sys.executable, "-c", "from bakeoff.cli import main; main()"]
 
@@ -58,7 +58,7 @@ def _acc(m: dict | None) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("data", help="the image folder every run trains on")
     ap.add_argument("--work", type=Path, required=True, help="where the runs' output and cache folders go")
     ap.add_argument("--models", required=True)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in a.modes.split(","):
             rows.append(one_run(a.data, a.work, a.models, mode, seed, extra, a.drop_caches))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "models"}), flush=True)
-            (a.work / "ab.json").write_text(json.dumps(rows, indent=2))
+            write_json(a.work / "ab.json", rows)
     print("\n| run | whole s | " + " | ".join(m.split("-ic-")[-1] for m in a.models.split(",")) + " |")
     print("|---|---|" + "---|" * len(a.models.split(",")))
     for r in rows:

@@ -1,9 +1,9 @@
 """Whether compiled kernels make bakeoff's graphed training step cheaper on the GPU, per model.
 
 Question: a shared run of the eight models keeps the GPU busy (100% in nearly every sample,
-bench/RESULTS.md) and is bound by the GPU work of its steps at batch 16. Each step is already
+docs/results.md) and is bound by the GPU work of its steps at batch 16. Each step is already
 replayed from a CUDA graph, so launching costs nothing; what is left is the kernels. Here the
-same step (``torch_step.Step``: bf16 autocast, channels-last, fused Adam, captured in a graph)
+same step (``engines.torch.step.Step``: bf16 autocast, channels-last, fused Adam, captured in a graph)
 is built twice per model, in one fresh process per model:
 
 - ``compiled``: the model wrapped in ``torch.compile`` (default mode: generated kernels that fuse
@@ -42,6 +42,8 @@ import tempfile
 import time
 
 from tuning import replay_rates  # bench/, beside this script
+
+from harness import child_rows, parser, write_json  # bench/, beside this script
 
 ARCHS = ["densenet201", "resnet152", "inception_v3", "densenet121", "mobilenet_v2", "googlenet", "resnet34",
          "alexnet"]
@@ -99,7 +101,7 @@ def child(arch: str, steps: int, variants: tuple[str, ...] = ("compiled", "eager
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--models", default=",".join(ARCHS))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--deadline", type=float, default=3600, help="start no model after this many seconds")
@@ -130,8 +132,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=2)
+            write_json(a.json, rows)
 
     archs = a.models.split(",")
     for pass_no in range(1, a.passes + 1):
@@ -153,12 +154,8 @@ def main() -> None:
                 print(f"{arch}: not run, {left:.0f} s left")
                 continue
             with tempfile.TemporaryDirectory() as fresh:  # an empty compile cache: a first run's cost
-                try:
-                    done = subprocess.run(cmd(arch, a.variants), capture_output=True, text=True,
-                                          env=env_for(a.cache or fresh), timeout=left)
-                    row = parsed(arch, done.stdout, done.stderr)
-                except subprocess.TimeoutExpired:
-                    row = {"model": arch, "error": f"not finished in {left:.0f} s"}
+                found, why = child_rows(cmd(arch, a.variants), left, env_for(a.cache or fresh))
+                row = found[0] if found else {"model": arch, "error": why}
             keep(row, pass_no)
     print(f"\n{'pass':4s} {'model':13s} {'eager img/s (min-max)':>24s} {'compiled img/s (min-max)':>26s} "
           f"{'x':>5s} {'capture s eager/compiled':>25s}")

@@ -24,9 +24,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from harness import child_rows, parser, write_json  # bench/, beside this script
 
 PLACES, LEVELS = 8, 4
 
@@ -100,7 +101,7 @@ def child(kernels: int, micros: float, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--connections", default="8,32", help="CUDA_DEVICE_MAX_CONNECTIONS settings; 8 is the default")
     ap.add_argument("--kernels", type=int, default=50)
     ap.add_argument("--kernel-us", type=float, default=200.0)
@@ -116,13 +117,13 @@ def main() -> None:
         env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS=n)
         if n == "8":
             env.pop("CUDA_DEVICE_MAX_CONNECTIONS")  # the default, as a run without the setting sees it
-        out = subprocess.run([sys.executable, __file__, "--child", "--kernels", str(a.kernels),
-                              "--kernel-us", str(a.kernel_us), "--repeats", str(a.repeats)],
-                             env=env, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        rows, why = child_rows([sys.executable, __file__, "--child", "--kernels", str(a.kernels),
+                                "--kernel-us", str(a.kernel_us), "--repeats", str(a.repeats)], env=env)
+        if not rows:
+            raise SystemExit(f"CUDA_DEVICE_MAX_CONNECTIONS={n}: {why}")
+        results.append(rows[-1])
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(a.out, results)
     print(f"{results[0]['gpu']}: 8 streams, one graph each of {a.kernels} kernels of {a.kernel_us:.0f} us "
           f"(one GPU thread each); median of {a.repeats}")
     print(f"{'connections':>12} {'order':>15} {'streams':>8} {'alone ms':>9} {'together ms (min-max)':>24} "

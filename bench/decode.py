@@ -18,7 +18,6 @@ memory); stages 1 and 5 drop the page cache first when allowed (root), else say 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -34,6 +33,8 @@ from bakeoff.data.cache import build_cache
 from bakeoff.data.gpu_decode import batchable
 from bakeoff.data.images import square_resize_tensor
 from bakeoff.data.scan import scan_folder
+
+from harness import parser  # bench/, beside this script
 
 
 def _drop_page_cache() -> str:
@@ -56,7 +57,7 @@ def _timed(label: str, fn, n: int, unit: str = "files") -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--data", required=True, help="an image folder (one sub-folder per class)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--side", type=int, default=256)

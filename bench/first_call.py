@@ -11,7 +11,6 @@ median of 5 later calls; device-synchronised.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -19,9 +18,11 @@ import torchvision
 
 from bakeoff.measure import time_calls
 
+from harness import parser  # bench/, beside this script
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--models", default="mobilenet_v2,resnet34")
     ap.add_argument("--batches", default="1,64,256")
     args = ap.parse_args()

@@ -6,7 +6,7 @@ work of their batch-16 steps, and half of that work is two DenseNets, whose many
 concatenations and narrow convolutions may not gain from NHWC. For each model and format, in a
 fresh process each (cuDNN's plan caches start empty, as in a run):
 
-- building the step (``torch_step.Step``: bf16 autocast, fused capturable Adam, three warm-up
+- building the step (``engines.torch.step.Step``: bf16 autocast, fused capturable Adam, three warm-up
   steps and the capture): wall seconds, a cold first call included; every neighbour of a
   shared run waits this long;
 - the graphed step's images/s: median of 3 timed stretches of ``--steps`` replays after 20
@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 from tuning import build_step, replay_rates  # bench/, beside this script
+
+from harness import child_rows, parser, write_json  # bench/, beside this script
 
 ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "densenet201", "googlenet",
          "inception_v3"]
@@ -82,16 +83,12 @@ def mix(formats: dict[str, str], rounds: int) -> dict:
 
 
 def _run(args: list[str], timeout: float) -> dict:
-    try:
-        done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"not finished in {timeout:.0f} s"}
-    found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return found[0] if found else {"error": " | ".join(done.stderr.strip().splitlines()[-3:])}
+    rows, why = child_rows([sys.executable, __file__, *args], timeout)
+    return rows[0] if rows else {"error": why}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--models", default=",".join(ARCHS))
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--mix", action="store_true", help="also the models replayed together, both ways")
@@ -112,8 +109,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=2)
+            write_json(a.json, rows)
 
     for arch in archs:
         for fmt in FORMATS:

@@ -1,5 +1,5 @@
 """Claim: `bakeoff serve` answers every request of a hostile mix from 32 concurrent clients with
-the status its README names (2xx for good requests, 4xx for bad ones): no 5xx, no dropped
+the status docs/serving.md names (2xx for good requests, 4xx for bad ones): no 5xx, no dropped
 connection, no crash, and the server's peak memory stays a few hundred MB above the idle server.
 
 The mix (seeded, drawn request by request): valid images in several formats and modes, JSON
@@ -21,13 +21,10 @@ Needs fastapi and uvicorn (bakeoff[serve]); the client uses only the standard li
 
 from __future__ import annotations
 
-import argparse
 import base64
 import http.client
 import io
 import json
-import os
-import platform
 import random
 import socket
 import struct
@@ -39,6 +36,9 @@ import zlib
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when a test imports this file by its path
+from harness import machine, parser, write_json  # noqa: E402  (bench/, beside this script)
 
 MODEL = "timm/test_resnet"
 IMAGE, JSON, GOOD_ACCEPT = "application/x-image", "application/json", "application/json;verbose"
@@ -270,7 +270,7 @@ def memory_mb(pid: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--run", type=Path, help="--out folder of a `bakeoff run` (default: an untrained tiny model)")
     ap.add_argument("--model", default=MODEL, help="model id to serve")
     ap.add_argument("--requests", type=int, default=10_000)
@@ -296,9 +296,8 @@ def main() -> None:
     result |= {"reported_attacks": attacks,"warm_up_ok": warm["by_status"] == {200: 50}, "server_alive_after": alive,
                "server_rss_idle_mb": idle["rss_mb"], "server_peak_rss_mb": after["peak_mb"],
                "server_peak_above_idle_mb": after["peak_mb"] - idle["rss_mb"], "server_log_bytes": len(log),
-               "server_log_last_lines": log.splitlines()[-5:], "cpu_count": os.cpu_count(),
-               "python": platform.python_version(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    args.out.write_text(json.dumps(result, indent=2))
+               "server_log_last_lines": log.splitlines()[-5:]} | machine("cpu")
+    write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("by_kind", "reported_attacks")}, indent=2))
     for kind, by in result["by_kind"].items():
         print(f"{kind:>24}: {by}")

@@ -14,8 +14,6 @@ Runs without TensorFlow (Keras on JAX) and without a package index:
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -23,6 +21,8 @@ import sys
 import time
 
 import numpy as np
+
+from harness import machine, parser, write_json  # bench/, beside this script
 
 # name: (Keras application, its kwargs, torchvision model, input size)
 PAIRS = {
@@ -205,7 +205,7 @@ def run_isolated(fn, name: str, args: dict, timeout: float = 900) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--models", default=",".join(PAIRS), help=f"comma-separated, from {', '.join(PAIRS)}")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=50, help="timed training steps")
@@ -238,10 +238,8 @@ def main() -> None:
                       f"{r['latency']['p50_ms']:>12.2f}{r['latency']['p95_ms']:>12.2f}{r['compile_s']:>11.1f}",
                       flush=True)
     if a.out:
-        meta = {"args": args, "python": sys.version.split()[0], "platform": platform.platform(),
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with open(a.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        meta = {"args": args, "time": time.strftime("%Y-%m-%d %H:%M:%S")} | machine()
+        write_json(a.out, {"meta": meta, "rows": rows})
         print(f"wrote {a.out}")
 
 

@@ -19,7 +19,6 @@ as a table at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from harness import parser, write_json  # bench/, beside this script
 
 BAKEOFF = [sys.executable, "-c", "from bakeoff.cli import main; main()"]
 MODELS = ("pytorch-ic-alexnet,pytorch-ic-densenet121,pytorch-ic-densenet201,pytorch-ic-googlenet,"
@@ -65,7 +66,7 @@ def _ratio(a, b) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("data")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--models", default=MODELS)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         if name in a.runs.split(","):
             rows[name] = one_run(a.data, a.work, a.models, name, cache, flags, extra)
             print(json.dumps({k: v for k, v in rows[name].items() if k != "models"}), flush=True)
-            (a.work / f"like_for_like-{'-'.join(rows)}.json").write_text(json.dumps(rows, indent=2, default=str))
+            write_json(a.work / f"like_for_like-{'-'.join(rows)}.json", rows)
     names = list(rows)
     print("\n| model | " + " | ".join(f"{n} train s" for n in names) + " | warm vs cold | alone vs warm "
           "| compared latency ms (kind) | eager ms |")

@@ -15,9 +15,9 @@ Dropout is off (eval mode for dropout modules only), so the four see the same ne
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
+
+from harness import parser, write_json  # bench/, beside this script
 
 
 def one(arch: str, device: str, size: int, batch: int) -> dict:
@@ -57,7 +57,7 @@ def one(arch: str, device: str, size: int, batch: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--models", default="resnet152,resnet34")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=224)
@@ -70,8 +70,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['logit_scale']:.3f} | {r['eager_bf16']:.4f} | {r['compiled_bf16']:.4f} | "
               f"{r['compiled_fp32']:.5f} |")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ Needs fastapi and uvicorn (bakeoff[serve]); the client uses only the standard li
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
-import platform
-import sys
 import tempfile
 import threading
 import time
@@ -27,6 +24,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from harness import machine, parser, write_json  # bench/, beside this script
 
 
 def make_images(root: Path, classes: int = 4, per_class: int = 12, size=(400, 300)) -> Path:
@@ -108,7 +107,7 @@ def drive(url: str, bodies: list[bytes], clients: int, requests: int, warmup: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--run", type=Path, help="--out folder of an earlier `bakeoff run` (default: train one)")
     ap.add_argument("--model", default="timm/resnet50", help="model id to serve (or to train when no --run)")
     ap.add_argument("--image-size", type=int, default=224, help="input size when training here")
@@ -119,12 +118,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON results")
     args = ap.parse_args()
 
-    import torch
-
     from bakeoff.engines.torch.fit import resolve_device
     from bakeoff.serve.endpoint_latency import validation_sample
     from bakeoff.serve.server import ServerProcess
-    from bakeoff.machine import device_name
 
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bakeoff-serve-load-"))
@@ -140,12 +136,11 @@ def main() -> None:
                 print(f"max_batch {max_batch:>3}  clients {clients:>3}  {row['requests_per_s']:8.1f} req/s  "
                       f"p50 {row['p50_ms']:8.2f} ms  p95 {row['p95_ms']:8.2f} ms  failures {row['failures']}",
                       flush=True)
-    meta = {"model": args.model, "run": str(run), "device": str(device), "device_name": device_name(device),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "requests_per_client": args.requests, "image_bytes_median": int(np.median([len(b) for b in bodies])),
-            "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = machine(device) | {
+        "model": args.model, "run": str(run), "device": str(device), "requests_per_client": args.requests,
+        "image_bytes_median": int(np.median([len(b) for b in bodies])),
+        "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
+    write_json(args.out, {"meta": meta, "rows": rows})
     print(f"wrote {args.out}")
 
 

@@ -24,7 +24,6 @@ min-max.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import statistics
@@ -41,6 +40,8 @@ from bakeoff.engines.torch.fit import fit, uses_bf16
 from bakeoff.gpu_share import GpuShare, set_share
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
+
+from harness import parser  # bench/, beside this script
 
 
 def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: dict,
@@ -78,7 +79,7 @@ def fmt(values: list[float]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--models", default="alexnet,resnet34,mobilenet_v2,googlenet")
     ap.add_argument("--steps", type=int, default=400, help="batch-16 steps per epoch")
     ap.add_argument("--side", type=int, default=256, help="stored image side (models crop their own size)")

@@ -13,8 +13,6 @@ compared on real full epochs of one model.
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -36,6 +34,8 @@ from bakeoff.engines.torch.step import tuned  # noqa: E402
 from bakeoff.measure import classification_metrics  # noqa: E402
 from bakeoff.protocol import Protocol  # noqa: E402
 from bakeoff.zoo import resolve  # noqa: E402
+
+from harness import machine, parser, write_json  # noqa: E402  (bench/, beside this script)
 
 ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "densenet201", "googlenet",
          "inception_v3"]
@@ -115,7 +115,7 @@ def packed_rate(arch, cache_path, labels, train_idx, val_idx, steps, graphs, n) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", default="speed.json")
     ap.add_argument("--cache", default=None)
@@ -132,8 +132,7 @@ def main() -> None:
     a = ap.parse_args()
     device = torch.device("cuda")
     archs = a.models.split(",")
-    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv),
-              "models": {}}
+    report = {"machine": machine(device), "models": {}}
 
     t0 = time.perf_counter()
     sides = {arch: _side(arch) for arch in archs}
@@ -173,7 +172,7 @@ def main() -> None:
         report["models"][arch] = r
         print(f"{arch:14s} textbook {r['textbook']:8.0f}  graph {r['bakeoff_graph']:8.0f} ({r['graph_mode']})  "
               f"eager {r.get('bakeoff_eager', float('nan')):8.0f}  floor {r['floor']:8.0f} img/s", flush=True)
-        Path(a.out).write_text(json.dumps(report, indent=2))
+        write_json(a.out, report)
 
     if a.pack:
         report["packing"] = {}
@@ -185,7 +184,7 @@ def main() -> None:
                                                   a.bakeoff_steps, True, a.pack)}
             report["packing"][arch] = pk
             print(f"packing {arch}: {pk}", flush=True)
-            Path(a.out).write_text(json.dumps(report, indent=2))
+            write_json(a.out, report)
 
     if a.accuracy_model:
         arch = a.accuracy_model
@@ -225,7 +224,7 @@ def main() -> None:
     print(f"\nprojected {a.epochs} epochs on {n_train} images: textbook {tb:.0f}s, bakeoff {bo:.0f}s "
           f"(incl. {report['prepare_s']:.0f}s data preparation), floor {fl:.0f}s; speed-up {tb / bo:.1f}x, "
           f"{bo / fl:.2f}x the floor")
-    Path(a.out).write_text(json.dumps(report, indent=2))
+    write_json(a.out, report)
 
 
 if __name__ == "__main__":

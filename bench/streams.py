@@ -14,7 +14,6 @@ after warm-up, device-synchronised; median of repeats with min-max.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -25,6 +24,8 @@ from bakeoff.engines.torch.build import build_model
 from bakeoff.engines.torch.step import make_optimizer, Step
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
+
+from harness import parser, write_json  # bench/, beside this script
 
 
 def _trial(arch: str, device, batch: int):
@@ -74,7 +75,7 @@ def measure(archs: list[str], device, batch: int, n_steps: int, repeats: int) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--models", default="", help="each measured with K copies of itself")
     ap.add_argument("--copies", default="1,2,4")
     ap.add_argument("--mix", default="", help="one copy each of these, all at once")
@@ -96,8 +97,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "batch": args.batch,
               "steps": args.steps, "repeats": args.repeats, "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

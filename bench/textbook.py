@@ -15,6 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 
+from harness import parser  # bench/, beside this script
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -98,9 +100,7 @@ def latency_ms(model, x, device, runs: int = 50) -> list[float]:
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick manual check
-    import argparse
-
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("data")
     ap.add_argument("--arch", default="resnet34")
     ap.add_argument("--steps", type=int, default=100)

@@ -1,9 +1,9 @@
 """What cuDNN autotuning of the training step costs and buys, per model.
 
 Question: in a shared run, the eight captures at the start took about 100 s with the GPU near
-idle (bench/RESULTS.md): each capture's warm-up autotuned every convolution shape on the host.
+idle (docs/results.md): each capture's warm-up autotuned every convolution shape on the host.
 This script measures, for each model and each way of picking kernels (``tuned``: autotuning on
-inside ``torch_step.tuned``, bakeoff's default until 2026-12; ``heuristics``: cuDNN's
+inside ``engines.torch.step.tuned``, bakeoff's default until 2026-12; ``heuristics``: cuDNN's
 heuristics only, the default since this script's figures), in a fresh process each (cuDNN's
 plan caches start empty):
 
@@ -30,9 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
+
+from harness import child_rows, parser, write_json  # bench/, beside this script
 
 ARCHS = ["alexnet", "resnet34", "resnet152", "mobilenet_v2", "densenet121", "densenet201", "googlenet",
          "inception_v3"]
@@ -170,14 +171,12 @@ def together(archs: list[str], steps: int) -> list[dict]:
 
 def _child_rows(models: str, mode: str, steps: int) -> list[dict]:
     """The rows a fresh child process prints for ``models`` in ``mode``, or one error row."""
-    done = subprocess.run([sys.executable, __file__, "--child", models, mode, "--steps", str(steps)],
-                          capture_output=True, text=True)
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return rows or [{"model": models, "mode": mode, "error": done.stderr.strip().splitlines()[-1:]}]
+    rows, why = child_rows([sys.executable, __file__, "--child", models, mode, "--steps", str(steps)])
+    return rows or [{"model": models, "mode": mode, "error": why}]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--models", default=",".join(ARCHS))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=None)
@@ -201,8 +200,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(a.out, rows)
     print(f"\n{'model':14s} {'mode':10s} {'capture s':>9s} {'CPU s':>6s} {'img/s (min-max)':>22s} "
           f"{'eval128 1st s':>13s} {'2nd s':>6s}")
     for r in rows:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -87,56 +85,6 @@ def test_a_failing_trial_is_a_row_and_the_run_goes_on(finished_run):
     assert len(result["history"]) == 3 and result["weights"] == "random-init"
     assert len(result["confusion_matrix"]) == 3 and set(result["per_class_accuracy"]) == {"blue", "green", "red"}
     assert result["latency_runs"] >= 50
-
-
-def _bench(name: str):
-    """A script of bench/, imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_timeline_reads_back_where_a_runs_time_went(finished_run, tmp_path, capsys):
-    out, _ = finished_run
-    timeline = _bench("timeline")
-    with sqlite3.connect(out / "bakeoff.db") as db:
-        (started, finished), = db.execute("SELECT started, finished FROM runs ORDER BY id DESC LIMIT 1")
-    rep = timeline.timeline(out, start=started - 5.0, end=finished + 1.0)
-    assert rep["whole_s"] == pytest.approx(finished - started + 6.0)
-    assert rep["scan_s"] == json.loads((out / "dataset.json").read_text())["scan_time_s"]
-    rows = {t["model"]: t for t in rep["trials"]}
-    assert {m: t["status"] for m, t in rows.items()} == {
-        "timm/test_resnet": "ok", "timm/test_efficientnet": "ok", "timm/test_convnext": "ok",
-        "torchvision/inception_v3": "failed"}
-    for t in rows.values():
-        assert 5.0 <= t["started_s"] <= t["ended_s"] <= rep["whole_s"]
-    results = pd.read_csv(out / "results.csv").set_index("model")
-    resnet = rows["timm/test_resnet"]
-    assert len(resnet["epoch_walls_s"]) == len(resnet["evals_s"]) == 3
-    assert resnet["train_time_s"] == pytest.approx(results.loc["timm/test_resnet", "train_time_s"])
-    assert "sharing_gain" not in rep  # one trial at a time: nothing shared, no gain to state
-    assert resnet["compiled_from_epoch"] is None  # CPU steps stay eager
-    setter = max((t for t in rows.values() if t["status"] == "ok"), key=lambda t: t["ended_s"])
-    assert rep["pace_setter"] == setter["model"]
-    cycles = [w + e for w, e in zip(setter["epoch_walls_s"], setter["evals_s"])]
-    low, high = timeline.project(rep, 5)
-    ways = sorted([(cycles[0] + cycles[1]) / 2, sum(cycles) / 3])
-    assert (low, high) == pytest.approx((rep["whole_s"] + 2 * ways[0], rep["whole_s"] + 2 * ways[1]))
-    assert timeline.project(rep, 3) == pytest.approx((rep["whole_s"], rep["whole_s"]))
-
-    util = tmp_path / "util.csv"
-    util.write_text("timestamp, utilization.gpu [%], memory.used [MiB]\n" + "".join(
-        f"2026/12/02 03:55:{s:02d}.000, {u} %, 10 MiB\n" for s, u in [(0, 0), (2, 4), (4, 100), (6, 30), (8, 99)]))
-    t0 = dt.datetime(2026, 12, 2, 3, 55, tzinfo=dt.timezone.utc).timestamp()
-    assert timeline.low_spans(util, t0) == (5, [(0.0, 2.0), (6.0, 6.0)])
-    timeline.main([str(out), "--start", str(started), "--project", "4", "--json", str(tmp_path / "t.json")])
-    printed = capsys.readouterr().out
-    assert "| timm/test_resnet | ok |" in printed and "projected to 4 epochs:" in printed
-    assert json.loads((tmp_path / "t.json").read_text())["projected_s"] == pytest.approx(list(timeline.project(
-        timeline.timeline(out, started), 4)))
-    with pytest.raises(SystemExit, match="holds no run"):
-        timeline.timeline(tmp_path)
 
 
 def test_saved_model_reloads_and_predicts_the_same(finished_run):

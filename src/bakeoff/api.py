@@ -252,7 +252,7 @@ def _stopped_on_error(warm):
 def _gpu_slots(device: str, dev, trials_per_gpu, data, sides, top_only: bool = False) -> tuple[list[str] | None, int]:
     """Which GPUs trials run on and how many share each: every GPU of the machine unless one
     was named; ``trials_per_gpu`` "auto" packs full fine-tunes as many as the smallest GPU's
-    memory allows (their batch-16 kernels overlap: bench/RESULTS.md) and runs top-only trials
+    memory allows (their batch-16 kernels overlap: docs/results.md) and runs top-only trials
     one at a time (their feature pass fills the GPU on its own)."""
     if dev.type != "cuda":
         return None, 1

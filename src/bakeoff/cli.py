@@ -269,6 +269,36 @@ def demo_cmd(out: Path = typer.Option(Path("bakeoff-demo"), "--out", "-o", callb
     console.print(f"results in {out}/ ({_written(out)})")
 
 
+@app.command("timeline")
+def timeline_cmd(
+    out_dir: Path = typer.Argument(..., help="The --out folder of a finished run."),
+    start: Optional[str] = typer.Option(None, help="When the command started: seconds since the epoch, or a file "
+                                        "holding them (`date +%s.%N > start`). Default: the run's own start, "
+                                        "after the scan."),
+    end: Optional[str] = typer.Option(None, help="When the command ended, likewise. Default: the last output file."),
+    util: Optional[Path] = typer.Option(None, help="GPU utilisation samples taken beside the run: the CSV that "
+                                        "nvidia-smi writes when asked for timestamp and utilization.gpu (in that "
+                                        "order) with --format=csv -l 2. Spans under 50% are listed."),
+    project: Optional[int] = typer.Option(None, min=1, help="Also project the whole run to this many epochs."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every figure to this JSON file."),
+) -> None:
+    """Where a finished run's time went: per trial its start, end, capture, epoch walls, evaluations and
+    switch to compiled kernels; the scan and decode; the gain of trials sharing the GPU."""
+    from bakeoff.compare.timeline import low_spans, project as projected, render, seconds, timeline
+
+    if util is not None and not util.is_file():
+        raise BakeoffError(f"--util {util}: no such file")
+    report = timeline(out_dir, seconds(start) if start else None, seconds(end) if end else None)
+    samples = low_spans(util, report["start"]) if util is not None else None
+    print(render(report, project, samples))
+    if json_out is not None:
+        if project:
+            report["projected_s"] = projected(report, project)
+        if samples is not None:
+            report["util_samples"], report["util_under_50"] = samples
+        json_out.write_text(json.dumps(report, indent=2))
+
+
 app.command("serve")(serve_cmd)
 app.command("export")(export_cmd)
 

@@ -48,7 +48,7 @@ class Protocol:
     val_every: int = 1  # validate after every N-th epoch; the last epoch is always validated
     # auto: graphed CUDA steps switch to compiled kernels once compiled (engines.torch.compile); off:
     # eager kernels throughout. Runs with repeated seeds ended at the same accuracy either way
-    # (bench/RESULTS.md, "Compiled against eager kernels, seed by seed").
+    # (docs/results.md, "Compiled against eager kernels, seed by seed").
     compile: str = "auto"
     latency_runs: int = 50
     latency_warmup: int = 10

@@ -2,7 +2,7 @@
 
 Compiled kernels (``torch.compile``: normalisation, activations and their gradients fused into
 generated kernels; convolutions stay with cuDNN) cut the GPU work of a graphed training step by
-1.2-1.7x on an H200 (bench/compiled.py, bench/RESULTS.md). Compiling costs 22-240 s per model on
+1.2-1.7x on an H200 (bench/compiled.py, docs/results.md). Compiling costs 22-240 s per model on
 a cold cache, more than a 5-epoch run saves if the trials wait for it. So nobody waits:
 
 - When a run starts, one background process per model (``start``), at low CPU priority,
@@ -18,7 +18,7 @@ a cold cache, more than a 5-epoch run saves if the trials wait for it. So nobody
 Compilation is an optimisation only: a model that does not compile trains eagerly as before,
 its reason stored. It is the default (``--compile auto``); ``--compile off`` keeps eager kernels.
 Compiled and eager runs at the same seeds ended at the same accuracy within the spread between
-seeds (bench/RESULTS.md).
+seeds (docs/results.md).
 """
 
 from __future__ import annotations

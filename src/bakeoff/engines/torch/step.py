@@ -30,7 +30,7 @@ def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool =
 
 # Whether a training step's convolutions are autotuned (cuDNN builds and times candidate kernels
 # for each shape and keeps the fastest) or take cuDNN's heuristics. Measured on an H200 for the
-# eight models of the speed benchmark (bench/tuning.py, bench/RESULTS.md): autotuning made no
+# eight models of the speed benchmark (bench/tuning.py, docs/results.md): autotuning made no
 # step faster (heuristics' graphed steps ran from 1.4% slower to 2.9% faster) and cost 114 s of
 # host work at capture against 17 s, time in which every trial sharing the GPU waits.
 AUTOTUNE = False
@@ -106,7 +106,7 @@ class Step:
         if device.type == "cuda" and source is None and last_batch and last_batch != batch_shape[0]:
             # The epoch's last, smaller batch is a new shape: its first call can take seconds on
             # the host (cuDNN's heuristics build a plan per convolution; 8 s for mobilenet_v2 on
-            # an H200, bench/RESULTS.md), which would count as training time. Met here, it counts
+            # an H200, docs/results.md), which would count as training time. Met here, it counts
             # as capture time, like the full batch's first call.
             with share().shared():
                 self._undone(lambda: self(*_random_batch(last_batch, batch_shape, channels_last, device)))
