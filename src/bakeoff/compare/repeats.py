@@ -65,7 +65,8 @@ def _pooled_row(rows: pd.DataFrame, n_repeats: int) -> dict:
     ok = rows[rows["status"] == "ok"]
     failed = rows[rows["status"] != "ok"]
     row = (ok if not ok.empty else rows).iloc[0].to_dict()
-    row.pop("repeat", None), row.pop("seed", None)
+    for key in ("repeat", "seed"):  # a pooled row is no one repeat
+        row.pop(key, None)
     acc_by_repeat = [math.nan] * n_repeats
     for _, r in ok.iterrows():
         acc_by_repeat[int(r["repeat"])] = float(r["accuracy"])
