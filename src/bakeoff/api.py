@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import shlex
 import socket
@@ -83,7 +85,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    trials_per_gpu="auto", cuda_graphs: bool = Protocol.cuda_graphs, val_every: int = Protocol.val_every,
                    compile: str = Protocol.compile, progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
-                   mlflow_uri: str | None = None, endpoint_latency: int = 0) -> Comparison:
+                   mlflow_uri: str | None = None, endpoint_latency: int = 0, repeats: int = 1) -> Comparison:
     """Fine-tune every model with one protocol, measure, store, and compare (see ``run``).
 
     ``executor="ray"`` runs each trial as a task on the Ray cluster at ``ray_address``;
@@ -93,7 +95,12 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     ``compile="auto"``: on a CUDA GPU, graphed training steps switch to compiled kernels once
     they are compiled in the background (``engines.torch.compile``), the default; ``"off"``
     keeps eager kernels throughout.
+    ``repeats=N`` trains every model N times, repeat r with seed ``seed + r`` (initialisation,
+    batch order, augmentation) on the one split that ``seed`` draws; each repeat is a trial of
+    its own (``compare.repeats`` pools them).
     """
+    check_repeats(repeats, seed)
+    repeats = int(repeats)
     if endpoint_latency:
         from bakeoff.serve.endpoint_latency import add_endpoint_latency, check_endpoint_latency
 
@@ -157,7 +164,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         for s in specs:
             size = image_size or s.input_size
             sides.append((size, cache_side(size, s.crop_pct), s.interpolation))
-        display = RunProgress(len(specs)) if progress else NullProgress()
+        display = RunProgress(len(specs) * repeats) if progress else NullProgress()
         gpu = _local_gpu(executor, dev)
         warm = None
         if gpu is not None:  # on a CPU the decoders want every core
@@ -189,21 +196,24 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
             # Every trial stops all of the run's background compiles while it times alone.
             background = {"host": socket.gethostname(),
                           "pids": [c["pid"] for c in compile_for.values() if c.get("pid") is not None]}
-            jobs = []
-            for s, (size, side, _) in zip(specs, sides):
-                key = hashlib.sha256(f"{s.id}|{protocol.key()}|{data.fingerprint}|{dev.type}".encode()).hexdigest()[:20]
-                jobs.append(TrialJob(spec=s.to_dict(), protocol=protocol.to_dict(),
-                                     cache_path=str(data.caches[(store_side, interp)].path), input_size=size,
-                                     side=side, cache_root=str(cache_root),
-                                     labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
-                                     classes=data.classes, out_dir=str(out), device=str(dev),
-                                     weights_dir=str(weights_dir) if weights_dir else None, key=key,
-                                     compile=compile_for.get(s.id), background=background))
+            jobs = [TrialJob(spec=s.to_dict(), protocol=p.to_dict(),
+                             cache_path=str(data.caches[(store_side, interp)].path), input_size=size,
+                             side=side, cache_root=str(cache_root),
+                             labels=data.labels, train_idx=data.train_idx, val_idx=data.val_idx,
+                             classes=data.classes, out_dir=str(out / folder), device=str(dev),
+                             weights_dir=str(weights_dir) if weights_dir else None,
+                             key=trial_key(s.id, p, data.fingerprint, dev.type, seed),
+                             compile=compile_for.get(s.id), background=background, **mark)
+                    for p, folder, mark in repeat_protocols(protocol, repeats, out)
+                    for s, (size, side, _) in zip(specs, sides)]
             command = command or " ".join(shlex.quote(a) for a in sys.argv)
             # A preset's differences from the study it reproduces go with the protocol into the report.
-            stored = protocol.to_dict() | (apply_preset(preset).record(preset) if preset else {})
-            run_id = store.start_run(command, baseline, {j.spec["id"]: j.key for j in jobs}, stored,
-                                     summary, provenance() | {"device": str(dev), "executor": executor})
+            stored = protocol.to_dict() | ({"repeats": repeats} if repeats > 1 else {}) \
+                | (apply_preset(preset).record(preset) if preset else {})
+            by_model = {s.id: [j.key for j in jobs if j.spec["id"] == s.id] for s in specs}
+            run_id = store.start_run(command, baseline, {m: keys[0] for m, keys in by_model.items()}, stored,
+                                     summary, provenance() | {"device": str(dev), "executor": executor},
+                                     repeat_keys=by_model if repeats > 1 else None)
             status = "interrupted"
             try:
                 if executor == "ray":
@@ -217,7 +227,9 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                 status = "finished"
             finally:
                 store.finish_run(run_id, status)
-        problems = add_endpoint_latency(out, store, [j.key for j in jobs], endpoint_latency, device, seed) \
+        # OUT/models/ holds the first repeat's models: the ones served, so the ones timed
+        problems = add_endpoint_latency(out, store, [j.key for j in jobs if not j.repeat],
+                                        endpoint_latency, device, seed) \
             if endpoint_latency else []
         comparison = write_outputs(out, baseline)
         comparison.warning = "; ".join(filter(None, [comparison.warning, *problems])) or None
@@ -228,6 +240,36 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
         comparison.run["counts"] = counts
         comparison.run["wall_time_s"] = time.time() - t0
         return comparison
+
+
+def check_repeats(repeats, seed) -> None:
+    """``repeats`` must be a whole number from 1, and every repeat's seed a valid seed."""
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
+        raise BakeoffError(f"--repeats must be a whole number from 1, got {repeats!r}")
+    if isinstance(seed, int) and 0 <= seed and seed + repeats - 1 >= 2**32:
+        raise BakeoffError(f"--seed {seed} with --repeats {repeats} runs past the largest seed, {2**32 - 1}: "
+                           f"pick a smaller --seed")
+
+
+def repeat_protocols(protocol: Protocol, repeats: int, out: Path) -> list[tuple[Protocol, str, dict]]:
+    """Each repeat's protocol (seed + r), the folder under OUT its trials save their models in,
+    and what its jobs carry: the first repeat keeps OUT (the models `bakeoff serve` finds), each
+    other one has OUT/repeats/seed-S; one repeat carries nothing new."""
+    out_list = []
+    for r in range(repeats):
+        folder = "" if r == 0 else f"repeats/seed-{protocol.seed + r}"
+        if folder:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        mark = {} if repeats == 1 else {"repeat": r} | ({"repeat_dir": folder} if folder else {})
+        out_list.append((dataclasses.replace(protocol, seed=protocol.seed + r), folder, mark))
+    return out_list
+
+
+def trial_key(model: str, protocol: Protocol, fingerprint: str, device_type: str, split_seed: int) -> str:
+    """What identifies a trial: a repeat's key adds the split's seed, which its protocol's seed no
+    longer gives (a single run splits with its protocol's seed: its keys stay as they were)."""
+    split = "" if protocol.seed == split_seed else f"|split seed {split_seed}"
+    return hashlib.sha256(f"{model}|{protocol.key()}|{fingerprint}|{device_type}{split}".encode()).hexdigest()[:20]
 
 
 def _local_gpu(executor: str, dev) -> str | None:
@@ -282,7 +324,8 @@ def run(data_dir, models=None, **kwargs) -> pd.DataFrame:
     """Fine-tune ``models`` on the image folder ``data_dir`` with one protocol and compare them.
 
     Writes ``out`` (default ``bakeoff-out``): bakeoff.db, results.csv, relative.csv, plots/,
-    models/. Re-running resumes: finished trials are not trained again. Returns one row per
+    models/ (with ``repeats=N``: results_by_repeat.csv and stability.json too). Re-running
+    resumes: finished trials are not trained again. Returns one row per
     model with absolute and relative figures.
 
     >>> df = bakeoff.run("flowers/", ["timm/tf_efficientnet_lite0", "pytorch-ic-resnet34"],

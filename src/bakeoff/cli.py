@@ -70,6 +70,8 @@ def print_comparison(comparison) -> None:
     console.print(table)
     for _, r in df[df["status"] != "ok"].iterrows():
         console.print(f"[red]{escape(r['model'])} failed:[/] {escape(str(r['error']))}")
+    if getattr(comparison, "stability", None):
+        console.print(f"rank stability: {escape(comparison.stability['verdict'])}")
     for note in (comparison.warning or "").splitlines():
         console.print(f"[yellow]warning:[/] {escape(note)}")
     dataset = comparison.run.get("dataset", {})
@@ -83,7 +85,8 @@ def print_comparison(comparison) -> None:
 
 def _written(out: Path) -> str:
     """The outputs that exist, the page to open first."""
-    names = ["report.html", "report.md", "results.csv", "relative.csv", "plots/", "models/", "bakeoff.db"]
+    names = ["report.html", "report.md", "results.csv", "results_by_repeat.csv", "stability.json", "relative.csv",
+             "plots/", "models/", "bakeoff.db"]
     return ", ".join(n for n in names if (Path(out) / n.rstrip("/")).exists())
 
 
@@ -191,6 +194,8 @@ def run_cmd(
     val_every: int = typer.Option(Protocol.val_every, help="Score the validation split after every N-th epoch (the last one always): "
                                   "1 draws full learning curves; 5 with 5 epochs skips four evaluation passes."),
     seed: int = typer.Option(Protocol.seed, help="Seed of the split, the initialisation and the batch order."),
+    repeats: int = typer.Option(1, help="Train every model N times, with seeds SEED, SEED+1, ... on the same split; "
+                                "results pool the repeats (results_by_repeat.csv keeps each)."),
     pretrained: bool = typer.Option(Protocol.pretrained, "--pretrained/--no-pretrained", help="Start from ImageNet weights."),
     weights_dir: Optional[Path] = typer.Option(None, help="Folder of local weight files (no network needed)."),
     device: str = typer.Option("auto", callback=device_name, help="auto, cpu, cuda or cuda:N."),
@@ -231,7 +236,7 @@ def run_cmd(
         seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
         precision=precision, image_size=image_size, trials_per_gpu=trials_per_gpu, cuda_graphs=cuda_graphs, cache_dir=cache_dir,
         val_every=val_every, compile=compile, progress=sys.stderr.isatty(), executor=executor,
-        ray_address=ray_address, mlflow_uri=mlflow_uri, endpoint_latency=endpoint_latency)
+        ray_address=ray_address, mlflow_uri=mlflow_uri, endpoint_latency=endpoint_latency, repeats=repeats)
     print_comparison(comparison)
     if comparison.run.get("mlflow_experiment"):
         console.print(f"MLflow experiment: {comparison.run['mlflow_experiment']}")

@@ -31,6 +31,9 @@ class TrialJob:
     # Set by the run: its background compiles (``engines.torch.compile.Compiles.start``).
     compile: dict | None = None  # this model's compile: cache folder, marker key, device, process id
     background: dict | None = None  # every compile of the run: {"host": ..., "pids": [...]}
+    # Set where a run has repeats (``api.repeat_protocols``).
+    repeat: int | None = None  # which repeat (its seed is the protocol's)
+    repeat_dir: str | None = None  # OUT's subfolder its model is saved in (repeats after the first)
     # Set by the local runner as it hands the job to a worker.
     keep_data: bool = False  # the worker keeps the decoded images resident for its next trial
     concurrent_trials: int = 1  # trials its worker runs at once

@@ -9,7 +9,8 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["classification_metrics", "wilson_interval", "chance_level", "chance_p", "paired_cells", "mcnemar_p",
-           "paired_ratio_interval", "epoch_record", "ALPHA", "time_calls", "summarize_ms", "softmax"]
+           "paired_ratio_interval", "epoch_record", "ALPHA", "time_calls", "summarize_ms", "softmax",
+           "repeats_interval", "repeat_resamples", "resampled_paired", "share_best", "rank_stability"]
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -92,6 +93,117 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def repeats_interval(correct, level: float = 0.95) -> tuple[float, float]:
+    """Interval of the mean accuracy over repeats, from ``correct`` (repeats x validation images,
+    1 where right), the images the same in every repeat.
+
+    Its variance adds the two things another run would draw afresh: the seed (the sample variance
+    of the repeats' accuracies over R) and the validation images (the sample variance over images
+    of each image's share of right answers across the repeats, over n). The interval is Student's
+    t with Welch-Satterthwaite degrees of freedom, so three repeats get a wide one. The images'
+    part carries the seed-by-image interaction a second time: it errs on the wide side. One
+    repeat: the Wilson interval of that trial."""
+    from scipy.stats import t
+
+    c = np.asarray(correct, dtype=float)
+    r, n = c.shape
+    if r == 1:
+        return wilson_interval(int(c.sum()), n)
+    mean = float(c.mean())
+    parts = np.array([c.mean(1).var(ddof=1) / r, c.mean(0).var(ddof=1) / n if n > 1 else 0.0])
+    total = float(parts.sum())
+    if total == 0:
+        return (mean, mean)
+    df = total ** 2 / sum(v ** 2 / d for v, d in zip(parts, (r - 1, n - 1)) if v > 0)
+    half = float(t.ppf(0.5 + level / 2, df)) * math.sqrt(total)
+    return (max(0.0, mean - half), min(1.0, mean + half))
+
+
+def repeat_resamples(correct, resamples: int = 2000, seed: int = 0, chunk: int = 200) -> np.ndarray:
+    """Each model's accuracy in ``resamples`` joint bootstrap resamples (resamples x models) from
+    ``correct`` (models x repeats x validation images, 1 where right; a NaN row: a repeat that did
+    not finish).
+
+    One resample draws R repeat numbers and n images with replacement, the same draw for every
+    model: model a's repeat r stays paired with model b's repeat r on the same images. A model's
+    accuracy in it is the mean over the drawn repeats it finished (NaN where it finished none)."""
+    c = np.asarray(correct, dtype=float)
+    m, r, n = c.shape
+    finished = ~np.isnan(c).any(axis=2)  # models x repeats
+    flat = np.nan_to_num(c).reshape(m * r, n).T  # images x (model, repeat)
+    rng = np.random.default_rng(seed)
+    out = np.empty((resamples, m))
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        images = rng.multinomial(n, np.full(n, 1 / n), size=b)  # times each image is drawn
+        per_repeat = (images @ flat).reshape(b, m, r) / n
+        drawn = np.stack([np.bincount(row, minlength=r) for row in rng.integers(0, r, size=(b, r))])
+        weight = drawn[:, None, :] * finished[None]  # b x models x repeats
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + b] = (per_repeat * weight).sum(2) / weight.sum(2)
+    return out
+
+
+def resampled_paired(a, b, level: float = 0.95) -> tuple[float, float, float]:
+    """Two-sided p-value of "a and b are equally accurate" and the percentile interval of
+    accuracy(a) / accuracy(b), from the same resamples of both (``repeat_resamples``' columns).
+
+    p is twice the share of resamples on the far side of no difference (ties count on both
+    sides), with one added to count and total so it is never 0; NaN where nothing pairs."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    both = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[both], b[both]
+    if not len(a):
+        return (math.nan, math.nan, math.nan)
+    d = a - b
+    p = min(1.0, (2 * min(int((d <= 0).sum()), int((d >= 0).sum())) + 1) / (len(d) + 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(b > 0, a / b, np.nan)
+    if np.isnan(ratio).all():
+        return (p, math.nan, math.nan)
+    tail = (1 - level) / 2
+    lo, hi = np.nanquantile(ratio, [tail, 1 - tail])
+    return (p, float(lo), float(hi))
+
+
+def share_best(resampled) -> np.ndarray:
+    """Share of resamples (rows of ``repeat_resamples``) in which each model (column) is the most
+    accurate; a tie splits its resample among the tied models; NaN never wins."""
+    acc = np.asarray(resampled, dtype=float)
+    filled = np.where(np.isnan(acc), -np.inf, acc)
+    top = (filled == filled.max(axis=1, keepdims=True)) & ~np.isnan(acc)
+    tied = top.sum(axis=1)
+    counted = tied > 0
+    if not counted.any():
+        return np.full(acc.shape[1], math.nan)
+    return (top[counted] / tied[counted, None]).sum(axis=0) / counted.sum()
+
+
+def rank_stability(accuracy, top: int = 3) -> dict:
+    """How far the repeats agree on the ranking, from ``accuracy`` (models x repeats, every model
+    finished in every repeat): Kendall's tau (tau-b, ties allowed) between each pair of repeats'
+    accuracies, its mean and minimum, and in how many repeats the ``top`` models by mean accuracy
+    came out in that order above all others (a tie does not break it)."""
+    from scipy.stats import kendalltau
+
+    acc = np.asarray(accuracy, dtype=float)
+    m, r = acc.shape
+    taus = []
+    for i in range(r):
+        for j in range(i + 1, r):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                taus.append(float(kendalltau(acc[:, i], acc[:, j])[0]))  # NaN where a repeat tied all models
+    known = [t for t in taus if not math.isnan(t)]
+    order = np.argsort(-acc.mean(axis=1), kind="stable")
+    k = min(top, m)
+    lead, rest = order[:k], order[k:]
+    held = sum(bool(np.all(np.diff(acc[lead, j]) <= 0) and (not len(rest) or acc[lead[-1], j] >= acc[rest, j].max()))
+               for j in range(r))
+    return {"kendall_tau": taus, "kendall_tau_mean": float(np.mean(known)) if known else None,
+            "kendall_tau_min": float(min(known)) if known else None, "top": k, "top_order": order[:k].tolist(),
+            "top_held": int(held), "repeats": r}
 
 
 def validation_figures(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:

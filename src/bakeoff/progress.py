@@ -54,7 +54,7 @@ class RunProgress(NullProgress):
         return update
 
     def on_event(self, kind, job, payload) -> None:
-        model = job.spec["id"]
+        model = _label(job)
         if kind == "start":  # a trial sent back to run alone starts again: a fresh bar
             self._drop(job.key)
             self._bar(job)
@@ -79,10 +79,15 @@ class RunProgress(NullProgress):
         """The trial's bar, made at its first event."""
         if job.key not in self.trial_tasks:
             self.trial_tasks[job.key] = self.progress.add_task(
-                f"{job.spec['id']} epoch 1/{job.protocol['epochs']}", total=None, rate="")
+                f"{_label(job)} epoch 1/{job.protocol['epochs']}", total=None, rate="")
         return self.trial_tasks[job.key]
 
     def _drop(self, key: str) -> None:
         task = self.trial_tasks.pop(key, None)
         if task is not None:
             self.progress.remove_task(task)
+
+
+def _label(job) -> str:
+    """The model, and with repeats the seed of this one."""
+    return job.spec["id"] + (f" (seed {job.protocol['seed']})" if getattr(job, "repeat", None) is not None else "")

@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS runs (
     trial_keys TEXT NOT NULL,   -- JSON {model id: trial key}, in the order the user listed them
     protocol TEXT NOT NULL,
     dataset TEXT NOT NULL,
-    provenance TEXT NOT NULL
+    provenance TEXT NOT NULL,
+    repeat_keys TEXT            -- JSON {model id: [trial key of each repeat]}; NULL: one repeat
 );
 CREATE TABLE IF NOT EXISTS trials (
     key TEXT PRIMARY KEY,       -- model + protocol + data set fingerprint + device kind
@@ -46,6 +47,8 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             db.executescript(SCHEMA)
+            if "repeat_keys" not in {r["name"] for r in db.execute("PRAGMA table_info(runs)")}:
+                db.execute("ALTER TABLE runs ADD COLUMN repeat_keys TEXT")  # a store written before repeats
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -53,13 +56,15 @@ class Store:
         return db
 
     def start_run(self, command: str, baseline: str | None, trial_keys: dict, protocol: dict, dataset: dict,
-                  provenance: dict) -> int:
+                  provenance: dict, repeat_keys: dict | None = None) -> int:
+        """``trial_keys``: each model's first (or only) trial; ``repeat_keys``: with repeats, each
+        model's list of trial keys, one a repeat."""
         with closing(self._connect()) as db, db:
             cur = db.execute(
-                "INSERT INTO runs (started, status, command, baseline, trial_keys, protocol, dataset, provenance)"
-                " VALUES (?, 'running', ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (started, status, command, baseline, trial_keys, protocol, dataset, provenance,"
+                " repeat_keys) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?)",
                 (time.time(), command, baseline, json.dumps(trial_keys), json.dumps(protocol),
-                 json.dumps(dataset), json.dumps(provenance)),
+                 json.dumps(dataset), json.dumps(provenance), json.dumps(repeat_keys) if repeat_keys else None),
             )
             return int(cur.lastrowid)
 
@@ -108,19 +113,33 @@ class Store:
         run = dict(row)
         for k in ("trial_keys", "protocol", "dataset", "provenance"):
             run[k] = json.loads(run[k])
+        if run.get("repeat_keys"):
+            run["repeat_keys"] = json.loads(run["repeat_keys"])
+        else:
+            run.pop("repeat_keys", None)
         return run
 
     def latest_trials(self) -> tuple[dict | None, list[dict]]:
         """The latest run and its trials (in the order they finished); ``(None, [])`` before any run.
 
         The run's ``missing`` lists its models that have no stored trial yet, and a run still
-        marked "running" whose process is gone (no run holds the folder) reads "interrupted"."""
+        marked "running" whose process is gone (no run holds the folder) reads "interrupted".
+        With repeats (``repeat_keys``) each trial carries its ``repeat`` (0, 1, ...), ``missing``
+        lists the models with no stored repeat, and ``missing_repeats`` the (model, repeat) pairs
+        not stored of the other models."""
         run = self.latest_run()
         if run is None:
             return None, []
-        trials = self.trials(keys=list(run["trial_keys"].values()))
+        by_model = run.get("repeat_keys") or {m: [k] for m, k in run["trial_keys"].items()}
+        repeat_of = {k: r for keys in by_model.values() for r, k in enumerate(keys)}
+        trials = self.trials(keys=list(repeat_of))
         stored = {t["key"] for t in trials}
-        run["missing"] = [m for m, k in run["trial_keys"].items() if k not in stored]
+        run["missing"] = [m for m, keys in by_model.items() if not stored.intersection(keys)]
+        if "repeat_keys" in run:
+            for t in trials:
+                t["repeat"] = repeat_of[t["key"]]
+            run["missing_repeats"] = [(m, r) for m, keys in by_model.items() if m not in run["missing"]
+                                      for r, k in enumerate(keys) if k not in stored]
         if run["status"] == "running" and folder_in_use(self.path.parent) is False:
             run["status"] = "interrupted"
         return run, trials
@@ -128,9 +147,10 @@ class Store:
     def trials(self, keys: list[str] | None = None) -> list[dict]:
         with closing(self._connect()) as db:
             rows = [dict(r) for r in db.execute("SELECT * FROM trials ORDER BY finished")]
+        wanted = set(keys) if keys is not None else None
         out = []
         for r in rows:
-            if keys is not None and r["key"] not in keys:
+            if wanted is not None and r["key"] not in wanted:
                 continue
             r["result"] = json.loads(r["result"]) if r["result"] else None
             out.append(r)

@@ -76,7 +76,9 @@ def figure_table(comparison, rel_by_latency: dict[str, pd.DataFrame]) -> tuple[l
     cols = [Column("model", "model"), Column("framework", "framework"), Column("status", "status"),
             Column("weights", "weights", "starting weights: imagenet, random-init, or file (ImageNet weights "
                    "from a local file)"),
-            Column("accuracy", "accuracy (95% CI)", "top-1 on the whole validation split; Wilson interval"),
+            Column("accuracy", "accuracy (95% CI)", "top-1 on the whole validation split; Wilson interval"
+                   if "repeats" not in res.columns else "mean top-1 over the repeats; the interval adds the spread "
+                   "between repeats to the validation sample's (README, Measurements)"),
             Column("rel_accuracy", "rel. accuracy (95% CI)", "accuracy / baseline accuracy; paired bootstrap "
                    "interval over the validation images"),
             Column("p_vs_baseline", "p vs baseline", "exact McNemar test against the baseline on the same "
@@ -114,6 +116,9 @@ def figure_table(comparison, rel_by_latency: dict[str, pd.DataFrame]) -> tuple[l
                "macro_f1": Cell(f"{as_number(r['macro_f1']):.3f}" if as_number(r["macro_f1"]) is not None else "–",
                                 as_number(r["macro_f1"])),
                "train_time": Cell(fmt_seconds(as_number(r["train_time_s"])), as_number(r["train_time_s"]))}
+        sd = as_number(r.get("accuracy_sd"))
+        if acc is not None and sd is not None:  # pooled over repeats: their spread too
+            row["accuracy"] = Cell(f"{fmt_pct(acc)} ({fmt_ci(lo, hi)}), sd {fmt_pct(sd)} ({r['repeats']} repeats)", acc)
         for k in kinds:
             p50, p95 = as_number(r.get(LATENCIES[k][0])), as_number(r.get(LATENCIES[k][1]))
             both = p50 is not None and p95 is not None
@@ -197,6 +202,9 @@ def report_markdown(comparison, recommendations: list[Recommendation]) -> str:
         lines.append(f"- **{rec.title}:** {_md(rec.text)}")
         if rec.warning:
             lines.append(f"  - *Warning:* {_md(rec.warning)}.")
+    verdict = (getattr(comparison, "stability", None) or {}).get("verdict")
+    if verdict:
+        lines += ["", f"**Rank stability:** {_md(verdict)}."]
     rel = relative_by_latency(comparison)
     cols, rows = figure_table(comparison, rel)
     keep = {"model", "framework", "status", "weights", "accuracy", "train_time", "rel_accuracy", "p_vs_baseline",

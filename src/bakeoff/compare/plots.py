@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bakeoff.compare.tables import CHANCE_STATUS, figure_kind
 
-__all__ = ["plot_tradeoffs", "short_label", "FRAMEWORK_COLORS"]
+__all__ = ["plot_tradeoffs", "short_label", "repeat_points", "FRAMEWORK_COLORS"]
 
 # The study's ids carry their hub's naming; on a crowded plot the architecture is what reads.
 _ID_NOISE = re.compile(r"^(pytorch|tensorflow)-ic-|imagenet-|-ilsvrc2012|-classification-\d+$")
@@ -33,6 +34,9 @@ def _plot(rel: pd.DataFrame, x: str, front: str, xlabel: str, title: str, path: 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     for fw, part in rel.groupby("framework"):
         color = FRAMEWORK_COLORS.get(fw, "#555555")
+        xs, ys = repeat_points(part, x)
+        if xs:  # each repeat, faint, behind the mean
+            ax.scatter(xs, ys, color=color, alpha=0.25, s=14, linewidths=0, zorder=1)
         # no bar where the interval is unknown (trials stored without per-image predictions); a
         # percentile interval can miss its point estimate by a hair, which would make a bar negative
         yerr = [(part["relative_accuracy"] - part["relative_accuracy_ci_low"]).fillna(0).clip(lower=0),
@@ -63,6 +67,20 @@ def _plot(rel: pd.DataFrame, x: str, front: str, xlabel: str, title: str, path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def repeat_points(rel: pd.DataFrame, x: str) -> tuple[list[float], list[float]]:
+    """Each finished repeat's relative accuracy (``relative_accuracy_by_repeat``) at its model's
+    ``x``: the faint points a plot draws behind the means; none for a run without repeats."""
+    if "relative_accuracy_by_repeat" not in rel.columns:
+        return [], []
+    xs, ys = [], []
+    for xv, values in zip(rel[x], rel["relative_accuracy_by_repeat"]):
+        for y in np.asarray(values if values is not None else [], dtype=float):
+            if np.isfinite(y) and pd.notna(xv):
+                xs.append(float(xv))
+                ys.append(float(y))
+    return xs, ys
 
 
 def _spread_labels(ax, texts) -> None:

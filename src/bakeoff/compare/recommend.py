@@ -5,7 +5,8 @@ to train among models within one accuracy point of the best; the fastest at infe
 those (one answer per measured latency); the most accurate model of each framework. Each answer
 names its runner-up and says whether the pick is better than it or not distinguishable from it,
 by the exact McNemar test on the same validation images at 5% (a warning when that undercuts
-the pick).
+the pick). With repeats the test is the paired bootstrap over images and repeats, and each
+answer says in how many repeats its pick won.
 
 >>> recs = recommend(results)  # doctest: +SKIP
 >>> print(recs[0].text)  # doctest: +SKIP
@@ -16,10 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from bakeoff.compare.tables import at_chance, same_images_cells
-from bakeoff.measure import ALPHA, mcnemar_p
+from bakeoff.measure import ALPHA, mcnemar_p, resampled_paired
 
 __all__ = ["Recommendation", "Pick", "recommend", "LATENCIES", "available_latencies", "fmt_pct", "fmt_ci",
            "fmt_seconds", "fmt_ms", "fmt_p", "fmt_p_value", "is_number", "as_number", "versus"]
@@ -108,7 +110,15 @@ class Recommendation:
 def versus(a, b) -> tuple[str, str] | None:
     """How results row ``a`` compares with row ``b`` on the same validation images, by the exact
     McNemar test at 5%: ("better than" | "worse than" | "not distinguishable from", the test's
-    figures in words); None where per-image predictions are missing for either."""
+    figures in words); None where per-image predictions are missing for either. Rows pooled over
+    repeats are compared by their joint resamples over images and repeats instead."""
+    ra, rb = a.get("accuracy_resamples"), b.get("accuracy_resamples")
+    if isinstance(ra, np.ndarray) and isinstance(rb, np.ndarray):
+        p = resampled_paired(ra, rb)[0]
+        better = float(a["accuracy"]) > float(b["accuracy"])
+        verdict = "not distinguishable from" if not p < ALPHA else "better than" if better else "worse than"
+        return verdict, (f"{fmt_p(p)}, paired bootstrap over the same {int(a['n_val'])} validation images and "
+                         f"{len(a['accuracy_by_repeat'])} repeats")
     cells = same_images_cells(a, b)
     if cells is None:
         return None
@@ -163,6 +173,7 @@ def _most_accurate(ok: pd.DataFrame, kind: str, title: str, framework: str | Non
     text = f"{pick.model} is the most accurate {scope}: {pick.accuracy_text()}"
     if pick.train_time_s is not None:
         text += f", trained in {fmt_seconds(pick.train_time_s)}"
+    text += repeat_wins(ranked.iloc[0], ok, p_best=framework is None)
     warning = None
     if runner_up is not None:
         text += f"; runner-up {runner_up.model} at {fmt_pct(runner_up.accuracy)}"
@@ -178,6 +189,25 @@ def _most_accurate(ok: pd.DataFrame, kind: str, title: str, framework: str | Non
             if test[0] == "not distinguishable from":
                 warning += "; more validation images would be needed to tell them apart"
     return Recommendation(kind, title, pick, runner_up, text + ".", warning, framework=framework)
+
+
+def repeat_wins(pick, rows: pd.DataFrame, within: float = 0.0, p_best: bool = False) -> str:
+    """With repeats: "; it won in 4 of 5 repeats" (the most accurate of ``rows`` in a repeat, or
+    within ``within`` of that repeat's best), and the pick's ``p_best`` where asked; else ""."""
+    mine = pick.get("accuracy_by_repeat")
+    if not isinstance(mine, list) or len(mine) < 2:
+        return ""
+    accs = np.array([list(a) for a in rows["accuracy_by_repeat"]], dtype=float)
+    finished = ~np.isnan(np.asarray(mine, dtype=float))
+    with np.errstate(invalid="ignore"):
+        best = np.nanmax(np.where(np.isnan(accs), -np.inf, accs), axis=0)
+    won = int((np.asarray(mine, dtype=float)[finished] >= best[finished] - within - 1e-12).sum())
+    what = "the most accurate" if within == 0 else f"within {_points(within)} of the best"
+    text = f"; {what} in {won} of {int(finished.sum())} repeats"
+    share = as_number(pick.get("p_best")) if p_best else None
+    if share is not None:
+        text += f" and in {100 * share:.0f}% of resamples over images and repeats (p_best)"
+    return text
 
 
 def _points(within: float) -> str:
@@ -205,6 +235,7 @@ def _fastest(ok: pd.DataFrame, best: Pick, col: str, kind: str, title: str, what
         text += f" vs {fmt_pct(best.accuracy)} for {best.model}" if pick.model != best.model else \
             ", the best of all"
         text += f"; the next fastest, {runner_up.model}, takes {ratio:.2f}x as long"
+    text += repeat_wins(ranked.iloc[0], ok, within)
     warning = None
     test = versus(ranked.iloc[0], ranked.iloc[1]) if runner_up is not None else None
     if test is not None and test[0] == "worse than":

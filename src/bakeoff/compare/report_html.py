@@ -22,7 +22,7 @@ from markupsafe import Markup
 
 from bakeoff.compare.markdown import (LATENCY_SHORT, dataset_warnings, figure_table, relative_by_latency,
                                       report_markdown, run_summary)
-from bakeoff.compare.plots import FRAMEWORK_COLORS
+from bakeoff.compare.plots import FRAMEWORK_COLORS, repeat_points
 from bakeoff.compare.recommend import (LATENCIES, as_number, fmt_ci, fmt_ms, fmt_p, fmt_pct, fmt_seconds,
                                        is_number, recommend)
 from bakeoff.compare.tables import CHANCE_STATUS, figure_kind, weights_kind
@@ -97,6 +97,11 @@ def scatter_figure(rel: pd.DataFrame, results: pd.DataFrame, x: str, front: str,
         up = (part["relative_accuracy_ci_high"] - y).fillna(0).clip(lower=0)
         down = (y - part["relative_accuracy_ci_low"]).fillna(0).clip(lower=0)
         is_base = part["model"] == baseline
+        xs, ys = repeat_points(part, x)
+        if xs:  # each repeat, faint, behind the mean
+            data.append({"type": "scatter", "mode": "markers", "x": xs, "y": ys, "showlegend": False,
+                         "hoverinfo": "skip", "marker": {"color": FRAMEWORK_COLORS.get(fw, "#555555"), "size": 6,
+                                                         "opacity": 0.3}})
         data.append({
             "type": "scatter", "mode": "markers+text" if labels else "markers", "name": fw,
             "x": part[x].tolist(), "y": y.tolist(), "text": part["model"].tolist(),
@@ -301,6 +306,7 @@ def build_html(comparison, trials: dict, plotly_js: str | None = None) -> str:
     return template.render(
         title=f"bakeoff report: {Path(comparison.run.get('dataset', {}).get('data_dir') or 'run').name}",
         summary=run_summary(comparison), warning=comparison.warning, baseline=comparison.baseline,
+        stability=(getattr(comparison, "stability", None) or {}).get("verdict"),
         recommendations=recs, latencies=list(rel), latency_labels={k: LATENCIES[k][2] for k in rel},
         columns=cols, rows=rows, details=details, chance_status=CHANCE_STATUS,
         numeric={c.key: any(is_number(r[c.key].sort) for r in rows) for c in cols},

@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 
 from bakeoff.errors import BakeoffError
-from bakeoff.measure import (ALPHA, chance_level, chance_p, mcnemar_p, paired_cells, paired_ratio_interval)
+from bakeoff.measure import (ALPHA, chance_level, chance_p, mcnemar_p, paired_cells, paired_ratio_interval,
+                             resampled_paired)
 
 __all__ = ["results_frame", "relative_frame", "pick_baseline", "pareto_mask", "at_chance", "display_status",
            "chance_warning", "weights_kind", "weights_warning", "small_split_warning", "same_images_cells",
+           "paired_against",
            "RESULT_COLUMNS", "PER_IMAGE_COLUMNS", "RELATIVE_COLUMNS", "CHANCE_STATUS", "figure_kind"]
 
 RESULT_COLUMNS = [
@@ -237,6 +239,21 @@ def pick_baseline(results: pd.DataFrame, requested: str | None = None) -> tuple[
                   f"{'distinguishable from chance' if (~chance).any() else 'that finished'}, instead")
 
 
+def paired_against(rows: pd.DataFrame, base) -> tuple[list[float], np.ndarray]:
+    """Each row's p-value against ``base`` and the interval of its accuracy ratio (rows x 2), on
+    the same validation images: the exact McNemar test and the paired bootstrap of one trial
+    each, or, for rows pooled over repeats (``accuracy_resamples``), the joint resamples over
+    images and repeats (``measure.resampled_paired``). NaN where nothing pairs."""
+    if "accuracy_resamples" in rows.columns:
+        b = base.get("accuracy_resamples")
+        pooled = [resampled_paired(a, b) if a is not None and b is not None else (math.nan,) * 3
+                  for a in rows["accuracy_resamples"]]
+        return [p for p, _, _ in pooled], np.array([(lo, hi) for _, lo, hi in pooled], dtype=float).reshape(-1, 2)
+    cells = [same_images_cells(r, base) for _, r in rows.iterrows()]
+    ci = np.array([paired_ratio_interval(c) if c else (math.nan, math.nan) for c in cells], dtype=float)
+    return [mcnemar_p(c[1], c[2]) if c else math.nan for c in cells], ci.reshape(-1, 2)
+
+
 def relative_frame(results: pd.DataFrame, baseline: str | None = None, inference: str = "latency_ms_p50"
                    ) -> tuple[pd.DataFrame, str]:
     """Figures relative to ``baseline`` (default: ``pick_baseline``'s); baseline row = 1.0.
@@ -257,8 +274,7 @@ def relative_frame(results: pd.DataFrame, baseline: str | None = None, inference
         raise BakeoffError(f"baseline {baseline!r} has no successful trial; pick another with --baseline")
     chance = at_chance(ok).to_numpy()
     base = ok[ok["model"] == baseline].iloc[0]
-    cells = [same_images_cells(r, base) for _, r in ok.iterrows()]
-    ci = np.array([paired_ratio_interval(c) if c else (math.nan, math.nan) for c in cells], dtype=float)
+    p_values, ci = paired_against(ok, base)
     rel = pd.DataFrame({
         "model": ok["model"],
         "framework": ok["framework"],
@@ -269,11 +285,14 @@ def relative_frame(results: pd.DataFrame, baseline: str | None = None, inference
         / float(pd.to_numeric(base[inference], errors="coerce")),  # endpoint/ONNX figures may be absent
         "relative_accuracy_ci_low": ci[:, 0],
         "relative_accuracy_ci_high": ci[:, 1],
-        "p_vs_baseline": [mcnemar_p(c[1], c[2]) if c else math.nan for c in cells],
+        "p_vs_baseline": p_values,
         "train_time_kind": ok["train_time_kind"] if "train_time_kind" in ok.columns else None,
         "latency_kind": ok["latency_kind"] if inference == "latency_ms_p50" and "latency_kind" in ok.columns
         else OTHER_LATENCY_KINDS.get(inference),
     })
+    if "accuracy_by_repeat" in ok.columns:  # each repeat over the baseline's mean: the model's own spread
+        rel["relative_accuracy_by_repeat"] = [np.asarray(a, dtype=float) / float(base["accuracy"])
+                                              for a in ok["accuracy_by_repeat"]]
     learned = rel["relative_accuracy"].where(~chance)  # NaN: never on a front
     rel["pareto_training"] = pareto_mask(learned, rel["relative_training_time"])
     rel["pareto_inference"] = pareto_mask(learned, rel["relative_inference_time"])

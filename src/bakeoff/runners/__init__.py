@@ -26,6 +26,9 @@ def record_outcome(store, run_id: int, job, started: float, ok: bool, payload: d
                    on_event: Callable) -> None:
     """Store one finished trial as an ok row (its figures) or a failed row (its error)."""
     model, framework = job.spec["id"], job.spec["framework"]
+    if ok and job.repeat_dir and payload.get("model_dir"):
+        # a repeat saves its model under OUT/<repeat_dir>/: its stored folder is relative to OUT, as any other's
+        payload = payload | {"model_dir": f"{job.repeat_dir}/{payload['model_dir']}"}
     if ok:
         store.save_trial(job.key, run_id, model, framework, "ok", started, result=payload)
         counts["trained"] += 1

@@ -86,6 +86,8 @@ def _trial_entities(trial: dict, run: dict):
     params = {**_flatten("protocol.", run["protocol"]), **_flatten("model.", _spec(trial["model"])),
               "dataset.fingerprint": data.get("fingerprint"), "dataset.n_train": data.get("n_train"),
               "dataset.n_val": data.get("n_val"), "dataset.classes": len(data.get("classes", []))}
+    if trial.get("repeat") is not None:  # a repeat trains with its own seed (Store.latest_trials says which)
+        params |= {"protocol.seed": run["protocol"].get("seed", 0) + trial["repeat"], "repeat": trial["repeat"]}
     metrics, tags = [], {}
     for k, v in result.items():
         if k in ("history", "confusion_matrix", "per_class_accuracy"):
