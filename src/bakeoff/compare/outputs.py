@@ -40,10 +40,11 @@ class Comparison:
         ``val_true`` hold each validation image's predicted and true class (for paired tests).
         With repeats, rows are pooled (``compare.repeats.pool_repeats``): ``accuracy_by_repeat``
         holds each repeat's accuracy, and the per-image columns are empty."""
+        results = self.results.drop(columns=["accuracy_resamples"], errors="ignore")  # the tests' raw draws
         if self.relative is None:
-            return self.results
+            return results
         cols = ["model", "relative_accuracy", "relative_training_time", "relative_inference_time", "pareto"]
-        return self.results.merge(self.relative[cols], on="model", how="left")
+        return results.merge(self.relative[cols], on="model", how="left")
 
 
 def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, inference: str = "in-process"
