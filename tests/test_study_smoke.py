@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -20,6 +21,10 @@ from conftest import make_colour_folder
 
 if importlib.util.find_spec("keras") is None or importlib.util.find_spec("tensorflow") is None:
     pytest.skip("needs bakeoff[tensorflow]", allow_module_level=True)
+# Fifteen trials, eight of them Keras processes that each compile their step on the CPU: longer
+# than the whole suite on two cores, so it runs only when asked for.
+if not os.environ.get("BAKEOFF_SLOW_TESTS"):
+    pytest.skip("the whole study preset on the CPU: set BAKEOFF_SLOW_TESTS=1 to run it", allow_module_level=True)
 
 PRESET = PRESETS["jumpstart-blog"]
 # The smallest side every study model runs at: alexnet's fixed pooling needs 63 px. Keras networks
