@@ -6,9 +6,13 @@ Import only after ``engines.keras.trial.import_keras()`` has chosen the backend.
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import keras
 from keras import layers, ops
+
+from bakeoff.errors import BakeoffError
 
 __all__ = ["StdConv2D", "bit_backbone", "load_bit_npz", "BIT_URL"]
 
@@ -66,40 +70,56 @@ def bit_backbone(input_shape, units=R101_UNITS, width: int = 1, name: str = "bit
     return keras.Model(inputs, x, name=name)
 
 
-def _layer_for(key: str) -> str | None:
-    """The backbone layer for a checkpoint key (``resnet/block1/unit01/a/group_norm/gamma``); None for the head."""
-    parts = key.removeprefix("resnet/").split("/")
-    if parts[0] == "root_block":
-        return "root_conv"
-    if parts[0] == "group_norm":
-        return "pre_head_gn"
-    if parts[0] == "head":
-        return None
-    block, unit, branch, kind = parts[0], parts[1], parts[2], parts[3]
-    if kind == "proj":
-        return f"{block}_{unit}_{branch}_proj"
-    return f"{block}_{unit}_{branch}_{'gn' if kind == 'group_norm' else 'conv'}"
+def _checkpoint_key(layer_name: str, weight_name: str) -> str:
+    """The key of Google's checkpoint that holds one weight of a ``bit_backbone()`` layer:
+    ``block1_unit01_a_gn`` / ``gamma`` -> ``resnet/block1/unit01/a/group_norm/gamma``."""
+    if layer_name == "root_conv":
+        return f"resnet/root_block/standardized_conv2d/{weight_name}"
+    if layer_name == "pre_head_gn":
+        return f"resnet/group_norm/{weight_name}"
+    block, unit, branch, kind = layer_name.split("_")
+    where = {"gn": "group_norm", "conv": "standardized_conv2d", "proj": "proj/standardized_conv2d"}[kind]
+    return f"resnet/{block}/{unit}/{branch}/{where}/{weight_name}"
+
+
+def _open_npz(path):
+    try:
+        ckpt = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise BakeoffError(f"{path} is not a BiT .npz checkpoint ({why}): pass BiT-S-R101x1.npz "
+                           f"from {BIT_URL}") from None
+    if not isinstance(ckpt, np.lib.npyio.NpzFile):
+        raise BakeoffError(f"{path} holds one array, not a BiT .npz checkpoint: pass BiT-S-R101x1.npz from {BIT_URL}")
+    return ckpt
 
 
 def load_bit_npz(backbone: keras.Model, path) -> None:
-    """Load Google's BiT checkpoint (``BiT-S-R101x1.npz``) into ``bit_backbone()``; every layer must be covered."""
-    from bakeoff.errors import BakeoffError
+    """Load Google's BiT checkpoint (``BiT-S-R101x1.npz``) into ``bit_backbone()``.
 
-    with np.load(path) as ckpt:
-        found: dict[str, dict[str, np.ndarray]] = {}
-        for key in ckpt.files:
-            layer = _layer_for(key)
-            if layer is not None:
-                found.setdefault(layer, {})[key.rsplit("/", 1)[-1]] = ckpt[key]
-    for layer in backbone.layers:
-        if not layer.weights:
-            continue
-        got = found.pop(layer.name, None)
-        if got is None:
-            raise BakeoffError(f"{path} holds no weights for BiT layer {layer.name}: pass BiT-S-R101x1.npz")
-        values = [got["gamma"], got["beta"]] if isinstance(layer, layers.GroupNormalization) else [got["kernel"]]
-        if [tuple(v.shape) for v in values] != [tuple(w.shape) for w in layer.weights]:
-            raise BakeoffError(f"{path} does not fit BiT-S R101x1 at {layer.name}: pass BiT-S-R101x1.npz")
+    Every backbone weight must be in the file at its shape, and every file key but the
+    classifier (``resnet/head/...``) must be used; the file is checked whole before any
+    weight is set, so a bad file leaves the model as it was and names the first bad key."""
+    fix = f"pass BiT-S-R101x1.npz from {BIT_URL}"
+    with _open_npz(path) as ckpt:
+        unused = {k for k in ckpt.files if not k.startswith("resnet/head/")}
+        plan = []
+        for layer in backbone.layers:
+            values = []
+            for weight in layer.weights:
+                key = _checkpoint_key(layer.name, weight.name)
+                if key not in unused:
+                    raise BakeoffError(f"{path} lacks {key}, a weight of BiT-S R101x1: {fix}")
+                unused.discard(key)
+                value = ckpt[key]
+                if tuple(value.shape) != tuple(weight.shape):
+                    raise BakeoffError(f"{path}: {key} has shape {tuple(value.shape)} where BiT-S R101x1 needs "
+                                       f"{tuple(weight.shape)}: {fix}")
+                values.append(value)
+            if values:
+                plan.append((layer, values))
+    if unused:
+        raise BakeoffError(f"{path} holds keys BiT-S R101x1 lacks ({len(unused)}, first {min(unused)}; "
+                           f"another BiT depth or width?): {fix}")
+    for layer, values in plan:
         layer.set_weights(values)
-    if found:
-        raise BakeoffError(f"{path} has weights for layers BiT-S R101x1 lacks (first: {next(iter(found))})")
