@@ -203,8 +203,9 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                              classes=data.classes, out_dir=str(out / folder), device=str(dev),
                              weights_dir=str(weights_dir) if weights_dir else None,
                              key=trial_key(s.id, p, data.fingerprint, dev.type, seed),
-                             compile=compile_for.get(s.id), background=background, **mark)
-                    for p, folder, mark in repeat_protocols(protocol, repeats, out)
+                             compile=compile_for.get(s.id), background=background,
+                             repeat=r if repeats > 1 else None, repeat_dir=folder or None)
+                    for r, (p, folder) in enumerate(repeat_protocols(protocol, repeats, out))
                     for s, (size, side, _) in zip(specs, sides)]
             command = command or " ".join(shlex.quote(a) for a in sys.argv)
             # A preset's differences from the study it reproduces go with the protocol into the report.
@@ -251,17 +252,16 @@ def check_repeats(repeats, seed) -> None:
                            f"pick a smaller --seed")
 
 
-def repeat_protocols(protocol: Protocol, repeats: int, out: Path) -> list[tuple[Protocol, str, dict]]:
-    """Each repeat's protocol (seed + r), the folder under OUT its trials save their models in,
-    and what its jobs carry: the first repeat keeps OUT (the models `bakeoff serve` finds), each
-    other one has OUT/repeats/seed-S; one repeat carries nothing new."""
+def repeat_protocols(protocol: Protocol, repeats: int, out: Path) -> list[tuple[Protocol, str]]:
+    """Each repeat's protocol (seed + r) and the folder under OUT its trials save their models in:
+    the first repeat keeps OUT (the models `bakeoff serve` finds), each other one has
+    OUT/repeats/seed-S."""
     out_list = []
     for r in range(repeats):
         folder = "" if r == 0 else f"repeats/seed-{protocol.seed + r}"
         if folder:
             (out / folder).mkdir(parents=True, exist_ok=True)
-        mark = {} if repeats == 1 else {"repeat": r} | ({"repeat_dir": folder} if folder else {})
-        out_list.append((dataclasses.replace(protocol, seed=protocol.seed + r), folder, mark))
+        out_list.append((dataclasses.replace(protocol, seed=protocol.seed + r), folder))
     return out_list
 
 

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["window", "Clock", "background_pids", "settle_heap", "WINDOW_SKIP", "WINDOW_STEPS", "MEASURED", "PROJECTED"]
+__all__ = ["window", "Clock", "background_pids", "settle_heap", "WINDOW_SKIP", "WINDOW_STEPS", "MEASURED", "PROJECTED",
+           "TOP_ONLY_BASIS"]
 
 # A window: the steps it times, after a few that start the stream (or a new graph) going.
 WINDOW_SKIP, WINDOW_STEPS = 8, 48
 MEASURED, PROJECTED = "measured alone", "projected from solo windows"
+TOP_ONLY_BASIS = "the training images' feature pass and every head epoch, alone"  # --train-only-top-layer
 
 
 def window(steps: int, start: int = 0, length: int = WINDOW_STEPS, skip: int = WINDOW_SKIP) -> tuple[int, int]:

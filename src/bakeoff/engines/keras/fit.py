@@ -14,7 +14,7 @@ from bakeoff.measure import epoch_record, summarize_ms, time_calls
 from bakeoff.gpu_share import share
 from bakeoff.job import FitResult
 from bakeoff.protocol import Protocol
-from bakeoff.timing import MEASURED, WINDOW_STEPS, Clock, settle_heap, window
+from bakeoff.timing import MEASURED, TOP_ONLY_BASIS, WINDOW_STEPS, Clock, settle_heap, window
 
 __all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc"]
 
@@ -324,7 +324,7 @@ def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: 
         final = val_probs if val_probs is not None else final
     steps.finish()
     return FitResult(history=history, train_time_s=train_time, train_time_kind=MEASURED,
-                     train_time_basis="the training images' feature pass and every head epoch, alone",
+                     train_time_basis=TOP_ONLY_BASIS,
                      train_wall_s=train_time, data_time_s=0.0, eval_time_s=val_feature_s,
                      feature_time_s=feature_s, compile_time_s=0.0, final_val_probs=final)
 

@@ -19,7 +19,7 @@ from bakeoff.gpu_share import share, stream_sync
 from bakeoff.job import FitResult
 from bakeoff.measure import epoch_record
 from bakeoff.protocol import Protocol
-from bakeoff.timing import MEASURED, WINDOW_SKIP, WINDOW_STEPS, Clock, settle_heap, window
+from bakeoff.timing import MEASURED, TOP_ONLY_BASIS, WINDOW_SKIP, WINDOW_STEPS, Clock, settle_heap, window
 
 # autocast_for and uses_bf16 are the step's (step.py), named here too for the engines that
 # fit, predict and serve with them.
@@ -350,7 +350,7 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
                      final_val_probs=val_probs, data_time_s=0.0,
                      step_mode=f"cached-features, {many.mode}, {k} steps per replay", feature_time_s=feature_s,
                      capture_time_s=0.0, capture_error=many.capture_error, train_time_kind=MEASURED,
-                     train_time_basis="the training images' feature pass and every head epoch, alone",
+                     train_time_basis=TOP_ONLY_BASIS,
                      train_wall_s=train_time)
 
 
