@@ -19,7 +19,7 @@ import torch
 
 import bakeoff.engines.torch.step as tf
 from bakeoff.engines.torch.build import build_model
-from bakeoff.gpu_share import GpuShare, NeedsGpuAlone, set_share
+from bakeoff.gpu_share import GpuShare
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
 
@@ -31,7 +31,7 @@ def _model(arch: str, device):
     return model.to(device).to(memory_format=torch.channels_last).train()
 
 
-def _step(arch: str, device, ways: list[str] | None = None) -> str:
+def _step(arch: str, device, ways: list[str] | None = None, gate: GpuShare | None = None) -> str:
     proto = Protocol(pretrained=False)
     model = _model(arch, device)
     opt = tf.make_optimizer(proto, model.parameters(), capturable=True)
@@ -39,11 +39,11 @@ def _step(arch: str, device, ways: list[str] | None = None) -> str:
     if ways is not None:
         tf.capture_ways = lambda concurrent: ways
     try:
-        step = tf.Step(model, opt, proto, device, (16, 3, 224, 224), True)
-    except NeedsGpuAlone as exc:
-        return f"needs the GPU alone: {exc}"
+        step = tf.Step(model, opt, proto, device, (16, 3, 224, 224), True, gate=gate)
     finally:
         tf.capture_ways = original
+    if step.needs_alone:
+        return f"needs the GPU alone: {step.needs_alone}"
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(16, 3, 224, 224, device=device, generator=gen).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,), device=device, generator=gen)
@@ -66,13 +66,13 @@ def main() -> None:
         for way in tf.capture_ways(concurrent=False):  # every way a lone trial may try
             print(f"  {arch:14s} {way:26s} {_step(arch, device, [way])}", flush=True)
     print(f"part 2: {args.threads} trials at once, one thread and one stream each")
-    set_share(GpuShare(args.threads))
+    gate = GpuShare(args.threads)
     said: dict[int, str] = {}
 
     def trial(i: int) -> None:
         with torch.cuda.stream(torch.cuda.Stream(device)):
             try:
-                said[i] = _step(archs[i % len(archs)], device)
+                said[i] = _step(archs[i % len(archs)], device, gate=gate)
             except Exception as exc:
                 said[i] = f"{type(exc).__name__}: {exc}"
 

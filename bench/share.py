@@ -37,7 +37,7 @@ from bakeoff.data.batches import Batcher
 from bakeoff.data.cache import cache_side
 from bakeoff.engines.torch.build import build_model
 from bakeoff.engines.torch.fit import fit, uses_bf16
-from bakeoff.gpu_share import GpuShare, set_share
+from bakeoff.gpu_share import GpuShare
 from bakeoff.protocol import Protocol
 from bakeoff.zoo import resolve
 
@@ -45,7 +45,7 @@ from harness import parser  # bench/, beside this script
 
 
 def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: dict,
-           barrier: threading.Barrier | None = None) -> dict:
+           barrier: threading.Barrier | None = None, gate: GpuShare | None = None) -> dict:
     spec = resolve(f"torchvision/{arch}")
     torch.manual_seed(0)
     model, _ = build_model(spec, int(labels.max()) + 1, False)
@@ -54,7 +54,7 @@ def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     batcher = Batcher.create(images, np.concatenate([train_idx, val_idx]), spec.input_size, spec.mean, spec.std,
-                             device, channels_last, side=cache_side(spec.input_size, spec.crop_pct))
+                             device, channels_last, side=cache_side(spec.input_size, spec.crop_pct), gate=gate)
 
     def on_step(epoch, step, steps, elapsed):
         if epoch == 0 and step == steps and barrier is not None:
@@ -63,7 +63,7 @@ def _trial(arch: str, images, labels, train_idx, val_idx, proto, device, marks: 
         if epoch == 1:  # the second epoch's start, from its first progress call
             marks.setdefault("start", time.perf_counter() - elapsed)
 
-    fitted = fit(model, batcher, train_idx, labels, val_idx, proto, device, on_step)
+    fitted = fit(model, batcher, train_idx, labels, val_idx, proto, device, on_step, gate=gate)
     second = fitted.history[1]
     marks["end"] = marks.get("start", 0.0) + second.get("epoch_wall_s", second["epoch_time_s"])  # synchronised
     # the second epoch alone: its window's seconds per step (on the kernels it ended with) x its steps
@@ -130,7 +130,7 @@ def main() -> None:
 def _together(archs, images, labels, train_idx, val_idx, proto, device) -> tuple[float, dict]:
     """All trials at once, one thread and one CUDA stream each: (span of their second epochs,
     each trial's figures)."""
-    set_share(GpuShare(len(archs)))
+    gate = GpuShare(len(archs))
     shared, marks = {}, {a: {} for a in archs}
     barrier = threading.Barrier(len(archs))
 
@@ -138,19 +138,17 @@ def _together(archs, images, labels, train_idx, val_idx, proto, device) -> tuple
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             try:
-                shared[arch] = _trial(arch, images, labels, train_idx, val_idx, proto, device, marks[arch], barrier)
+                shared[arch] = _trial(arch, images, labels, train_idx, val_idx, proto, device, marks[arch], barrier,
+                                      gate)
             except BaseException:
                 barrier.abort()  # the others must not wait for this one
                 raise
 
     threads = [threading.Thread(target=run, args=(a,)) for a in archs]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        set_share(None)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     missing = [a for a in archs if a not in shared]
     if missing:
         raise SystemExit(f"shared trials that did not finish: {', '.join(missing)}")

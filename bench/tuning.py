@@ -131,11 +131,10 @@ def together(archs: list[str], steps: int) -> list[dict]:
     import torch
 
     import bakeoff.engines.torch.step as tf
-    from bakeoff.gpu_share import GpuShare, set_share
+    from bakeoff.gpu_share import GpuShare
 
     tf.AUTOTUNE = True  # what tune_together is for: overlapping autotuning's host work
     device, gate = torch.device("cuda"), GpuShare(len(archs), tune_together=True)
-    set_share(gate)
     built = {a: build_step(a) for a in archs}
     steps_of, ends, ready = {}, {}, threading.Barrier(len(archs))
 
@@ -143,7 +142,7 @@ def together(archs: list[str], steps: int) -> list[dict]:
         model, opt, proto, shape = built[arch]
         with gate.place(device):
             ready.wait()
-            steps_of[arch] = tf.Step(model, opt, proto, device, shape, channels_last=True)
+            steps_of[arch] = tf.Step(model, opt, proto, device, shape, channels_last=True, gate=gate)
             torch.cuda.current_stream(device).synchronize()
             ends[arch] = time.perf_counter()
 
@@ -155,7 +154,6 @@ def together(archs: list[str], steps: int) -> list[dict]:
     for t in threads:
         t.join()
     wall_all, cpu_all = time.perf_counter() - wall, time.process_time() - cpu
-    set_share(None)
     rows = []
     for arch in archs:
         step = steps_of.get(arch)

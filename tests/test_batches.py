@@ -103,7 +103,8 @@ def test_gpu_passes_fill_their_last_batch_and_drop_the_filler(monkeypatch):
 
     from torch import nn
 
-    from bakeoff.engines.torch.fit import _features, predict_probs
+    from bakeoff.engines.torch.fit import predict_probs
+    from bakeoff.engines.torch.top_only import features
     from bakeoff.protocol import Protocol
 
     torch.manual_seed(0)
@@ -115,10 +116,10 @@ def test_gpu_passes_fill_their_last_batch_and_drop_the_filler(monkeypatch):
     monkeypatch.setattr("bakeoff.engines.torch.fit.sync_fn", lambda device: lambda: None)  # stand-in "cuda": no stream
     sizes = []
     model.register_forward_hook(lambda mod, inp, out: sizes.append(len(inp[0])))
-    plain = _features(model, b, idx, proto, torch.device("cpu"), head)
+    plain = features(model, b, idx, proto, torch.device("cpu"), head)
     assert sizes == [256, 44]
     sizes.clear()
-    filled = _features(model, b, idx, proto, SimpleNamespace(type="cuda"), head)
+    filled = features(model, b, idx, proto, SimpleNamespace(type="cuda"), head)
     assert sizes == [256, 256]  # one shape throughout
     assert plain.shape == filled.shape == (300, 4)
     torch.testing.assert_close(plain, filled)

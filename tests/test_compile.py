@@ -34,7 +34,7 @@ def _small_net(classes=3):
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, classes))
 
 
-def _fit(device, compile_ready=None, compile_fn=None, epochs=3, n=96, **proto):
+def _fit(device, compile_ready=None, compile_fn=None, epochs=3, n=96, gate=None, **proto):
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.torch.fit import fit
 
@@ -45,7 +45,7 @@ def _fit(device, compile_ready=None, compile_fn=None, epochs=3, n=96, **proto):
     kwargs = {} if compile_fn is None else {"compile_fn": compile_fn}
     train = n * 3 // 4
     out = fit(model, batcher, np.arange(train), labels, np.arange(train, n), protocol, device,
-              compile_ready=compile_ready, **kwargs)
+              compile_ready=compile_ready, gate=gate, **kwargs)
     return model, out
 
 
@@ -97,19 +97,15 @@ def test_a_step_switches_mid_epoch_as_soon_as_its_kernels_are_ready(monkeypatch)
 
 def test_sharing_a_mid_epoch_switch_waits_for_the_solo_window_and_times_each_kernel_set_alone(monkeypatch):
     from bakeoff.engines.torch import fit as torch_fit
-    from bakeoff.gpu_share import set_share
 
     monkeypatch.setattr(torch_fit, "SWITCH_CHECK", 10)
-    set_share(GpuShare(2))  # a GPU shared with one neighbour (none runs here): solo windows, projected times
-    try:
-        # 120 steps an epoch; the window is steps 9-56, so the first ask after it is at step 60,
-        # and 60 steps are left for a window on the new kernels (steps 69-116).
-        _, out = _fit(torch.device("cpu"), compile_ready=_ready_after(1), compile_fn=_traced, n=640,
-                      batch_size=4, epochs=1)
-        _, late = _fit(torch.device("cpu"), compile_ready=_ready_after(2), compile_fn=_traced, n=640,
-                       batch_size=4, epochs=2)
-    finally:
-        set_share(None)
+    # A GPU shared with one neighbour (none runs here): solo windows, projected times. 120 steps
+    # an epoch; the window is steps 9-56, so the first ask after it is at step 60, and 60 steps
+    # are left for a window on the new kernels (steps 69-116).
+    _, out = _fit(torch.device("cpu"), compile_ready=_ready_after(1), compile_fn=_traced, n=640,
+                  batch_size=4, epochs=1, gate=GpuShare(2))
+    _, late = _fit(torch.device("cpu"), compile_ready=_ready_after(2), compile_fn=_traced, n=640,
+                   batch_size=4, epochs=2, gate=GpuShare(2))
     (only,) = out.history
     assert out.compiled_from_epoch == 1 and only["compiled_from_step"] == 61, out.compile_error
     eager_s, compiled_s = only["solo_step_s"]

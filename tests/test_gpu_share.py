@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bakeoff.gpu_share import GpuShare, share
+from bakeoff.gpu_share import GpuShare, LoneGate
 
 
 def _held_in_thread(section, done) -> threading.Thread:
@@ -81,7 +81,7 @@ def test_trials_with_more_training_left_get_higher_stream_priority(monkeypatch):
     # Each is ranked among the trials known by then, over the three others holding places.
     assert results == {0: 0, 1: -1, 2: -1, 3: -3}
     assert moved == ["place0 level0", "place1 level1", "place2 level1", "place3 level3"]
-    assert gate.prioritize(10.0) == 0 and share().prioritize(10.0) == 0  # no place held; a lone trial
+    assert gate.prioritize(10.0) == 0 and LoneGate().prioritize(10.0) == 0  # no place held; a lone trial
 
 
 def test_nested_sections_do_not_deadlock_and_misuse_is_an_error():
@@ -100,20 +100,20 @@ def test_nested_sections_do_not_deadlock_and_misuse_is_an_error():
 
 
 def test_a_process_running_one_trial_has_a_gate_that_never_waits():
-    assert not share().concurrent
-    with share().shared(), share().exclusive():
+    gate = LoneGate()
+    assert not gate.concurrent
+    with gate.shared(), gate.exclusive():
         pass
 
 
 def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypatch):
     from bakeoff.engines.torch.step import tuned
-    from bakeoff.gpu_share import set_share
 
     gate, log, both = GpuShare(3, tune_together=True), [], threading.Barrier(2, timeout=5)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
     def tuner(name, fail):
-        with contextlib.suppress(ValueError), tuned(torch.device("cpu"), "capture", autotune=True):
+        with contextlib.suppress(ValueError), tuned(gate, torch.device("cpu"), "capture", autotune=True):
             both.wait()  # two trials tuning at once: neither waits for the other
             log.append((name, torch.backends.cudnn.benchmark))
             if fail:
@@ -121,22 +121,18 @@ def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypa
             time.sleep(0.2)
             log.append((name + " done", torch.backends.cudnn.benchmark))  # on until the last tuner leaves
 
-    set_share(gate)
-    try:
-        t = _held_in_thread(gate.shared, lambda: log.append(("neighbour step done", torch.backends.cudnn.benchmark)))
-        tuners = [threading.Thread(target=tuner, args=(n, n == "b")) for n in "ab"]
-        for th in tuners:
-            th.start()
-        time.sleep(0.05)
-        with gate.shared():  # a step asked for while they tune waits for both to end
-            log.append(("next step", torch.backends.cudnn.benchmark))
-        for th in tuners + [t]:
-            th.join()
-        with tuned(torch.device("cpu"), "tune"):  # by default: alone, on cuDNN's heuristics
-            log.append(("default", torch.backends.cudnn.benchmark))
-        alone = gate.alone()
-    finally:
-        set_share(None)
+    t = _held_in_thread(gate.shared, lambda: log.append(("neighbour step done", torch.backends.cudnn.benchmark)))
+    tuners = [threading.Thread(target=tuner, args=(n, n == "b")) for n in "ab"]
+    for th in tuners:
+        th.start()
+    time.sleep(0.05)
+    with gate.shared():  # a step asked for while they tune waits for both to end
+        log.append(("next step", torch.backends.cudnn.benchmark))
+    for th in tuners + [t]:
+        th.join()
+    with tuned(gate, torch.device("cpu"), "tune"):  # by default: alone, on cuDNN's heuristics
+        log.append(("default", torch.backends.cudnn.benchmark))
+    alone = gate.alone()
     assert log[0] == ("neighbour step done", False)  # tuning waited for the neighbour's step
     assert sorted(log[1:3]) == [("a", True), ("b", True)]
     assert log[3:] == [("a done", True), ("next step", False), ("default", False)]
@@ -247,7 +243,6 @@ def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeyp
 
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.torch.fit import predict_probs
-    from bakeoff.gpu_share import set_share
     from bakeoff.protocol import Protocol
 
     calls, flags = [], []
@@ -266,12 +261,8 @@ def test_a_shared_trials_evaluation_never_stops_its_neighbours_nor_tunes(monkeyp
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     model.register_forward_hook(lambda mod, inp, out: flags.append(torch.backends.cudnn.benchmark))
     monkeypatch.setattr("bakeoff.engines.torch.fit.sync_fn", lambda device: lambda: None)  # stand-in "cuda"
-    set_share(Recording(2))
-    try:
-        probs = predict_probs(model, b, np.arange(300), Protocol(pretrained=False, precision="fp32"),
-                              SimpleNamespace(type="cuda"))
-    finally:
-        set_share(None)
+    probs = predict_probs(model, b, np.arange(300), Protocol(pretrained=False, precision="fp32"),
+                          SimpleNamespace(type="cuda"), gate=Recording(2))
     assert probs.shape == (300, 4)
     assert set(calls) == {"shared"} and flags == [False, False, False]  # three batches of 128, heuristics
 
@@ -380,7 +371,6 @@ def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, au
 @pytest.mark.parametrize("tune_together", [False, True])
 def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together):
     from bakeoff.engines.torch.step import make_optimizer, Step
-    from bakeoff.gpu_share import set_share
     from bakeoff.protocol import Protocol
 
     dev, gate, steps, start = torch.device("cuda"), GpuShare(3, tune_together), {}, threading.Barrier(3, timeout=30)
@@ -398,7 +388,7 @@ def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together)
         with gate.place(dev):
             start.wait()
             step = Step(model, make_optimizer(proto, model.parameters(), capturable=True), proto, dev,
-                         (16, 3, 40, 40), True)
+                         (16, 3, 40, 40), True, gate=gate)
             x = torch.randn(16, 3, 40, 40, device=dev).contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 3, (16,), device=dev)
             for _ in range(30):
@@ -407,15 +397,11 @@ def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together)
             torch.cuda.current_stream(dev).synchronize()
             steps[i] = (step, float(step.loss_sum), gate.alone())
 
-    set_share(gate)
-    try:
-        threads = [threading.Thread(target=trial, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-    finally:
-        set_share(None)
+    threads = [threading.Thread(target=trial, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
     assert sorted(steps) == [0, 1, 2]
     for step, loss_sum, alone in steps.values():
         assert step.mode == "cuda-graph" and step.capture_error is None

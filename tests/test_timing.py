@@ -185,3 +185,36 @@ def test_a_keras_trial_alone_times_every_stretch_after_the_epoch_start():
     assert got.train_time_basis.startswith("median of 4 solo window(s) of 48 steps")
     assert got.train_time_s == pytest.approx(260 * got.train_step_ms / 1000)
     assert got.train_time_kind == PROJECTED
+
+
+def test_a_solo_stretch_keeps_neighbours_out_and_reads_its_own_time():
+    import threading
+    import time
+
+    from bakeoff.gpu_share import GpuShare
+    from bakeoff.timing import Solo
+
+    gate, synced, order = GpuShare(2), [], []
+    solo = Solo(gate, lambda: synced.append("sync"), None, "window")
+
+    def neighbour():
+        with gate.shared():
+            order.append("neighbour")
+
+    solo.start()
+    other = threading.Thread(target=neighbour)
+    other.start()
+    time.sleep(0.2)
+    order.append("solo ends")
+    seconds = solo.stop()
+    other.join(timeout=5)
+    assert order == ["solo ends", "neighbour"]  # the neighbour waited for the whole stretch
+    assert seconds >= 0.2 and synced == ["sync", "sync"]  # synchronised at both ends
+    assert gate.alone()["window"] >= 0.2  # the time every neighbour spent kept out
+
+    with pytest.raises(ValueError):  # a failure inside lets the neighbours in, with no reading
+        with Solo(gate, lambda: None, None, "latency") as failed:
+            raise ValueError("a failed pass")
+    assert failed.seconds is None and not failed.running
+    with gate.shared():
+        pass

@@ -13,6 +13,9 @@ Each trial holds a ``place()``: a CUDA stream of its own at one of PyTorch's fou
 the trials with the most training left get the highest (``prioritize``), and all keep pace
 (``pacing``), so the longest does not train alone at the end. The run's background compiles
 are stopped for each solo section (``keeping_out``), whether trials share the GPU or not.
+
+A worker makes one gate (a ``LoneGate`` while it runs one trial at a time) and passes it to
+each trial; a stretch timed alone goes through ``timing.Solo``.
 """
 
 from __future__ import annotations
@@ -26,15 +29,10 @@ from typing import Iterator
 
 from bakeoff.pacing import Pacing
 
-__all__ = ["GpuShare", "NeedsGpuAlone", "share", "set_share", "stream_sync", "send_signal", "PRIORITY_LEVELS"]
+__all__ = ["GpuShare", "LoneGate", "stream_sync", "send_signal", "PRIORITY_LEVELS"]
 
 # Stream priorities PyTorch offers (0, the default, down to -3, the highest).
 PRIORITY_LEVELS = 4
-
-
-class NeedsGpuAlone(RuntimeError):
-    """A trial that cannot run beside others (its training step could not be captured while
-    it shared the GPU): the runner runs it again in a process of its own."""
 
 
 class GpuShare:
@@ -305,11 +303,7 @@ class GpuShare:
         import torch
 
         with self._cv:
-            places = self._streams.get(str(device))
-            if places is None:
-                places = self._streams[str(device)] = [
-                    [torch.cuda.Stream(device, priority=-level) for level in range(PRIORITY_LEVELS)]
-                    for _ in range(self.trials)]
+            places = self.streams(device)
             slot = min(set(range(len(places))) - self._held.keys())
             self._held[slot] = None
         self._local.place = (slot, places[slot])
@@ -320,6 +314,17 @@ class GpuShare:
             self._local.place = None
             with self._cv:
                 del self._held[slot]
+
+    def streams(self, device) -> list[list]:
+        """Each place's streams on ``device``, one per priority level (0 first), made on first use."""
+        import torch
+
+        places = self._streams.get(str(device))
+        if places is None:
+            places = self._streams[str(device)] = [
+                [torch.cuda.Stream(device, priority=-level) for level in range(PRIORITY_LEVELS)]
+                for _ in range(self.trials)]
+        return places
 
     def prioritize(self, left_s: float) -> int:
         """Rank this thread's trial by the training it has ``left_s`` (solo seconds) among the
@@ -348,8 +353,9 @@ class GpuShare:
         return self._pacing.track(lambda: self.pace and not getattr(self._local, "alone", False))
 
 
-class _Alone(GpuShare):
-    """The gate of a process that runs one trial at a time: nothing to wait for."""
+class LoneGate(GpuShare):
+    """The gate of a trial alone on its device: nothing to wait for, but background compiles
+    to stop for each solo section."""
 
     def __init__(self) -> None:
         super().__init__(1)
@@ -368,9 +374,6 @@ class _Alone(GpuShare):
             send_signal(stopped, "SIGCONT")
 
 
-_SHARE: GpuShare = _Alone()
-
-
 def send_signal(pids: list[int], name: str) -> None:
     """Send signal ``name`` to each of ``pids`` that still exists, to its whole group where it
     leads one (a compile's worker pool, which would otherwise compile on during a window)."""
@@ -379,16 +382,6 @@ def send_signal(pids: list[int], name: str) -> None:
             (os.killpg if os.getpgid(pid) == pid else os.kill)(pid, getattr(signal, name))
         except (ProcessLookupError, PermissionError):  # ended (and reaped), or not ours
             pass
-
-
-def share() -> GpuShare:
-    """This process's gate."""
-    return _SHARE
-
-
-def set_share(gate: GpuShare | None) -> None:
-    global _SHARE
-    _SHARE = gate if gate is not None else _Alone()
 
 
 def stream_sync(device) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TrialJob", "FitResult", "result_row"]
+__all__ = ["TrialJob", "FitResult", "RunAlone", "result_row"]
 
 
 @dataclass
@@ -65,6 +65,14 @@ class FitResult:
     compile_time_s: float | None = None
     compile_error: str | None = None
     compile_wait_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RunAlone:
+    """A trial's answer instead of a result when it cannot share its GPU (its training step
+    could not be captured beside other trials): the runner runs it again in a process of its own."""
+
+    reason: str
 
 
 def result_row(spec, job: TrialJob, protocol, metrics: dict, fitted: FitResult, timing: dict, *, build_s: float,

@@ -11,19 +11,23 @@ capture, evaluation and saving are never inside a window; they are reported apar
 (``setup_time_s``). A window as long as the epoch makes the figure measured, a shorter one
 projected: ``train_time_kind`` says which.
 
-The engines' loops call ``window`` (which steps of an epoch to time), ``Clock.add`` after each
-timed window and ``Clock.figures`` at the end; what "alone" means on the device is the caller's
-gate (``gpu_share``).
+The engines' loops call ``window`` (which steps of an epoch to time), time each window with a
+``Solo`` (the one way a stretch is timed alone, latency included), ``Clock.add`` after it and
+``Clock.figures`` at the end; who else may use the device meanwhile is the gate's business
+(``gpu_share``), passed in by the trial.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-__all__ = ["window", "Clock", "background_pids", "settle_heap", "WINDOW_SKIP", "WINDOW_STEPS", "MEASURED", "PROJECTED",
+__all__ = ["window", "Solo", "Clock", "background_pids", "settle_heap", "WINDOW_SKIP", "WINDOW_STEPS", "MEASURED", "PROJECTED",
            "TOP_ONLY_BASIS"]
 
 # A window: the steps it times, after a few that start the stream (or a new graph) going.
@@ -39,6 +43,53 @@ def window(steps: int, start: int = 0, length: int = WINDOW_STEPS, skip: int = W
     if steps - start < skip + 4:
         return (start, steps)
     return (start + skip, min(steps, start + skip + length))
+
+
+class Solo:
+    """A stretch timed with the device to this trial alone: inside the gate's exclusive section
+    (no neighbour launching work, the run's background compiles stopped), this trial's work
+    synchronised (``sync``) at both ends. ``start``/``stop`` for a stretch that spans a loop's
+    steps; ``with`` for a block, after which ``seconds`` holds its time."""
+
+    def __init__(self, gate, sync: Callable[[], None], device=None, reason: str = "window") -> None:
+        self.gate, self.sync, self.device, self.reason = gate, sync, device, reason
+        self.seconds: float | None = None
+        self._held: contextlib.ExitStack | None = None
+        self._t0 = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._held is not None
+
+    def start(self) -> "Solo":
+        held = contextlib.ExitStack()
+        held.enter_context(self.gate.exclusive(self.device, self.reason))
+        self._held = held
+        self.sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        """Seconds since ``start``, read before the neighbours may resume."""
+        self.sync()
+        self.seconds = time.perf_counter() - self._t0
+        self.release()
+        return self.seconds
+
+    def release(self) -> None:
+        """Leave the exclusive section without a reading (a stretch cut short by a failure)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
+    def __enter__(self) -> "Solo":
+        return self.start()
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.stop()
+        else:
+            self.release()
 
 
 @dataclass

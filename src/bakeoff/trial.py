@@ -6,20 +6,23 @@ from __future__ import annotations
 import os
 import traceback
 
-from bakeoff.job import TrialJob
+from bakeoff.job import RunAlone, TrialJob
 
 __all__ = ["run_trial", "trial_process_main", "worker_main", "reusable_after"]
 
 
-def run_trial(job: TrialJob, on_step=None) -> dict:
-    """Train and measure one model with the engine of its framework; returns the result row."""
+def run_trial(job: TrialJob, on_step=None, gate=None) -> dict | RunAlone:
+    """Train and measure one model with the engine of its framework: the result row, or
+    ``RunAlone`` when it cannot share the GPU that ``gate`` (``gpu_share``; alone when None)
+    shares out."""
     from bakeoff.engines import engine_for
 
-    return engine_for(job.spec["framework"]).load().run_trial(job, on_step)
+    return engine_for(job.spec["framework"]).load().run_trial(job, on_step, gate)
 
 
-def trial_process_main(job: TrialJob, queue) -> None:
-    """Entry point of the trial's own process: results and progress go back through ``queue``."""
+def trial_process_main(job: TrialJob, queue, gate=None) -> None:
+    """Entry point of a trial in its own process (or a worker's thread, sharing ``gate``):
+    results and progress go back through ``queue``."""
     try:
         import torch
 
@@ -28,15 +31,14 @@ def trial_process_main(job: TrialJob, queue) -> None:
         def on_step(epoch, step, steps, elapsed):
             queue.put(("step", job.key, epoch, step, steps, elapsed))
 
-        queue.put(("result", job.key, run_trial(job, on_step)))
+        outcome = run_trial(job, on_step, gate)
+        if isinstance(outcome, RunAlone):
+            queue.put(("alone", job.key, outcome.reason[:1000]))
+        else:
+            queue.put(("result", job.key, outcome))
     except KeyboardInterrupt:
         queue.put(("interrupted", job.key, None))
     except BaseException as exc:  # any failure becomes a failed row, never a crashed sweep
-        from bakeoff.gpu_share import NeedsGpuAlone
-
-        if isinstance(exc, NeedsGpuAlone):
-            queue.put(("alone", job.key, str(exc)[:1000]))
-            return
         from bakeoff.errors import BakeoffError
 
         kind = "out of memory" if "out of memory" in str(exc).lower() else type(exc).__name__
@@ -59,18 +61,16 @@ def reusable_after(job: TrialJob) -> bool:
         or job.concurrent_trials > 1)
 
 
-def _run_one(job: TrialJob, queue, own_stream: bool) -> None:
+def _run_one(job: TrialJob, queue, gate, own_stream: bool) -> None:
     """One trial, then the worker's clean-up; with neighbours (in a thread of its own) on a CUDA
     stream of its own, so its kernels can overlap theirs."""
     import torch
 
     if own_stream and str(job.device).startswith("cuda") and torch.cuda.is_available():
-        from bakeoff.gpu_share import share
-
-        with share().place(torch.device(job.device)):
-            trial_process_main(job, queue)
+        with gate.place(torch.device(job.device)):
+            trial_process_main(job, queue, gate)
     else:
-        trial_process_main(job, queue)
+        trial_process_main(job, queue, gate)
     import gc
 
     gc.collect()
@@ -113,8 +113,9 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> N
     keep pace with each other from then on."""
     import threading
 
-    from bakeoff.gpu_share import GpuShare, set_share, share
+    from bakeoff.gpu_share import GpuShare, LoneGate
 
+    gate = LoneGate()  # the worker's one gate, handed to each trial it runs
     if prewarm:
         _warm_up(prewarm)
     threads: list[threading.Thread] = []
@@ -122,15 +123,15 @@ def worker_main(jobs, queue, capacity: int = 1, prewarm: str | None = None) -> N
         if isinstance(job, tuple):  # ("capacity", n) before any job; ("last", True) after the last
             if job[0] == "capacity":
                 capacity = job[1]
-            elif share().concurrent:
-                share().pace = True
+            elif gate.concurrent:
+                gate.pace = True
             continue
         if capacity == 1:  # one at a time: in this thread, on the default stream, as a lone trial always ran
-            _run_one(job, queue, own_stream=False)
+            _run_one(job, queue, gate, own_stream=False)
             continue
-        if not share().concurrent:
-            set_share(GpuShare(capacity, pace=False))  # until the runner says no more trials will come
-        thread = threading.Thread(target=_run_one, args=(job, queue, True), daemon=True,
+        if not gate.concurrent:
+            gate = GpuShare(capacity, pace=False)  # no pacing until the runner says no more trials will come
+        thread = threading.Thread(target=_run_one, args=(job, queue, gate, True), daemon=True,
                                   name=f"trial-{job.spec['id']}")
         thread.start()
         threads = [t for t in threads if t.is_alive()] + [thread]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bakeoff.data.images import square_resize_tensor
-from bakeoff.gpu_share import share, stream_sync
+from bakeoff.gpu_share import GpuShare, LoneGate, stream_sync
 
 __all__ = ["Batcher", "release_kept"]
 
@@ -54,15 +54,17 @@ def resident_budget(device) -> int:
     return int(available_memory_bytes() * RESIDENT_SHARE)
 
 
-def release_kept(unused_only: bool = False, spare=None) -> None:
+def release_kept(unused_only: bool = False, spare=None, gate: GpuShare | None = None) -> None:
     """Drop the images kept between trials (only those no running trial uses, with
-    ``unused_only``; never ``spare``) and give their device memory back."""
+    ``unused_only``; never ``spare``) and give their device memory back, alone on the GPU
+    that ``gate`` shares out."""
     dropped = [key for key in _KEPT if key != spare and (not unused_only or _KEPT[key]["users"] == 0)]
     if not dropped:
         return
     on_gpu = any(_KEPT[key]["tensor"].is_cuda for key in dropped)
     # alone on the GPU: no other trial's kernels may read memory the allocator hands out again
-    with share().exclusive(torch.device("cuda") if on_gpu else None, "release"):
+    gate = gate if gate is not None else LoneGate()
+    with gate.exclusive(torch.device("cuda") if on_gpu else None, "release"):
         for key in dropped:
             del _KEPT[key]
         if on_gpu:
@@ -75,7 +77,7 @@ def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
     return square_resize_tensor(x.permute(0, 3, 1, 2), side).contiguous()
 
 
-def _filled(n: int, side: int, device, part, budget) -> torch.Tensor | None:
+def _filled(n: int, side: int, device, part, budget, gate: GpuShare) -> torch.Tensor | None:
     """``n`` images at ``side`` as one uint8 tensor on ``device``, built 1,024 at a time from
     ``part(slice)`` (N x S x S x 3 uint8, anywhere) and resized on the device; None when they
     would not fit in ``budget`` (bytes, "auto" or None for no limit)."""
@@ -83,10 +85,10 @@ def _filled(n: int, side: int, device, part, budget) -> torch.Tensor | None:
         budget = resident_budget(device)
     if budget is not None and n * side * side * 3 > budget:
         return None
-    with share().shared():
+    with gate.shared():
         out = torch.empty((n, side, side, 3), dtype=torch.uint8, device=device)
     for i in range(0, n, 1024):
-        with share().shared():
+        with gate.shared():
             out[i:i + 1024] = _resize(part(slice(i, i + 1024)).to(device), side)
     stream_sync(device)  # written before a trial on another stream may read it
     return out
@@ -141,7 +143,8 @@ class _PinnedRows:
             self.file.close()
 
 
-def _from_file(images, needed: np.ndarray, side: int, device, budget) -> tuple[torch.Tensor, np.ndarray] | None:
+def _from_file(images, needed: np.ndarray, side: int, device, budget,
+               gate: GpuShare) -> tuple[torch.Tensor, np.ndarray] | None:
     """The ``needed`` images read from the cache file: (tensor, position of each image in it)."""
     order = np.sort(needed)
     if (torch.device(device).type == "cuda" and isinstance(images, np.memmap) and len(order)
@@ -150,7 +153,7 @@ def _from_file(images, needed: np.ndarray, side: int, device, budget) -> tuple[t
     else:
         part = lambda s: torch.from_numpy(np.ascontiguousarray(images[order[s]]))  # noqa: E731
     try:
-        tensor = _filled(len(order), side, device, part, budget)
+        tensor = _filled(len(order), side, device, part, budget, gate)
     finally:
         if isinstance(part, _PinnedRows):
             part.close()
@@ -161,9 +164,9 @@ def _from_file(images, needed: np.ndarray, side: int, device, budget) -> tuple[t
     return tensor, index
 
 
-def _resized(kept: dict, side: int, device, budget) -> tuple[torch.Tensor, np.ndarray] | None:
+def _resized(kept: dict, side: int, device, budget, gate: GpuShare) -> tuple[torch.Tensor, np.ndarray] | None:
     """Kept images at another size, resized on the device (same positions)."""
-    tensor = _filled(len(kept["tensor"]), side, device, lambda s: kept["tensor"][s], budget)
+    tensor = _filled(len(kept["tensor"]), side, device, lambda s: kept["tensor"][s], budget, gate)
     return None if tensor is None else (tensor, kept["index"])
 
 
@@ -188,7 +191,8 @@ class Batcher:
 
     @classmethod
     def create(cls, images, needed: np.ndarray, input_size, mean, std, device, channels_last=False,
-               max_resident_bytes=None, side: int | None = None, keep: bool = False) -> "Batcher":
+               max_resident_bytes=None, side: int | None = None, keep: bool = False,
+               gate: GpuShare | None = None) -> "Batcher":
         """Keep the ``needed`` images as one tensor on ``device`` when they fit in
         ``max_resident_bytes`` (a number, or "auto": a share of the device's free memory, taken
         once kept images are released); otherwise read each batch from the memory-mapped file.
@@ -196,11 +200,14 @@ class Batcher:
         ``side``: the square each image should be before cropping (the model's resize size);
         images cached at another size are resized once on the device, not decoded again.
         ``keep``: hold the resident tensor after this trial, for the next trial on the same data.
+        ``gate``: the trials' that share the device (alone when None).
         """
+        gate = gate if gate is not None else LoneGate()
         side = side or images.shape[1]
         b = cls(images, input_size, tuple(mean), tuple(std), device, channels_last, side=side)
         if not keep:
-            b.resident, b.resident_index = _from_file(images, needed, side, device, max_resident_bytes) or (None, None)
+            b.resident, b.resident_index = _from_file(images, needed, side, device, max_resident_bytes,
+                                                      gate) or (None, None)
             return b
         key = _kept_key(images, needed, side, device)
         with _KEPT_LOCK:  # a trial loading these images makes the others that want them wait, then share
@@ -213,13 +220,13 @@ class Batcher:
                 # (about 4 s for a 10 GB set).
                 via = _kept_key(images, needed, stored, device) \
                     if side != stored and torch.device(device).type in DERIVE_ON else None
-                release_kept(unused_only=True, spare=via)
+                release_kept(unused_only=True, spare=via, gate=gate)
                 if via is not None and via not in _KEPT:
-                    held = _from_file(images, needed, stored, device, max_resident_bytes)
+                    held = _from_file(images, needed, stored, device, max_resident_bytes, gate)
                     if held is not None:
                         _KEPT[via] = {"tensor": held[0], "index": held[1], "users": 0}
-                held = _resized(_KEPT[via], side, device, max_resident_bytes) if via in _KEPT else None
-                held = held or _from_file(images, needed, side, device, max_resident_bytes)
+                held = _resized(_KEPT[via], side, device, max_resident_bytes, gate) if via in _KEPT else None
+                held = held or _from_file(images, needed, side, device, max_resident_bytes, gate)
                 if held is None:
                     return b
                 _KEPT[key] = {"tensor": held[0], "index": held[1], "users": 0}

@@ -1,6 +1,6 @@
 """One engine per framework, a package each (build, fit, infer, trial), chosen in ``ENGINES``.
 
-Every engine package offers ``run_trial(job, on_step)`` (train and measure one model: the
+Every engine package offers ``run_trial(job, on_step, gate)`` (train and measure one model: the
 result row), ``load_saved(model_dir, device)`` and ``load_predict(model_dir, device)`` (a saved
 model for serving). A package is imported only when used: a PyTorch-only process never imports
 the Keras engine's backend.

@@ -151,7 +151,7 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     ``devices`` (e.g. ["cuda:0", "cuda:1"]): one worker each, running ``per_device`` PyTorch
     trials at once on their own CUDA streams; by default one trial at a time on each job's own
     device. Keras trials run one at a time in a fresh process, and so does a trial that could
-    not share its GPU (sent back by its worker; see ``gpu_share.NeedsGpuAlone``) or failed
+    not share its GPU (sent back by its worker: ``job.RunAlone``) or failed
     while sharing it. Returns
     counts: trained, resumed (finished before, skipped), failed. ``target``: the worker's main
     function (tests stand in their own).

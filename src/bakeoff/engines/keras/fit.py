@@ -3,7 +3,6 @@ batches as the PyTorch engine (bakeoff.data.batches.Batcher on the CPU, handed o
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable
 
@@ -11,10 +10,10 @@ import numpy as np
 
 from bakeoff.data.batches import Batcher
 from bakeoff.measure import epoch_record, summarize_ms, time_calls
-from bakeoff.gpu_share import share
+from bakeoff.gpu_share import GpuShare, LoneGate
 from bakeoff.job import FitResult
 from bakeoff.protocol import Protocol
-from bakeoff.timing import MEASURED, TOP_ONLY_BASIS, WINDOW_STEPS, Clock, settle_heap, window
+from bakeoff.timing import MEASURED, TOP_ONLY_BASIS, WINDOW_STEPS, Clock, Solo, settle_heap, window
 
 __all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc"]
 
@@ -196,17 +195,19 @@ def _batch_sizes(n: int, batch_size: int) -> list[int]:
 
 
 def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
-        protocol: Protocol, on_step: Callable[[int, int, int, float], None] | None = None) -> FitResult:
+        protocol: Protocol, on_step: Callable[[int, int, int, float], None] | None = None,
+        gate: GpuShare | None = None) -> FitResult:
     """Train with the protocol: the PyTorch engine's batches, order, crop boxes and flips
     (``engines.torch.fit.fit``: one generator draws each epoch's boxes, on the device where the batcher
     is), and its training-time definition (``bakeoff.timing``). A Keras trial always runs alone,
     so after an epoch's first window it times every further stretch of ``WINDOW_STEPS`` steps as
     well: a host-bound step varies more from stretch to stretch than a graphed one. Compiling
     each batch shape happens before the loop (``compile_time_s``); evaluation is timed apart.
+    ``gate``: the trial's (alone when None); its windows stop the run's background compiles.
     """
     import torch
 
-    gate = share()
+    gate = gate if gate is not None else LoneGate()
     gen = torch.Generator().manual_seed(protocol.seed)
     rng = np.random.default_rng(protocol.seed)
     y_all = labels.astype(np.int32)
@@ -224,19 +225,18 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
         order = rng.permutation(train_idx)
         theta = batcher.crop_params(len(order), gen).to(batcher.device)
         pos = batcher.positions(order)
-        outs, ran, opened = [], 0, None
-        win = window(steps_per_epoch)
+        outs, ran, opened_at = [], 0, 0
+        win, solo = window(steps_per_epoch), Solo(gate, steps.sync, None, "window")
         steps.sync()
         t_epoch = time.perf_counter()
-        with contextlib.ExitStack() as alone:
+        try:
             for step in range(steps_per_epoch):
                 lo, hi = step * bs, min((step + 1) * bs, len(order))
                 if hi - lo < 2 < len(order):
                     continue  # a lone last image breaks batch-norm in training mode
                 if step == win[0]:
-                    alone.enter_context(gate.exclusive(None, "window"))
-                    steps.sync()
-                    opened = (time.perf_counter(), ran)
+                    solo.start()
+                    opened_at = ran
                 t_data = time.perf_counter()
                 x = steps.feed(batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
                                                    pos=None if pos is None else pos[lo:hi]))
@@ -245,19 +245,16 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
                 loss, correct = steps.train(x, y)
                 outs.append((loss, correct, hi - lo))
                 ran += 1
-                if opened is not None and step == win[1] - 1:
-                    steps.sync()
-                    clock.add("compiled", time.perf_counter() - opened[0], ran - opened[1],
-                              win == (0, steps_per_epoch))
-                    opened = None
-                    alone.close()
+                if solo.running and step == win[1] - 1:
+                    clock.add("compiled", solo.stop(), ran - opened_at, win == (0, steps_per_epoch))
                     if steps_per_epoch - step - 1 >= WINDOW_STEPS:  # alone anyway: the next stretch too
                         win = (step + 1, step + 1 + WINDOW_STEPS)
                 if on_step is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
                     on_step(epoch, step + 1, steps_per_epoch, time.perf_counter() - t_epoch)
-            if opened is not None:  # the window's last step was a skipped lone image
-                steps.sync()
-                clock.add("compiled", time.perf_counter() - opened[0], ran - opened[1], win == (0, steps_per_epoch))
+            if solo.running:  # the window's last step was a skipped lone image
+                clock.add("compiled", solo.stop(), ran - opened_at, win == (0, steps_per_epoch))
+        finally:
+            solo.release()
         steps.sync()
         clock.steps += ran
         epoch_time = time.perf_counter() - t_epoch
@@ -345,14 +342,16 @@ def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: i
     return np.concatenate([_softmax(steps.predict(steps.feed(x))) for _, x in batcher.eval_batches(idx, batch_size)])
 
 
-def time_inference(steps: Steps, batcher: Batcher, idx: np.ndarray, protocol: Protocol) -> dict:
+def time_inference(steps: Steps, batcher: Batcher, idx: np.ndarray, protocol: Protocol,
+                   gate: GpuShare | None = None) -> dict:
     """Batch-1 latency by the rule every engine follows (``engines.torch.infer.time_inference``): the
     compiled predict function, input already on the device, logits left there, synchronised;
     median and p95 of >= 50 runs after warm-up. Throughput at ``protocol.throughput_batch``."""
     one = steps.feed(batcher.eval_batch(idx[:1]))
     reps = int(np.ceil(protocol.throughput_batch / len(idx)))
     big = steps.feed(batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch]))
-    with share().exclusive(None, "latency"):
+    # each timed call synchronises itself; nothing of this trial's is queued before
+    with Solo(gate if gate is not None else LoneGate(), lambda: None, None, "latency"):
         lat = summarize_ms(time_calls(lambda: steps.predict_on_device(one), steps.sync_predict,
                                       protocol.latency_warmup, protocol.latency_runs))
         thr_ms = time_calls(lambda: steps.predict_on_device(big), steps.sync_predict, 2, 7)

@@ -138,8 +138,10 @@ def _save(model, spec: ModelSpec, classes: list[str], protocol: Protocol, out_di
                            "input_layout": "NHWC", "output": "logits"})
 
 
-def run_trial(job: TrialJob, on_step=None) -> dict:
-    """Train and measure one Keras model; returns the result row (the PyTorch engine's keys + backend)."""
+def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
+    """Train and measure one Keras model; returns the result row (the PyTorch engine's keys + backend).
+    A Keras trial always runs alone on its device: ``gate`` (a ``gpu_share.LoneGate`` when None)
+    stops the run's background compiles while it times."""
     import torch
 
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
@@ -162,7 +164,7 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.keras.build import build_model
     from bakeoff.engines.keras.fit import Steps, fit, fit_top_only, make_optimizer, time_inference
-    from bakeoff.gpu_share import share
+    from bakeoff.gpu_share import LoneGate
     from bakeoff.timing import background_pids
     from bakeoff.measure import classification_metrics
 
@@ -192,14 +194,15 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
                              if on_gpu else torch.device("cpu"), on_gpu, "auto", side=job.side)
     load_s = time.perf_counter() - t_load
 
-    with share().keeping_out(background_pids(job.background, job.compile)):
+    gate = gate if gate is not None else LoneGate()
+    with gate.keeping_out(background_pids(job.background, job.compile)):
         if protocol.train_only_top_layer:
             fitted = fit_top_only(keras, model, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
             steps = Steps(keras, model, make_optimizer(keras, protocol))
         else:
-            fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
+            fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step, gate)
         metrics = classification_metrics(job.labels[job.val_idx], fitted.final_val_probs, job.classes)
-        timing = time_inference(steps, batcher, job.val_idx, protocol)
+        timing = time_inference(steps, batcher, job.val_idx, protocol, gate)
     steps.finish()
     path = _save(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights, backend)
     peak_mb, peak_kind = _peak_memory(keras, accel is not None)

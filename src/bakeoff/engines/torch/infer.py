@@ -10,25 +10,25 @@ import torch
 from torch import nn
 
 from bakeoff.data.batches import Batcher
-from bakeoff.engines.torch.fit import sync_fn
-from bakeoff.engines.torch.step import autocast_for, first_way, graph_of, uses_bf16
-from bakeoff.gpu_share import share
+from bakeoff.engines.torch.step import autocast_for, first_way, graph_of, sync_fn, uses_bf16
+from bakeoff.gpu_share import GpuShare, LoneGate
 from bakeoff.measure import summarize_ms, time_calls
 from bakeoff.protocol import Protocol
+from bakeoff.timing import Solo
 
 __all__ = ["time_inference"]
 
 
 @torch.no_grad()
 def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol: Protocol,
-                   device: torch.device) -> dict:
+                   device: torch.device, gate: GpuShare | None = None) -> dict:
     """Batch-1 latency on a real validation image, by the rule every engine follows
     (``bakeoff.timing``'s neighbour for inference): the model's compiled form, input already on
     the device, median and p95 of >= 50 synchronised runs after warm-up (``latency_ms_*``). On
     CUDA the compiled form is the forward pass replayed from a CUDA graph; on the CPU, the
     traced and frozen TorchScript module. The eager call is timed too (``latency_eager_ms_*``),
-    and throughput at ``protocol.throughput_batch``. Timed with the GPU to itself: trials
-    sharing it wait meanwhile."""
+    and throughput at ``protocol.throughput_batch``. Timed with the GPU to itself (``timing.Solo``):
+    trials sharing it through ``gate`` wait meanwhile."""
     model.eval()
     sync = sync_fn(device)
 
@@ -36,13 +36,14 @@ def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol
         with autocast_for(protocol, device):
             model(x)
 
-    with share().exclusive(device, "latency"):
+    gate = gate if gate is not None else LoneGate()
+    with Solo(gate, sync, device, "latency"):
         one = batcher.eval_batch(idx[:1])
         reps = int(np.ceil(protocol.throughput_batch / len(idx)))
         big = batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch])
         lat = summarize_ms(time_calls(lambda: run(one), sync, protocol.latency_warmup, protocol.latency_runs))
         thr_ms = time_calls(lambda: run(big), sync, 2, 7)
-        compiled = _graphed_latency(model, one, protocol, device) if device.type == "cuda" else \
+        compiled = _graphed_latency(model, one, protocol, device, gate) if device.type == "cuda" else \
             _scripted_latency(model, one, protocol)
     figures = {
         "latency_eager_ms_p50": lat["p50"], "latency_eager_ms_p95": lat["p95"], "latency_runs": lat["n"],
@@ -56,7 +57,7 @@ def time_inference(model: nn.Module, batcher: Batcher, idx: np.ndarray, protocol
                       "latency_kind": "compiled", "latency_form": compiled["form"]}
 
 
-def _graphed_latency(model, one, protocol, device) -> dict:
+def _graphed_latency(model, one, protocol, device, gate: GpuShare) -> dict:
     """Batch-1 latency with the forward pass replayed from a CUDA graph (input in the graph's
     static buffer on the device): no per-kernel launch cost, as a compiled deployment."""
     static = one.clone()
@@ -66,10 +67,10 @@ def _graphed_latency(model, one, protocol, device) -> dict:
             model(static)
 
     def timed(way: str) -> dict:
-        graph = graph_of(forward, device, way)
+        graph = graph_of(forward, device, way, gate=gate)
         return summarize_ms(time_calls(graph.replay, sync_fn(device), protocol.latency_warmup, protocol.latency_runs))
 
-    figures, failed = first_way(timed)
+    figures, failed = first_way(timed, gate.concurrent)
     if figures is None:
         return {"error": "; ".join(failed)}
     return figures | {"form": f"CUDA graph replay{', bf16 autocast' if uses_bf16(protocol, device) else ''}"}

@@ -7,14 +7,31 @@ import contextlib
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from bakeoff.gpu_share import NeedsGpuAlone, share
+from bakeoff.gpu_share import GpuShare, LoneGate, stream_sync
 from bakeoff.protocol import Protocol
 
-__all__ = ["Step", "Pace", "make_optimizer", "graph_of", "first_way", "failure_reason", "uses_bf16", "autocast_for", "tuned",
+__all__ = ["Step", "Pace", "sync_fn", "one_shape", "make_optimizer", "graph_of", "first_way", "failure_reason", "uses_bf16", "autocast_for", "tuned",
            "capture_ways", "AUTOTUNE"]
+
+
+def sync_fn(device: torch.device) -> Callable[[], None]:
+    """Wait for this trial's own GPU work (its thread's stream), not for its neighbours'."""
+    if device.type == "cuda":
+        return lambda: stream_sync(device)
+    return lambda: None
+
+
+def one_shape(idx: np.ndarray, batch: int, device) -> np.ndarray:
+    """``idx`` filled up to whole batches on a GPU (repeats of its last image, whose outputs
+    the caller drops): one batch shape for a whole pass, since the first call at a new shape
+    can cost seconds there (channels-last depthwise convolutions: bench/first_call.py)."""
+    if device.type != "cuda" or len(idx) % batch == 0:
+        return idx
+    return np.concatenate([idx, np.repeat(idx[-1:], batch - len(idx) % batch)])
 
 
 def uses_bf16(protocol: Protocol, device: torch.device) -> bool:
@@ -36,14 +53,14 @@ def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool =
 AUTOTUNE = False
 
 
-def tuned(device: torch.device, reason: str, autotune: bool | None = None):
+def tuned(gate: GpuShare, device: torch.device, reason: str, autotune: bool | None = None):
     """A training step's kernels picked with no trial training or measuring beside it (other
     trials may be picking theirs too: ``GpuShare.tuning``): a graph capture, or an eager step's
     first call. cuDNN autotunes the shapes met inside when ``autotune`` (``AUTOTUNE`` unless
     given); cuDNN looks up its plan cache before it looks at the flag, so they stay tuned after.
     Every other pass (an epoch's last, smaller batch, evaluation, latency) takes cuDNN's
     heuristics, as a served model does by default."""
-    return share().tuning(device, reason, autotune=AUTOTUNE if autotune is None else autotune)
+    return gate.tuning(device, reason, autotune=AUTOTUNE if autotune is None else autotune)
 
 
 def make_optimizer(protocol: Protocol, params, capturable: bool = False) -> torch.optim.Optimizer:
@@ -71,7 +88,8 @@ class Step:
     """
 
     def __init__(self, model, opt, protocol, device, batch_shape, channels_last, source=None, steps: int = 1,
-                 last_batch: int | None = None, capture: bool = True, fwd=None):
+                 last_batch: int | None = None, capture: bool = True, fwd=None, gate: GpuShare | None = None):
+        self.gate = gate = gate if gate is not None else LoneGate()
         self.model, self.opt, self.protocol, self.device = model, opt, protocol, device
         self.fwd = model  # what the full-batch step calls: the model, or the model compiled (``adopt``)
         self.loss_fn = nn.CrossEntropyLoss()
@@ -83,24 +101,26 @@ class Step:
         self.graph = None
         self.graph_mode = "eager"  # or "cuda-graph", with the capture's way if it was not the first
         self.capture_error: str | None = None
+        self.needs_alone: str | None = None  # why it cannot train beside other trials (then it is not ready)
         self.compile_error: str | None = None
         self.compile_s = 0.0  # seconds spent compiling (first calls of the compiled step)
         if fwd is not None:  # compiled first, so the capture's warm-up only loads it
             self.compile_error = self._compile(fwd)
         if device.type == "cuda" and protocol.cuda_graphs and capture:
-            with tuned(device, "capture"):  # the warm-up meets the step's shapes first
-                with share().warming():
+            with tuned(gate, device, "capture"):  # the warm-up meets the step's shapes first
+                with gate.warming():
                     self._static()
-                captured, failed = first_way(self._capture)
+                captured, failed = first_way(self._capture, gate.concurrent)
             if captured is not None:  # else some models cannot be captured: they train eagerly
                 self._take(captured, failed)
             self.capture_error = "; ".join(failed) or None
-            if self.graph is None and share().concurrent:
+            if self.graph is None and gate.concurrent:
                 # Eager steps beside graphed neighbours would crawl (one autograd thread, one
                 # interpreter for all); the same capture succeeds in a process of its own.
-                raise NeedsGpuAlone(self.capture_error)
+                self.needs_alone = self.capture_error or "its training step could not be captured"
+                return
         if device.type == "cuda" and self.graph is None:
-            with tuned(device, "tune"), share().warming():  # an eager step's kernels, picked before training
+            with tuned(gate, device, "tune"), gate.warming():  # an eager step's kernels, picked before training
                 self._static()
                 self._undone(self._static_step)
         if device.type == "cuda" and source is None and last_batch and last_batch != batch_shape[0]:
@@ -108,7 +128,7 @@ class Step:
             # the host (cuDNN's heuristics build a plan per convolution; 8 s for mobilenet_v2 on
             # an H200, docs/results.md), which would count as training time. Met here, it counts
             # as capture time, like the full batch's first call.
-            with share().shared():
+            with gate.shared():
                 self._undone(lambda: self(*_random_batch(last_batch, batch_shape, channels_last, device)))
 
     def _compile(self, fwd) -> str | None:
@@ -117,7 +137,7 @@ class Step:
         why it failed (the step then keeps the model as it was), else None."""
         before, t0 = self.fwd, time.perf_counter()
         try:
-            with share().compiling():
+            with self.gate.compiling():
                 self._static()
                 self.fwd = fwd
                 self._undone(self._static_step)
@@ -136,8 +156,8 @@ class Step:
         counts = self.loss_sum.clone(), self.correct.clone()  # mid-epoch, the epoch's running figures go on
         why = self._compile(fwd)
         if why is None and self.graph is not None:
-            with tuned(self.device, "capture"):
-                captured, failed = first_way(self._capture)
+            with tuned(self.gate, self.device, "capture"):
+                captured, failed = first_way(self._capture, self.gate.concurrent)
             if captured is None:
                 self.fwd = self.model
                 why = "; ".join(failed)
@@ -234,10 +254,10 @@ class Step:
         return restore
 
     def _capture(self, way: str) -> tuple[torch.cuda.CUDAGraph, str]:
-        with share().warming():
+        with self.gate.warming():
             restore = self._snapshot()
-        graph = graph_of(self._static_step, self.device, way, restore)
-        with share().warming():
+        graph = graph_of(self._static_step, self.device, way, restore, self.gate)
+        with self.gate.warming():
             self.reset_counts()
         return graph, way
 
@@ -299,18 +319,19 @@ def capture_ways(concurrent: bool) -> list[str]:
 
 
 def graph_of(run: Callable[[], None], device: torch.device, way: str,
-              reset: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph:
+             reset: Callable[[], None] | None = None, gate: GpuShare | None = None) -> torch.cuda.CUDAGraph:
     """``run`` captured as a CUDA graph in one of ``capture_ways``, after three warm-up calls on
     a side stream (where kernels settle their algorithms and workspaces); ``reset`` undoes what
-    the warm-up changed before the capture."""
-    with share().warming():  # beside other tuners' warm-ups, if they tune together
+    the warm-up changed before the capture; ``gate``: the trials' it is captured among."""
+    gate = gate if gate is not None else LoneGate()
+    with gate.warming():  # beside other tuners' warm-ups, if they tune together
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(3):
                 run()
         torch.cuda.current_stream(device).wait_stream(side)
-    with share().capturing():  # one capture at a time
+    with gate.capturing():  # one capture at a time
         if reset is not None:
             reset()
         graph = torch.cuda.CUDAGraph()
@@ -321,11 +342,11 @@ def graph_of(run: Callable[[], None], device: torch.device, way: str,
     return graph
 
 
-def first_way(attempt: Callable[[str], object]) -> tuple[object | None, list[str]]:
-    """``attempt(way)`` for each of ``capture_ways`` in turn until one succeeds: (what it
-    returned, or None when none did; why the others failed)."""
+def first_way(attempt: Callable[[str], object], concurrent: bool = False) -> tuple[object | None, list[str]]:
+    """``attempt(way)`` for each of ``capture_ways(concurrent)`` in turn until one succeeds:
+    (what it returned, or None when none did; why the others failed)."""
     failed = []
-    for way in capture_ways(share().concurrent):
+    for way in capture_ways(concurrent):
         try:
             return attempt(way), failed
         except Exception as exc:  # any failure: the next way, or none

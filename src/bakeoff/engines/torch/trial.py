@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from bakeoff.engines.saved import read_model_dir, save_model_dir
-from bakeoff.gpu_share import share
-from bakeoff.job import TrialJob, result_row
+from bakeoff.gpu_share import GpuShare, LoneGate
+from bakeoff.job import RunAlone, TrialJob, result_row
 from bakeoff.machine import device_name
 from bakeoff.protocol import Protocol
 from bakeoff.timing import background_pids
@@ -35,8 +35,9 @@ def save_model(model, spec: ModelSpec, classes: list[str], protocol: Protocol, o
                           {"input_size": input_size, "start_weights": weights})
 
 
-def run_trial(job: TrialJob, on_step=None) -> dict:
-    """Train and measure one PyTorch model; returns the result row (figures and provenance)."""
+def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict | RunAlone:
+    """Train and measure one PyTorch model; returns the result row (figures and provenance), or
+    ``RunAlone`` when it cannot share the GPU its ``gate`` shares out."""
     import torch
 
     from bakeoff.data.batches import Batcher
@@ -47,7 +48,7 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
 
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
     device = resolve_device(job.device)
-    gate = share()
+    gate = gate if gate is not None else LoneGate()
     waited, alone = gate.waited(), gate.alone()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -77,7 +78,7 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
     needed = np.concatenate([job.train_idx, job.val_idx])
     t_load = time.perf_counter()
     batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, channels_last, "auto",
-                             side=job.side, keep=job.keep_data)
+                             side=job.side, keep=job.keep_data, gate=gate)
     load_s = time.perf_counter() - t_load
 
     from bakeoff.engines.torch.compile import marker_for, use_cache
@@ -91,11 +92,13 @@ def run_trial(job: TrialJob, on_step=None) -> dict:
             fitted = fit(model, batcher, job.train_idx, job.labels, job.val_idx, protocol, device, on_step,
                          compile_ready=marker.ready if marker is not None else None,
                          compile_settled=(lambda: marker.read() is not None) if marker is not None else None,
-                         head_name=head_name)
+                         head_name=head_name, gate=gate)
+            if isinstance(fitted, RunAlone):
+                return fitted
             with gate.shared():
                 metrics = classification_metrics(job.labels[job.val_idx], fitted.final_val_probs, job.classes)
             t_measure = time.perf_counter()
-            timing = time_inference(model, batcher, job.val_idx, protocol, device)
+            timing = time_inference(model, batcher, job.val_idx, protocol, device, gate)
             measure_s = time.perf_counter() - t_measure
         finally:
             batcher.close()
