@@ -274,7 +274,7 @@ def trial_key(model: str, protocol: Protocol, fingerprint: str, device_type: str
 
 def _local_gpu(executor: str, dev) -> str | None:
     """The GPU a local run trains on first, which also decodes the JPEGs into the cache (nvJPEG
-    decoded about 35k 256 x 256 JPEGs/s on an H200; PIL does about 1.6k per core)."""
+    decodes many times faster than PIL on the CPU cores: docs/speed.md)."""
     if executor == "ray" or dev.type != "cuda":
         return None
     return str(dev) if dev.index is not None else "cuda:0"

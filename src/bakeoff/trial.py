@@ -79,8 +79,8 @@ def _run_one(job: TrialJob, queue, gate, own_stream: bool) -> None:
 
 
 def _warm_up(device: str) -> None:
-    """What the first trial of a fresh process would otherwise wait for (about 4 s on an H200
-    host): the CUDA context and allocator, the cuDNN and cuBLAS libraries (loaded on first use),
+    """What the first trial of a fresh process would otherwise wait for (seconds): the CUDA
+    context and allocator, the cuDNN and cuBLAS libraries (loaded on first use),
     and the imports of the PyTorch engine and of torchvision."""
     import torch
 

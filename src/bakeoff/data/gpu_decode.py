@@ -1,5 +1,5 @@
-"""Decode the cache's JPEGs in batches with torchvision: on a GPU through nvJPEG (about 35k
-256 x 256 images/s on an H200, against about 1.6k per CPU core with PIL).
+"""Decode the cache's JPEGs in batches with torchvision: on a GPU through nvJPEG (many times
+PIL's rate on the CPU cores; figures in docs/results.md).
 
 Same result as the PIL path within JPEG decoder tolerance: RGB, shorter side resized to
 ``side`` (antialiased) and centre-cropped. The batched decoder cannot do everything PIL does
@@ -65,7 +65,7 @@ def _runs(rows: list[int]) -> list[tuple[int, int, int]]:
 class _Writer:
     """Writes decoded rows into ``out``. A memory-mapped ``.npy`` is written through the file
     (``pwrite``): the kernel copies into its page cache, where writing through the map takes a
-    page fault per 4 KiB of a fresh file (about 1 GB/s on an H200 host, 10 s for 10 GB)."""
+    page fault per 4 KiB of a fresh file, seconds for a PlantVillage-sized set."""
 
     def __init__(self, out: np.ndarray) -> None:
         self.out = out
@@ -102,7 +102,7 @@ def decode_batched(out: np.ndarray, files: list[str], side: int, interpolation: 
     writing: deque = deque()
     writer = _Writer(out)
     # Decoded batches cross to the host into a few pinned buffers, used in turn: copies into
-    # fresh pageable memory fault every page in, and ran at about 0.3 GB/s on an H200 host.
+    # fresh pageable memory fault every page in, a fraction of the decoder's speed.
     buffers = [torch.empty((batch, side, side, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
                for _ in range(write_threads + 2)]
     free = deque(buffers)

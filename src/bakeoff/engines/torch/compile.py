@@ -1,9 +1,9 @@
 """Compiled training steps without waiting for the compiler.
 
 Compiled kernels (``torch.compile``: normalisation, activations and their gradients fused into
-generated kernels; convolutions stay with cuDNN) cut the GPU work of a graphed training step by
-1.2-1.7x on an H200 (bench/compiled.py, docs/results.md). Compiling costs 22-240 s per model on
-a cold cache, more than a 5-epoch run saves if the trials wait for it. So nobody waits:
+generated kernels; convolutions stay with cuDNN) cut the GPU work of a graphed training step
+(bench/compiled.py; figures in docs/results.md), but compiling on a cold cache takes minutes per
+model, more than a 5-epoch run saves if the trials wait for it. So nobody waits:
 
 - When a run starts, one background process per model (``start``), at low CPU priority,
   compiles that model's training step into a compile cache kept beside the decoded images, and
@@ -109,7 +109,7 @@ def marker_for(found: dict | None, device) -> Marker | None:
     """The marker a trial on ``device`` (a ``torch.device``) waits for, from its job's
     ``compile``; None where there is none or it was compiled for another GPU: a cache
     entry made for one device may not be found for another, and a trial that compiled cold in
-    its own process (22-240 s per model on an H200) would hold its neighbours' solo windows
+    its own process (minutes per model) would hold its neighbours' solo windows
     back all that time."""
     import torch
 

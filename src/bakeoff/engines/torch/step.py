@@ -46,10 +46,9 @@ def autocast_for(protocol: Protocol, device: torch.device, cache_enabled: bool =
 
 
 # Whether a training step's convolutions are autotuned (cuDNN builds and times candidate kernels
-# for each shape and keeps the fastest) or take cuDNN's heuristics. Measured on an H200 for the
-# eight models of the speed benchmark (bench/tuning.py, docs/results.md): autotuning made no
-# step faster (heuristics' graphed steps ran from 1.4% slower to 2.9% faster) and cost 114 s of
-# host work at capture against 17 s, time in which every trial sharing the GPU waits.
+# for each shape and keeps the fastest) or take cuDNN's heuristics. Off: in the speed benchmark
+# autotuning made no step faster and cost minutes of host work at capture, time in which every
+# trial sharing the GPU waits (bench/tuning.py; figures in docs/results.md).
 AUTOTUNE = False
 
 
@@ -125,9 +124,8 @@ class Step:
                 self._undone(self._static_step)
         if device.type == "cuda" and source is None and last_batch and last_batch != batch_shape[0]:
             # The epoch's last, smaller batch is a new shape: its first call can take seconds on
-            # the host (cuDNN's heuristics build a plan per convolution; 8 s for mobilenet_v2 on
-            # an H200, docs/results.md), which would count as training time. Met here, it counts
-            # as capture time, like the full batch's first call.
+            # the host (cuDNN's heuristics build a plan per convolution), which would count as
+            # training time. Met here, it counts as capture time, like the full batch's first call.
             with gate.shared():
                 self._undone(lambda: self(*_random_batch(last_batch, batch_shape, channels_last, device)))
 

@@ -55,8 +55,7 @@ def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict
         torch.empty(1, device=device)  # the allocator must exist before its statistics can be reset
         if not gate.concurrent:  # one process-wide peak: per trial only when the trial is alone
             torch.cuda.reset_peak_memory_stats(device)
-        # cuDNN autotuning stays off (PyTorch's default): on an H200 it made no training step
-        # faster and cost seconds of host work per shape (step.AUTOTUNE).
+        # cuDNN autotuning stays off (PyTorch's default; step.AUTOTUNE says why).
     bf16 = uses_bf16(protocol, device)
     channels_last = device.type == "cuda" and bf16
 
