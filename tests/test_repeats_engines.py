@@ -1,5 +1,6 @@
 """--repeats beyond the local PyTorch run: every repeat a Ray task of its own (and resumed under
-Ray), Keras models seeded per repeat, and one comparison pooling PyTorch and Keras repeats."""
+Ray), Keras models seeded per repeat, one comparison pooling PyTorch and Keras repeats, and a run
+whose every repeat failed."""
 
 from __future__ import annotations
 
@@ -150,3 +151,28 @@ def test_a_mixed_run_pools_both_frameworks_repeats_and_ranks_them(mixed_run):
     assert figures["repeats"] == 2 and sorted(figures["models"]) == sorted([TORCH_MODEL, KERAS_MODEL])
     assert figures["left_out"] == [] and "held in" in figures["verdict"]
 
+
+def test_a_run_whose_every_repeat_failed_still_writes_its_rows(tmp_path):
+    """Every trial failed (a model that does not build, an engine that is not installed): the
+    repeats' failed rows and one failed pooled row per model, not a crash while writing them."""
+    from bakeoff.compare.outputs import write_outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    store = Store(out / "bakeoff.db")
+    keys = {m: [f"{m}-{r}" for r in range(2)] for m in ("a", "b")}
+    run_id = store.start_run("bakeoff run", None, {m: k[0] for m, k in keys.items()}, {"seed": 0}, {}, {},
+                             repeat_keys=keys)
+    for model, model_keys in keys.items():
+        for key in model_keys:
+            store.save_trial(key, run_id, model, "tensorflow", "failed", 0.0, error=f"ValueError: {key} did not build")
+    store.finish_run(run_id, "finished")
+    comparison = write_outputs(out)
+    results = pd.read_csv(out / "results.csv").set_index("model")
+    assert results["status"].tolist() == ["failed", "failed"] and results["repeats"].tolist() == [0, 0]
+    assert results["accuracy_sd"].isna().all() and results["p_best"].isna().all()
+    assert results.loc["a", "error"] == "2 of 2 repeats did not finish (failed, failed): ValueError: a-0 did not build"
+    by_repeat = pd.read_csv(out / "results_by_repeat.csv")
+    assert by_repeat[["model", "seed", "status"]].values.tolist() == [
+        ["a", 0, "failed"], ["a", 1, "failed"], ["b", 0, "failed"], ["b", 1, "failed"]]
+    assert "no model finished successfully" in comparison.warning and not (out / "stability.json").exists()
