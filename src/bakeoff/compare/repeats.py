@@ -70,9 +70,10 @@ def _pooled_row(rows: pd.DataFrame, n_repeats: int) -> dict:
     acc_by_repeat = [math.nan] * n_repeats
     for _, r in ok.iterrows():
         acc_by_repeat[int(r["repeat"])] = float(r["accuracy"])
-    # the per-trial pairs are left out: paired tests of pooled rows use their joint resamples
+    # the per-trial pairs are left out: paired tests of pooled rows use their joint resamples;
+    # accuracy_sd is set here too, so a model with no finished repeat has every column of results.csv
     row.update({"repeats": len(ok), "accuracy_by_repeat": acc_by_repeat, "val_pred": None, "val_true": None,
-                "p_vs_baseline": None})
+                "p_vs_baseline": None, "accuracy_sd": None})
     if not failed.empty:
         first = failed[failed["status"] == "failed"]
         why = f": {first['error'].iloc[0]}" if not first.empty else ""
