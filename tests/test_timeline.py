@@ -102,3 +102,15 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys, args,
     code, printed, err = bakeoff(["timeline", *(a.format(**paths) for a in args)], capsys)
     assert code == 2 and printed == ""
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_timeline_of_a_top_only_run_shows_each_epoch_as_stored(shared_colour_folder, tmp_path, capsys):
+    # top-only epochs run alone: the engine records their wall time as their time
+    out = tmp_path / "top"
+    run_comparison(shared_colour_folder, MODELS, out=out, train_only_top_layer=True, **TINY)
+    _, _, trials = stored(out)
+    code, printed, err = bakeoff(["timeline", str(out)], capsys)
+    assert code == 0 and err == ""
+    for model, (_, _, walls, evals) in trials.items():
+        cells = table_rows(printed)[model]
+        assert cells[6] == " ".join(f"{w:,.1f}" for w in walls) and all(e >= 0 for e in evals)

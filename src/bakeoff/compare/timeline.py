@@ -52,7 +52,9 @@ def timeline(out: Path, start: float | None = None, end: float | None = None) ->
             "model": t["model"], "status": t["status"], "started_s": t["started"] - t0, "ended_s": t["finished"] - t0,
             "accuracy": r.get("accuracy"), "train_time_s": r.get("train_time_s"),
             "capture_alone_s": (r.get("gpu_alone_s") or {}).get("capture"),
-            "epoch_walls_s": [h["epoch_wall_s"] for h in history], "evals_s": [h["eval_time_s"] for h in history],
+            # runs stored before every engine recorded both: an epoch alone has its time as its wall
+            "epoch_walls_s": [h.get("epoch_wall_s", h["epoch_time_s"]) for h in history],
+            "evals_s": [h.get("eval_time_s") for h in history],
             "epoch_times_s": [h["epoch_time_s"] for h in history], "shared": r.get("concurrent_trials", 1) > 1,
             "compiled_from_epoch": r.get("compiled_from_epoch"), "compile_time_s": r.get("compile_time_s"),
             "compiled_from_step": next((h["compiled_from_step"] for h in history if "compiled_from_step" in h), None),
@@ -78,7 +80,7 @@ def project(report: dict, epochs: int) -> tuple[float, float] | None:
     setter = next((t for t in report["trials"] if t["model"] == report.get("pace_setter")), None)
     if setter is None:
         return None
-    cycles = [w + e for w, e in zip(setter["epoch_walls_s"], setter["evals_s"])]
+    cycles = [w + (e or 0.0) for w, e in zip(setter["epoch_walls_s"], setter["evals_s"])]
     more = epochs - len(cycles)
     ways = [statistics.mean(cycles[:-1] or cycles), statistics.mean(cycles)]
     return report["whole_s"] + more * min(ways), report["whole_s"] + more * max(ways)

@@ -260,11 +260,12 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
         epoch_time = time.perf_counter() - t_epoch
         wall_time += epoch_time
         val_probs = None
+        t_eval = time.perf_counter()
         if protocol.validates(epoch):
-            t_eval = time.perf_counter()
             val_probs = predict_probs(steps, batcher, val_idx)
-            eval_time += time.perf_counter() - t_eval
-        history.append(_record(epoch, outs, len(train_idx), val_probs, labels[val_idx], epoch_time))
+        epoch_eval = time.perf_counter() - t_eval
+        eval_time += epoch_eval
+        history.append(_record(epoch, outs, len(train_idx), val_probs, labels[val_idx], epoch_time, epoch_eval))
     return FitResult(history=history, **clock.figures("compiled"), train_wall_s=wall_time, data_time_s=data_time,
                      eval_time_s=eval_time, compile_time_s=compile_s, final_val_probs=val_probs)
 
@@ -316,8 +317,9 @@ def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: 
         train_time += epoch_time
         if on_step is not None:
             on_step(epoch, n_steps, n_steps, epoch_time)
+        t_eval = time.perf_counter()
         val_probs = _softmax(steps.predict(f_val)) if protocol.validates(epoch) else None
-        history.append(_record(epoch, outs, n, val_probs, labels[val_idx], epoch_time))
+        history.append(_record(epoch, outs, n, val_probs, labels[val_idx], epoch_time, time.perf_counter() - t_eval))
         final = val_probs if val_probs is not None else final
     steps.finish()
     return FitResult(history=history, train_time_s=train_time, train_time_kind=MEASURED,
@@ -326,10 +328,11 @@ def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: 
                      feature_time_s=feature_s, compile_time_s=0.0, final_val_probs=final)
 
 
-def _record(epoch: int, outs: list, n: int, val_probs, val_y, epoch_time: float) -> dict:
-    """An epoch's figures from its steps' (loss, correct, batch size) device scalars."""
+def _record(epoch: int, outs: list, n: int, val_probs, val_y, epoch_time: float, eval_s: float) -> dict:
+    """An epoch's figures from its steps' (loss, correct, batch size) device scalars; a Keras
+    epoch runs alone, so its wall time is its time."""
     return epoch_record(epoch, sum(float(loss) * k for loss, _, k in outs) / n, sum(int(c) for _, c, _ in outs) / n,
-                        val_probs, val_y, epoch_time, n)
+                        val_probs, val_y, epoch_time, n) | {"epoch_wall_s": epoch_time, "eval_time_s": eval_s}
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -103,12 +103,15 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
             on_step(epoch, steps, steps, epoch_time)
         train_time += epoch_time
         scored = protocol.validates(epoch)
+        t_eval = time.perf_counter()
         with torch.no_grad(), gate.shared():
             if scored:
                 val_probs = torch.softmax(head(f_val.to(head.weight.dtype)).float(), 1).cpu().numpy()
             loss_sum, correct = float(many.loss_sum + one.loss_sum), float(many.correct + one.correct)
+        # the epoch runs alone: its wall time is its time
         history.append(epoch_record(epoch, loss_sum / n, correct / n, val_probs if scored else None,
-                                     labels[val_idx], epoch_time, n))
+                                    labels[val_idx], epoch_time, n)
+                       | {"epoch_wall_s": epoch_time, "eval_time_s": time.perf_counter() - t_eval})
     return FitResult(history=history, train_time_s=train_time, eval_time_s=val_feature_s,
                      final_val_probs=val_probs, data_time_s=0.0,
                      step_mode=f"cached-features, {many.mode}, {k} steps per replay", feature_time_s=feature_s,
