@@ -1,7 +1,10 @@
-"""Shared fixtures: small synthetic image folders that a tiny model can learn in seconds."""
+"""Shared fixtures and helpers: small synthetic image folders that a tiny model can learn in
+seconds, a tiny trained run to serve, process helpers. Test files import the helpers with
+``from conftest import ...`` (pyproject puts tests/ on the path, from any folder below it)."""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from pathlib import Path
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+REPO = Path(__file__).resolve().parent.parent  # the repository: bench/ beside tests/
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
@@ -67,3 +71,68 @@ def wait_for(predicate, timeout: float, what: str):
             return found
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
+    """Stands in for the trial worker. Alone, every trial succeeds at once; beside others a
+    trial does what its spec's "beside" says: succeed (the default), fail to capture its step
+    ("alone"), fail ("error") or end the whole process ("crash"). Here, not in a test file: a
+    spawned process imports it by its module's name, which tests/ on the path resolves."""
+    out_dir = None
+    while (job := jobs.get()) is not None:
+        if isinstance(job, tuple):  # ("capacity", n), or ("last", True): noted in a file of the run
+            if job[0] == "capacity":
+                capacity = job[1]
+            elif out_dir is not None:
+                with open(Path(out_dir) / "messages.txt", "a") as f:
+                    f.write(f"{job[0]}\n")
+            continue
+        out_dir = job.out_dir
+        with open(Path(out_dir) / "messages.txt", "a") as f:
+            f.write(f"{job.spec['id']}\n")
+        beside = job.spec.get("beside", "ok") if capacity > 1 else "ok"
+        if beside == "alone":
+            queue.put(("alone", job.key, "own stream, thread-local: RuntimeError: capture failed"))
+        elif beside == "error":
+            queue.put(("error", job.key, {"error": "out of memory: CUDA out of memory", "traceback": ""}))
+        elif beside == "crash":
+            queue.close()
+            queue.join_thread()  # what was sent before the crash arrives
+            os._exit(3)
+        else:
+            queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
+                                           "concurrent_trials_seen": capacity,
+                                           "shared_gpu_error": job.shared_gpu_error,
+                                           "pid": os.getpid(), "prewarm": prewarm}))
+
+
+SERVED_MODEL = "timm/test_resnet"
+SERVED_COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def colour_image(rgb, size=(52, 41), fmt="JPEG", seed=0) -> bytes:
+    """A noisy solid-colour image: the class is its colour, so a tiny model learns it in 2 epochs."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb)[None, None] + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def trained_run(tmp_path_factory, endpoint_latency: int = 0) -> Path:
+    """The tiny run shared by this session's serve and export tests (3 colour classes, timm/test_resnet
+    at 32 px): trained by the first caller, resumed (not trained again) by the next."""
+    from bakeoff.api import run_comparison
+
+    base = tmp_path_factory.getbasetemp() / "tiny-colour-run"
+    data, out = base / "colours", base / "run"
+    if not data.exists():
+        for c, (name, rgb) in enumerate(SERVED_COLOURS.items()):
+            (data / name).mkdir(parents=True)
+            for i in range(16):
+                fmt = "PNG" if i % 2 else "JPEG"
+                size = (36 + (i * 7) % 25, 36 + (i * 11) % 23)
+                (data / name / f"{i}.{fmt.lower()}").write_bytes(colour_image(rgb, size, fmt, seed=100 * c + i))
+    run_comparison(data, [SERVED_MODEL], out=out, epochs=2, lr=0.01, batch_size=8, pretrained=False, image_size=32,
+                   device="cpu", progress=False, command="test", endpoint_latency=endpoint_latency)
+    return out

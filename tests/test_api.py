@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,7 +19,7 @@ from bakeoff.engines.torch.trial import load_saved
 from bakeoff.errors import BakeoffError
 from bakeoff.protocol import Protocol
 from bakeoff.store import Store
-from conftest import TINY
+from conftest import TINY, stand_in_worker
 
 BAKEOFF = [sys.executable, "-m", "bakeoff.cli"]
 REQUIRED = ["model", "framework", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "p_vs_baseline", "n_val",
@@ -295,40 +294,8 @@ def test_trials_sharing_one_worker_train_as_they_would_alone(shared_colour_folde
         assert all(torch.allclose(w_alone[k].float(), w_shared[k].float(), atol=1e-5) for k in w_alone), m
 
 
-def _stand_in_worker(jobs, queue, capacity=1, prewarm=False):
-    """Stands in for the trial worker. Alone, every trial succeeds at once; beside others a
-    trial does what its spec's "beside" says: succeed (the default), fail to capture its step
-    ("alone"), fail ("error") or end the whole process ("crash")."""
-    out_dir = None
-    while (job := jobs.get()) is not None:
-        if isinstance(job, tuple):  # ("capacity", n), or ("last", True): noted in a file of the run
-            if job[0] == "capacity":
-                capacity = job[1]
-            elif out_dir is not None:
-                with open(Path(out_dir) / "messages.txt", "a") as f:
-                    f.write(f"{job[0]}\n")
-            continue
-        out_dir = job.out_dir
-        with open(Path(out_dir) / "messages.txt", "a") as f:
-            f.write(f"{job.spec['id']}\n")
-        beside = job.spec.get("beside", "ok") if capacity > 1 else "ok"
-        if beside == "alone":
-            queue.put(("alone", job.key, "own stream, thread-local: RuntimeError: capture failed"))
-        elif beside == "error":
-            queue.put(("error", job.key, {"error": "out of memory: CUDA out of memory", "traceback": ""}))
-        elif beside == "crash":
-            queue.close()
-            queue.join_thread()  # what was sent before the crash arrives
-            os._exit(3)
-        else:
-            queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
-                                           "concurrent_trials_seen": capacity,
-                                           "shared_gpu_error": job.shared_gpu_error,
-                                           "pid": os.getpid(), "prewarm": prewarm}))
-
-
 def _fake_run(tmp_path, beside: dict | None = None, n=3):
-    """``n`` jobs for ``_stand_in_worker`` (m0, m1, ...; ``beside``: model -> what it does
+    """``n`` jobs for ``stand_in_worker`` (m0, m1, ...; ``beside``: model -> what it does
     beside others), a store and a started run."""
     import numpy as np
 
@@ -348,7 +315,7 @@ def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
     from bakeoff.runners.local import run_local
 
     jobs, store, run_id = _fake_run(tmp_path, {"m0": "alone", "m1": "alone", "m2": "alone"})
-    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_stand_in_worker)
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=stand_in_worker)
     assert counts == {"trained": 3, "resumed": 0, "failed": 0}
     rows = {t["model"]: t for t in store.trials()}
     assert set(rows) == {"m0", "m1", "m2"}
@@ -362,7 +329,7 @@ def test_a_sharing_worker_hears_when_no_more_trials_will_come(tmp_path):
     from bakeoff.runners.local import run_local
 
     jobs, store, run_id = _fake_run(tmp_path, n=5)
-    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_stand_in_worker)
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=stand_in_worker)
     assert counts["trained"] == 5
     # Told once, after the fifth trial was handed over (the trials it runs then keep pace).
     messages = (tmp_path / "messages.txt").read_text().split()
@@ -375,14 +342,14 @@ def test_a_worker_started_early_runs_the_first_trials_or_is_stopped(tmp_path):
     from bakeoff.runners.local import _Worker, run_local
 
     jobs, store, run_id = _fake_run(tmp_path)
-    warm = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_stand_in_worker)
+    warm = _Worker(mp.get_context("spawn"), prewarm="cpu", target=stand_in_worker)
     counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=1, warm=warm,
-                       target=_stand_in_worker)
+                       target=stand_in_worker)
     assert counts["trained"] == 3
     assert {t["result"]["pid"] for t in store.trials()} == {warm.proc.pid}  # all three in the early worker
     assert not warm.proc.is_alive()
     # Nothing left to train: the early worker is stopped, not left behind.
-    idle = _Worker(mp.get_context("spawn"), prewarm="cpu", target=_stand_in_worker)
+    idle = _Worker(mp.get_context("spawn"), prewarm="cpu", target=stand_in_worker)
     assert run_local(jobs, store, run_id, devices=["cpu"], warm=idle)["resumed"] == 3
     assert not idle.proc.is_alive()
 
@@ -393,7 +360,7 @@ def test_the_next_gpu_trials_process_starts_while_one_trains(tmp_path):
     from bakeoff.runners.local import run_local
 
     jobs, store, run_id = _fake_run(tmp_path)  # full fine-tunes: on a GPU, each ends its process
-    counts = run_local(jobs, store, run_id, devices=["cuda:0"], per_device=1, target=_stand_in_worker)
+    counts = run_local(jobs, store, run_id, devices=["cuda:0"], per_device=1, target=stand_in_worker)
     assert counts["trained"] == 3
     rows = sorted(store.trials(), key=lambda t: t["started"])
     results = [r["result"] if isinstance(r["result"], dict) else json.loads(r["result"]) for r in rows]
@@ -431,7 +398,7 @@ def test_a_gpu_gets_no_more_places_than_trials_to_fill_them(tmp_path):
 
     for devices, expected in ((["cpu"], 3), (["cpu", "cpu"], 2)):
         jobs, store, run_id = _fake_run(tmp_path / str(len(devices)))
-        run_local(jobs, store, run_id, devices=devices, per_device=8, target=_stand_in_worker)
+        run_local(jobs, store, run_id, devices=devices, per_device=8, target=stand_in_worker)
         assert {t["result"]["concurrent_trials"] for t in store.trials()} == {expected}, devices
 
 
@@ -459,7 +426,7 @@ def test_a_trial_that_fails_beside_others_runs_again_alone(tmp_path, crash):
     from bakeoff.runners.local import run_local
 
     jobs, store, run_id = _fake_run(tmp_path, {"m1": "crash" if crash else "error"})
-    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=_stand_in_worker)
+    counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=stand_in_worker)
     assert counts == {"trained": 3, "resumed": 0, "failed": 0}
     rows = {t["model"]: t["result"] for t in store.trials()}
     assert rows["m0"]["concurrent_trials_seen"] == 3 and rows["m0"]["shared_gpu_error"] is None

@@ -21,8 +21,9 @@ from bakeoff.engines.torch.step import make_optimizer, Step
 from bakeoff.protocol import Protocol
 from bakeoff.serve.predictor import Preprocess
 from bakeoff.zoo import resolve
+from conftest import REPO
 
-FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers"
+FLOWERS = REPO.parent / "shared" / "data" / "flowers"
 
 
 def first_torch_loss(model: torch.nn.Module, classes: int, size: int, batch: int = 6) -> float:

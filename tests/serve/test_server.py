@@ -2,54 +2,23 @@
 
 import asyncio
 import base64
-import io
 import json
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from bakeoff.api import run_comparison  # noqa: E402
 from bakeoff.errors import BakeoffError  # noqa: E402
 from bakeoff.serve.predictor import Preprocess, load_predictor  # noqa: E402
 from bakeoff.serve.server import ServerProcess  # noqa: E402
+from conftest import SERVED_COLOURS as COLOURS, SERVED_MODEL as MODEL, colour_image, trained_run  # noqa: E402
 
-MODEL = "timm/test_resnet"
-COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 N_ENDPOINT = 20
-
-
-def colour_image(rgb, size=(52, 41), fmt="JPEG", seed=0) -> bytes:
-    """A noisy solid-colour image: the class is its colour, so a tiny model learns it in 2 epochs."""
-    rng = np.random.default_rng(seed)
-    arr = np.clip(np.array(rgb)[None, None] + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def trained_run(tmp_path_factory, endpoint_latency: int = 0) -> Path:
-    """The tiny run shared by this session's serve and export tests (3 colour classes, timm/test_resnet
-    at 32 px): trained by the first caller, resumed (not trained again) by the next."""
-    base = tmp_path_factory.getbasetemp() / "tiny-colour-run"
-    data, out = base / "colours", base / "run"
-    if not data.exists():
-        for c, (name, rgb) in enumerate(COLOURS.items()):
-            (data / name).mkdir(parents=True)
-            for i in range(16):
-                fmt = "PNG" if i % 2 else "JPEG"
-                size = (36 + (i * 7) % 25, 36 + (i * 11) % 23)
-                (data / name / f"{i}.{fmt.lower()}").write_bytes(colour_image(rgb, size, fmt, seed=100 * c + i))
-    run_comparison(data, [MODEL], out=out, epochs=2, lr=0.01, batch_size=8, pretrained=False, image_size=32,
-                   device="cpu", progress=False, command="test", endpoint_latency=endpoint_latency)
-    return out
 
 
 @pytest.fixture(scope="module")
