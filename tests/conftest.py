@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +46,33 @@ def shared_colour_folder(tmp_path_factory) -> Path:
     return make_colour_folder(tmp_path_factory.mktemp("shared") / "data")
 
 
+def small_net(classes=3):
+    """A seeded small convolutional net with batch norm: trains in a blink on the CPU."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, classes))
+
+
+def results_table():
+    """A hand-made results table: five finished models (two on no Pareto front) and a failed one."""
+    import pandas as pd
+
+    rows = [  # model, framework, status, accuracy, train s, latency ms
+        ("base", "pytorch", "ok", 0.80, 100.0, 10.0),
+        ("fast", "pytorch", "ok", 0.70, 20.0, 2.0),    # cheapest: on both fronts
+        ("best", "tensorflow", "ok", 0.95, 300.0, 30.0),  # most accurate: on both fronts
+        ("worse", "pytorch", "ok", 0.75, 150.0, 12.0),  # dominated by base on both
+        ("mixed", "tensorflow", "ok", 0.78, 400.0, 5.0),  # slow to train, fast to infer
+        ("broken", "pytorch", "failed", None, None, None),
+    ]
+    df = pd.DataFrame(rows, columns=["model", "framework", "status", "accuracy", "train_time_s", "latency_ms_p50"])
+    df["accuracy_ci_low"] = df["accuracy"] - 0.02
+    df["accuracy_ci_high"] = df["accuracy"] + 0.02
+    return df
+
+
 TINY = dict(epochs=2, lr=0.002, batch_size=16, image_size=32, pretrained=False, progress=False, device="cpu")
 
 
@@ -56,10 +86,49 @@ def process_alive(pid: int) -> bool:
             return False
         return True
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return process_state(pid) != "Z"
     except (OSError, IndexError):
         return False
-    return state != "Z"
+
+
+def process_state(pid: int) -> str:
+    """Process ``pid``'s state letter from /proc: R, S, T (stopped), Z (ended, not reaped) ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def becomes_stopped(pid: int, stopped: bool) -> bool:
+    """Whether process ``pid`` is stopped (``stopped``) or not within 3 s."""
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        if (process_state(pid) == "T") == stopped:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def spinning_child(code: str = ""):
+    """A Python process that prints "ready" and then wakes every 5 ms until it is ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n" + code +
+                              "print('ready', flush=True)\nwhile True: time.sleep(0.005)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    return child
+
+
+def held_in_thread(section, done) -> threading.Thread:
+    """A started thread inside ``section()`` for 0.2 s, then ``done()``; returns once it is inside."""
+    inside = threading.Event()
+
+    def hold():
+        with section():
+            inside.set()
+            time.sleep(0.2)
+            done()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait()
+    return t
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -71,6 +140,23 @@ def wait_for(predicate, timeout: float, what: str):
             return found
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+TF_MOBILENET = "tensorflow-ic-imagenet-mobilenet-v2-050-224-classification-4"
+
+
+@pytest.fixture(scope="module")
+def keras():
+    """Keras on the CPU, for the Keras engine's tests (their files skip where it is missing)."""
+    from bakeoff.engines.keras.trial import import_keras
+
+    return import_keras("cpu")
+
+
+def keras_numpy(x) -> np.ndarray:
+    import keras
+
+    return keras.ops.convert_to_numpy(x)
 
 
 def stand_in_worker(jobs, queue, capacity=1, prewarm=False):

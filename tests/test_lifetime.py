@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from bakeoff.compare.outputs import write_outputs
-from bakeoff.data.cache import build_cache
 from bakeoff.lifetime import hold_folder, temp_path
 from conftest import process_alive, wait_for
 
@@ -154,19 +152,6 @@ def test_the_next_run_marks_the_killed_one_and_cleans_what_it_left(killed):
     assert runs == [("interrupted", 1), ("running", 0)]
 
 
-def test_a_truncated_cache_file_is_decoded_again(tmp_path, colour_folder, capfd):
-    files = sorted(str(p) for p in colour_folder.rglob("*.png"))[:6]
-    first = build_cache(files, tmp_path, "k", 16)
-    expected = first.array().copy()
-    with open(first.path, "r+b") as f:  # cut off halfway through the images
-        f.truncate(first.path.stat().st_size // 2)
-    again = build_cache(files, tmp_path, "k", 16)
-    assert np.array_equal(again.array(), expected)
-    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "damaged" in lines[0] and "decoding the images again" in lines[0], lines
-    assert not list((tmp_path / "k").glob(".*.tmp"))  # its own temporaries renamed into place
-
-
 def test_a_child_ends_when_its_parent_is_killed(tmp_path):
     # the portable watchdog alone (no parent-death signal): a child of a plain process, not of
     # multiprocessing, polls its parent's id
@@ -210,13 +195,3 @@ def test_the_folder_lock_is_free_once_its_holder_is_gone(tmp_path):
             assert folder_in_use(tmp_path) is True
     finally:
         holder.kill()
-
-
-def test_a_background_compile_whose_run_is_gone_ends_without_compiling(tmp_path):
-    # the compile's own entry point, told its run is a process that is not its parent (as after
-    # the run died and the compile was adopted): it ends before compiling, and leaves no marker
-    args = {"spec": {}, "classes": 3, "input_size": 32, "protocol": {}, "device": "cuda:0", "folder": str(tmp_path),
-            "key": "k", "parent": os.getpid() + 1_000_000}
-    proc = subprocess.run([sys.executable, "-m", "bakeoff.engines.torch.compile", json.dumps(args)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and not list(tmp_path.iterdir()), proc.stderr
