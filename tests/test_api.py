@@ -4,6 +4,7 @@ arguments it refuses; how it packs trials onto GPUs; one scan of the data folder
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 
 import pandas as pd
@@ -26,6 +27,13 @@ def finished_run(tmp_path_factory, shared_colour_folder):
                                                        "torchvision/inception_v3", "timm/test_convnext"],
                                 out=out, **(TINY | {"epochs": 3}))
     return out, comparison
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """The finished run's folder copied, for a test that resumes into it or rewrites its outputs:
+    the other tests read the run as it finished, whatever order they run in."""
+    return shutil.copytree(finished_run[0], tmp_path / "out")
 
 
 def test_learns_a_learnable_task_and_writes_every_output(finished_run):
@@ -86,8 +94,8 @@ def test_saved_model_reloads_and_predicts_the_same(finished_run):
         pd.read_csv(out / "results.csv").set_index("model").loc["timm/test_resnet", "params"])
 
 
-def test_resume_trains_nothing_twice(finished_run, shared_colour_folder):
-    out, _ = finished_run
+def test_resume_trains_nothing_twice(run_copy, shared_colour_folder):
+    out = run_copy
     with sqlite3.connect(out / "bakeoff.db") as db:
         before = dict(db.execute("SELECT model, finished FROM trials WHERE status='ok'").fetchall())
     again = run_comparison(shared_colour_folder, ["timm/test_resnet", "timm/test_efficientnet"], out=out,
@@ -98,8 +106,8 @@ def test_resume_trains_nothing_twice(finished_run, shared_colour_folder):
     assert after == before
 
 
-def test_report_rebuilds_with_another_baseline(finished_run):
-    out, _ = finished_run
+def test_report_rebuilds_with_another_baseline(run_copy):
+    out = run_copy
     (out / "relative.csv").unlink()
     df = report(out, baseline="timm/test_efficientnet")
     rel = pd.read_csv(out / "relative.csv").set_index("model")
@@ -110,8 +118,8 @@ def test_report_rebuilds_with_another_baseline(finished_run):
     report(out)  # and back to the run's own default
 
 
-def test_protocol_change_is_a_new_trial(finished_run, shared_colour_folder):
-    out, _ = finished_run
+def test_protocol_change_is_a_new_trial(run_copy, shared_colour_folder):
+    out = run_copy
     other = run_comparison(shared_colour_folder, ["timm/test_resnet"], out=out, **(TINY | {"epochs": 1}))
     assert other.run["counts"] == {"trained": 1, "resumed": 0, "failed": 0}
     report(out)
@@ -175,3 +183,14 @@ def test_the_api_refuses_repeats_that_are_not_a_whole_number_from_1(shared_colou
     with pytest.raises(BakeoffError, match="runs past the largest seed"):
         run_comparison(shared_colour_folder, ["timm/test_resnet"], out=tmp_path / "out", seed=2**32 - 1, repeats=2)
 
+
+def test_bad_executor_or_address_is_a_one_line_error(shared_colour_folder, tmp_path):
+    # Not beside the Ray runner's tests: once their cluster runs, a run joins it whatever the address.
+    ray = pytest.importorskip("ray")
+    models, settings = ["timm/test_resnet", "timm/test_efficientnet"], TINY | {"epochs": 1}
+    with pytest.raises(BakeoffError, match="--executor must be local or ray"):
+        run_comparison(shared_colour_folder, models, out=tmp_path / "out", executor="slurm", **settings)
+    with pytest.raises(BakeoffError, match="no Ray cluster answers at 127.0.0.1:1 .*ray start --head"):
+        run_comparison(shared_colour_folder, models, out=tmp_path / "out", executor="ray", ray_address="127.0.0.1:1",
+                       **settings)
+    assert not ray.is_initialized()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -118,8 +119,10 @@ def test_report_names_the_models_without_a_result(killed):
     assert "(timm/test_resnet, timm/test_efficientnet): the run was interrupted" in report
 
 
-def test_the_next_run_marks_the_killed_one_and_cleans_what_it_left(killed):
-    cache = next((killed.out / "cache").iterdir())
+def test_the_next_run_marks_the_killed_one_and_cleans_what_it_left(killed, tmp_path):
+    # in a copy of the killed run's folder: the other tests read it as the kill left it
+    out = shutil.copytree(killed.out, tmp_path / "out")
+    cache = next((out / "cache").iterdir())
     meta = next(cache.glob("*.json"))
     # what a run killed while decoding leaves: a cache-sized temporary named for its (dead) writer
     ours = temp_path(cache / "s32-bilinear.npy")
@@ -130,12 +133,12 @@ def test_the_next_run_marks_the_killed_one_and_cleans_what_it_left(killed):
     meta.write_text(meta.read_text()[:10])  # truncated metadata
     # The same command again. All that is checked happens before its first trial starts (it has
     # stored itself as a run by then), so it is killed there too rather than trained to the end.
-    rerun = subprocess.Popen(_args(killed.data, killed.out, 10_000), stdout=subprocess.PIPE,
+    rerun = subprocess.Popen(_args(killed.data, out, 10_000), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         def started():
             assert rerun.poll() is None, rerun.communicate()
-            with sqlite3.connect(killed.out / "bakeoff.db") as db:
+            with sqlite3.connect(out / "bakeoff.db") as db:
                 return db.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
 
         wait_for(started, 120, "the second run to start")
@@ -147,7 +150,7 @@ def test_the_next_run_marks_the_killed_one_and_cleans_what_it_left(killed):
     assert json.loads(meta.read_text())["n"] > 0  # rebuilt
     warned = [ln for ln in err.splitlines() if "damaged" in ln]
     assert len(warned) == 1 and "decoding the images again" in warned[0] and "Traceback" not in err
-    with sqlite3.connect(killed.out / "bakeoff.db") as db:
+    with sqlite3.connect(out / "bakeoff.db") as db:
         runs = db.execute("SELECT status, finished IS NOT NULL FROM runs ORDER BY id").fetchall()
     assert runs == [("interrupted", 1), ("running", 0)]
 
