@@ -1,8 +1,14 @@
-"""Shared fixtures: small synthetic image folders that a tiny model can learn in seconds."""
+"""Shared fixtures and helpers: small synthetic image folders that a tiny model can learn in
+seconds, a tiny trained run to serve, process helpers. Test files import the helpers with
+``from conftest import ...`` (pyproject puts tests/ on the path, from any folder below it)."""
 
 from __future__ import annotations
 
+import io
 import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+REPO = Path(__file__).resolve().parent.parent  # the repository: bench/ beside tests/
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
@@ -39,6 +46,33 @@ def shared_colour_folder(tmp_path_factory) -> Path:
     return make_colour_folder(tmp_path_factory.mktemp("shared") / "data")
 
 
+def small_net(classes=3):
+    """A seeded small convolutional net with batch norm: trains in a blink on the CPU."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, classes))
+
+
+def results_table():
+    """A hand-made results table: five finished models (two on no Pareto front) and a failed one."""
+    import pandas as pd
+
+    rows = [  # model, framework, status, accuracy, train s, latency ms
+        ("base", "pytorch", "ok", 0.80, 100.0, 10.0),
+        ("fast", "pytorch", "ok", 0.70, 20.0, 2.0),    # cheapest: on both fronts
+        ("best", "tensorflow", "ok", 0.95, 300.0, 30.0),  # most accurate: on both fronts
+        ("worse", "pytorch", "ok", 0.75, 150.0, 12.0),  # dominated by base on both
+        ("mixed", "tensorflow", "ok", 0.78, 400.0, 5.0),  # slow to train, fast to infer
+        ("broken", "pytorch", "failed", None, None, None),
+    ]
+    df = pd.DataFrame(rows, columns=["model", "framework", "status", "accuracy", "train_time_s", "latency_ms_p50"])
+    df["accuracy_ci_low"] = df["accuracy"] - 0.02
+    df["accuracy_ci_high"] = df["accuracy"] + 0.02
+    return df
+
+
 TINY = dict(epochs=2, lr=0.002, batch_size=16, image_size=32, pretrained=False, progress=False, device="cpu")
 
 
@@ -52,10 +86,49 @@ def process_alive(pid: int) -> bool:
             return False
         return True
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return process_state(pid) != "Z"
     except (OSError, IndexError):
         return False
-    return state != "Z"
+
+
+def process_state(pid: int) -> str:
+    """Process ``pid``'s state letter from /proc: R, S, T (stopped), Z (ended, not reaped) ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def becomes_stopped(pid: int, stopped: bool) -> bool:
+    """Whether process ``pid`` is stopped (``stopped``) or not within 3 s."""
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        if (process_state(pid) == "T") == stopped:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def spinning_child(code: str = ""):
+    """A Python process that prints "ready" and then wakes every 5 ms until it is ended."""
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n" + code +
+                              "print('ready', flush=True)\nwhile True: time.sleep(0.005)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    return child
+
+
+def held_in_thread(section, done) -> threading.Thread:
+    """A started thread inside ``section()`` for 0.2 s, then ``done()``; returns once it is inside."""
+    inside = threading.Event()
+
+    def hold():
+        with section():
+            inside.set()
+            time.sleep(0.2)
+            done()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait()
+    return t
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -67,3 +140,85 @@ def wait_for(predicate, timeout: float, what: str):
             return found
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+TF_MOBILENET = "tensorflow-ic-imagenet-mobilenet-v2-050-224-classification-4"
+
+
+@pytest.fixture(scope="module")
+def keras():
+    """Keras on the CPU, for the Keras engine's tests (their files skip where it is missing)."""
+    from bakeoff.engines.keras.trial import import_keras
+
+    return import_keras("cpu")
+
+
+def keras_numpy(x) -> np.ndarray:
+    import keras
+
+    return keras.ops.convert_to_numpy(x)
+
+
+def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
+    """Stands in for the trial worker. Alone, every trial succeeds at once; beside others a
+    trial does what its spec's "beside" says: succeed (the default), fail to capture its step
+    ("alone"), fail ("error") or end the whole process ("crash"). Here, not in a test file: a
+    spawned process imports it by its module's name, which tests/ on the path resolves."""
+    out_dir = None
+    while (job := jobs.get()) is not None:
+        if isinstance(job, tuple):  # ("capacity", n), or ("last", True): noted in a file of the run
+            if job[0] == "capacity":
+                capacity = job[1]
+            elif out_dir is not None:
+                with open(Path(out_dir) / "messages.txt", "a") as f:
+                    f.write(f"{job[0]}\n")
+            continue
+        out_dir = job.out_dir
+        with open(Path(out_dir) / "messages.txt", "a") as f:
+            f.write(f"{job.spec['id']}\n")
+        beside = job.spec.get("beside", "ok") if capacity > 1 else "ok"
+        if beside == "alone":
+            queue.put(("alone", job.key, "own stream, thread-local: RuntimeError: capture failed"))
+        elif beside == "error":
+            queue.put(("error", job.key, {"error": "out of memory: CUDA out of memory", "traceback": ""}))
+        elif beside == "crash":
+            queue.close()
+            queue.join_thread()  # what was sent before the crash arrives
+            os._exit(3)
+        else:
+            queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
+                                           "concurrent_trials_seen": capacity,
+                                           "shared_gpu_error": job.shared_gpu_error,
+                                           "pid": os.getpid(), "prewarm": prewarm}))
+
+
+SERVED_MODEL = "timm/test_resnet"
+SERVED_COLOURS = {"blue": (30, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def colour_image(rgb, size=(52, 41), fmt="JPEG", seed=0) -> bytes:
+    """A noisy solid-colour image: the class is its colour, so a tiny model learns it in 2 epochs."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb)[None, None] + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def trained_run(tmp_path_factory, endpoint_latency: int = 0) -> Path:
+    """The tiny run shared by this session's serve and export tests (3 colour classes, timm/test_resnet
+    at 32 px): trained by the first caller, resumed (not trained again) by the next."""
+    from bakeoff.api import run_comparison
+
+    base = tmp_path_factory.getbasetemp() / "tiny-colour-run"
+    data, out = base / "colours", base / "run"
+    if not data.exists():
+        for c, (name, rgb) in enumerate(SERVED_COLOURS.items()):
+            (data / name).mkdir(parents=True)
+            for i in range(16):
+                fmt = "PNG" if i % 2 else "JPEG"
+                size = (36 + (i * 7) % 25, 36 + (i * 11) % 23)
+                (data / name / f"{i}.{fmt.lower()}").write_bytes(colour_image(rgb, size, fmt, seed=100 * c + i))
+    run_comparison(data, [SERVED_MODEL], out=out, epochs=2, lr=0.01, batch_size=8, pretrained=False, image_size=32,
+                   device="cpu", progress=False, command="test", endpoint_latency=endpoint_latency)
+    return out

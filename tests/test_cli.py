@@ -1,4 +1,5 @@
-"""The command line refuses bad input with one line and exit code 2, and lists models whole.
+"""The command line refuses bad input with one line and exit code 2, lists models whole, prints
+a run's table (and says plainly when training went nowhere), and on Ctrl-C keeps what finished.
 
 A few cases run the real CLI in its own process (exit code, stderr, no traceback); the rest call
 ``main`` in this process, which is the same code path without paying the start-up each time.
@@ -10,9 +11,13 @@ import csv
 import io
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 
+import pandas as pd
 import pytest
 
 from bakeoff.cli import main
@@ -146,3 +151,79 @@ def test_a_narrow_terminal_draws_the_model_table_wider_than_cut_an_id(capsys, mo
          "offline_weights": False, "weight_source": "https://example.org/" + "w" * 80 + ".h5"}]))
     out = capsys.readouterr().out
     assert LONG_ID in out and "…" not in out
+
+
+def _cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(BAKEOFF + [str(a) for a in args], capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: ["run", p / "missing", "--models", "timm/test_resnet"], "does not exist"),
+    (lambda p: ["run", p / "data", "--models", "pytorch-ic-resnet43"], "closest: pytorch-ic-resnet34"),
+    (lambda p: ["run", p / "data", "--models", "timm/test_resnet", "--val-dir", p / "missing"], "does not exist"),
+    (lambda p: ["report", p / "nothing-here"], "does not exist"),
+    (lambda p: ["run", p / "data", "--models", "pytorch-ic-resnet34", "--out", p / "o"], "--no-pretrained"),
+    (lambda p: ["run", p / "data", "--models", "timm/test_resnet", "--compile", "always"],
+     "--compile must be one of auto, off"),
+])
+def test_cli_bad_input_is_one_line_exit_2_no_traceback(tmp_path, colour_folder, make_args, message):
+    proc = _cli(*make_args(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_cli_run_prints_the_table_and_interrupt_keeps_finished_work(tmp_path, colour_folder):
+    out = tmp_path / "out"
+    args = ["run", colour_folder, "--models", "timm/test_resnet,timm/test_efficientnet", "--out", out,
+            "--no-pretrained", "--image-size", "32", "--epochs", "1", "--device", "cpu"]
+    proc = subprocess.Popen(BAKEOFF + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for the first trial to be stored, then press Ctrl-C
+        if (out / "bakeoff.db").exists():
+            with sqlite3.connect(out / "bakeoff.db") as db:
+                if db.execute("SELECT count(*) FROM trials").fetchone()[0] >= 1:
+                    break
+        time.sleep(0.2)
+    t_int = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # the second trial won the race: nothing left to interrupt
+        with sqlite3.connect(out / "bakeoff.db") as db:
+            rows = db.execute("SELECT model, started, finished FROM trials").fetchall()
+        pytest.skip(f"run finished before the interrupt: {[(m, round(s - t_int, 2), round(f - t_int, 2)) for m, s, f in rows]}"
+                    f" exit {time.time() - t_int:.2f}; {err[-400:]!r}")
+    assert proc.returncode == 130 and "resume" in err and "Traceback" not in err
+    with sqlite3.connect(out / "bakeoff.db") as db:
+        assert db.execute("SELECT model FROM trials WHERE status='ok'").fetchall() == [("timm/test_resnet",)]
+    done = _cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "trained 1, already done 1, failed 0" in done.stdout.replace("\n", " ")
+    assert "timm/test_resnet" in done.stdout and "relative to" in done.stdout
+
+
+def test_a_learning_rate_that_wrecks_training_is_reported_as_at_chance(tmp_path, shared_colour_folder):
+    # lr 10 drives the model to one answer for every image: the run finishes, and says so plainly
+    out = tmp_path / "out"
+    proc = _cli("run", shared_colour_folder, "--models", "timm/test_resnet", "--out", out, "--no-pretrained",
+                "--image-size", "32", "--epochs", "2", "--lr", "10", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    row = pd.read_csv(out / "results.csv").iloc[0]
+    assert row["status"] == "ok" and not row["above_chance"]
+    assert row["accuracy"] <= row["chance_accuracy"] == pytest.approx(1 / 3)
+    text = " ".join(proc.stdout.split())
+    assert "not distinguishable from chance" in text and "try a lower --lr" in text
+    assert "nothing to recommend" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("value, says", [("0", "--repeats must be a whole number from 1, got 0"),
+                                         ("abc", "Invalid value for '--repeats'")])
+def test_bad_repeats_is_one_line_and_exit_code_2(shared_colour_folder, tmp_path, capsys, value, says):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(shared_colour_folder), "-m", "timm/test_resnet", "--out", str(tmp_path / "out"),
+              "--repeats", value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and says in err
+    assert not (tmp_path / "out").exists()

@@ -1,12 +1,18 @@
-"""Metrics and timing helpers."""
+"""Metrics and timing helpers, and the statistics of repeats checked against hand-computed cases."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
 from bakeoff.measure import (chance_level, chance_p, classification_metrics, mcnemar_p, paired_cells,
-                             paired_ratio_interval, summarize_ms, time_calls, validation_figures, wilson_interval)
+                             paired_ratio_interval, repeat_resamples, repeats_interval, resampled_paired, share_best,
+                             summarize_ms, time_calls, validation_figures, wilson_interval)
+
+# three repeats of one model on four images: accuracies 0.75, 0.5 and 1.0
+CORRECT = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=float)
 
 
 def test_wilson_interval_known_values():
@@ -129,3 +135,38 @@ def test_validation_figures_match_the_log_loss_and_accuracy_of_scikit_learn():
     assert acc == accuracy_score(y, probs.argmax(1))
     # a certain wrong answer costs -log(1e-12), not infinity
     assert validation_figures(np.array([[1.0, 0.0]]), np.array([1]))[0] == pytest.approx(-np.log(1e-12))
+
+
+def test_the_repeats_interval_adds_the_seed_and_the_image_variance():
+    from scipy.stats import t
+
+    # by hand: seed part = var(0.75, 0.5, 1.0) / 3 = 0.0625 / 3 = 1/48; each image's share of right
+    # answers is 1, 1, 2/3, 1/3 (mean 3/4, squared deviations 9, 9, 1, 25 over 144: 44/144 over 3
+    # degrees of freedom = 11/108), image part = 11/108 / 4 = 11/432; total 5/108
+    seed_part, image_part = 1 / 48, 11 / 432
+    df = (seed_part + image_part) ** 2 / (seed_part ** 2 / 2 + image_part ** 2 / 3)
+    half = t.ppf(0.975, df) * math.sqrt(5 / 108)
+    lo, hi = repeats_interval(CORRECT)
+    assert lo == pytest.approx(0.75 - half) and hi == 1.0  # clipped at a perfect score
+    assert 0.1 < lo < 0.3
+    # one repeat falls back to the trial's own Wilson interval; identical repeats have no spread
+    assert repeats_interval(CORRECT[:1]) == pytest.approx((0.3006, 0.9544), abs=1e-4)
+    assert repeats_interval(np.ones((3, 5))) == (1.0, 1.0)
+
+
+def test_p_best_and_the_paired_test_pool_images_and_repeats():
+    # Each model is right on every image or on none within a repeat, so only the repeat draw matters:
+    # a is right in repeats 0 and 1, b only in repeat 2. Drawing 3 repeats with replacement, a wins
+    # when 2 or 3 draws fall on repeats 0-1: 3 (2/3)^2 (1/3) + (2/3)^3 = 20/27; b wins the other 7/27.
+    a = np.array([[1] * 6, [1] * 6, [0] * 6], dtype=float)
+    resampled = repeat_resamples(np.stack([a, 1 - a]), resamples=6000, seed=1)
+    assert share_best(resampled) == pytest.approx([20 / 27, 7 / 27], abs=0.02)
+    p, lo, hi = resampled_paired(resampled[:, 0], resampled[:, 1])
+    assert p == pytest.approx(2 * 7 / 27, abs=0.03)  # twice the share on the far side of no difference
+    # identical models are never distinguishable; a tie splits p_best
+    same = repeat_resamples(np.stack([a, a]), resamples=200)
+    assert resampled_paired(same[:, 0], same[:, 1]) == (1.0, 1.0, 1.0)
+    assert share_best(same) == pytest.approx([0.5, 0.5])
+    # right on every image of every repeat against wrong on all: p is the smallest 200 resamples give
+    better = repeat_resamples(np.stack([np.ones((3, 6)), np.zeros((3, 6))]), resamples=200)
+    assert resampled_paired(better[:, 0], better[:, 1])[0] == pytest.approx(1 / 201)

@@ -16,9 +16,9 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from bakeoff.serve.server import ServerProcess  # noqa: E402
-from conftest import process_alive, wait_for  # noqa: E402
+from conftest import REPO, process_alive, wait_for  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("fuzz_serve", Path(__file__).parent.parent / "bench" / "fuzz_serve.py")
+spec = importlib.util.spec_from_file_location("fuzz_serve", REPO / "bench" / "fuzz_serve.py")
 fuzz = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(fuzz)
 

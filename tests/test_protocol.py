@@ -1,13 +1,16 @@
-"""A preset that reproduces a study says where it differs from it: printed at the run's start
-and stored with the run, so report.md and report.html show it."""
+"""The frozen protocol: the compile switch and the trial keys it leaves alone; the study's
+preset, which names its models and baseline and says where it differs from the study (printed at
+the run's start and stored with the run, so report.md and report.html show it)."""
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from bakeoff.cli import app
-from bakeoff.protocol import PRESETS
+from bakeoff.protocol import PRESETS, Protocol, apply_preset
 from bakeoff.store import Store
+from bakeoff.zoo import resolve
 
 MODEL = "timm/test_resnet"
 
@@ -40,3 +43,19 @@ def test_a_preset_run_prints_its_differences_and_its_report_shows_them(tmp_path,
         text = html.read_text()
         assert "differences_from_study" in text and "IMAGENET1K_V1" in text
 
+
+def test_the_compile_switch_is_checked_and_keeps_stored_keys():
+    from bakeoff.errors import BakeoffError
+
+    with pytest.raises(BakeoffError, match="--compile must be one of auto, off"):
+        Protocol(compile="always")
+    # On by default; off keys a trial as every run before compiled steps existed was keyed.
+    assert Protocol().compile == "auto"
+    assert Protocol().key() == Protocol(compile="auto").key() != Protocol(compile="off").key()
+
+
+def test_jumpstart_preset_has_the_study_s_15_models_and_baseline():
+    preset = apply_preset("jumpstart-blog")
+    specs = [resolve(m) for m in preset.models]
+    assert len(specs) == 15 and sum(s.framework == "tensorflow" for s in specs) == 8
+    assert resolve(preset.baseline).architecture == "InceptionV3" and preset.baseline in preset.models

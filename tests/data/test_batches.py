@@ -96,36 +96,3 @@ def test_rows_read_from_the_cache_file_are_the_stored_rows(tmp_path):
     assert np.array_equal(torch.cat(parts).numpy(), rows[3:2493])
     with pytest.raises(OSError, match="ends early"):
         _PinnedRows(images, 2000, 1000, "cpu")(slice(0, 1000))
-
-
-def test_gpu_passes_fill_their_last_batch_and_drop_the_filler(monkeypatch):
-    from types import SimpleNamespace
-
-    from torch import nn
-
-    from bakeoff.engines.torch.fit import predict_probs
-    from bakeoff.engines.torch.top_only import features
-    from bakeoff.protocol import Protocol
-
-    torch.manual_seed(0)
-    head = nn.Linear(4, 3)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
-    b = Batcher.create(_images(n=300), np.arange(300), 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.device("cpu"))
-    idx = np.arange(299, -1, -1)
-    proto = Protocol(pretrained=False, precision="fp32")
-    monkeypatch.setattr("bakeoff.engines.torch.fit.sync_fn", lambda device: lambda: None)  # stand-in "cuda": no stream
-    sizes = []
-    model.register_forward_hook(lambda mod, inp, out: sizes.append(len(inp[0])))
-    plain = features(model, b, idx, proto, torch.device("cpu"), head)
-    assert sizes == [256, 44]
-    sizes.clear()
-    filled = features(model, b, idx, proto, SimpleNamespace(type="cuda"), head)
-    assert sizes == [256, 256]  # one shape throughout
-    assert plain.shape == filled.shape == (300, 4)
-    torch.testing.assert_close(plain, filled)
-    sizes.clear()
-    plain = predict_probs(model, b, idx, proto, torch.device("cpu"))
-    filled = predict_probs(model, b, idx, proto, SimpleNamespace(type="cuda"))
-    assert sizes == [128, 128, 44, 128, 128, 128]
-    assert plain.shape == filled.shape == (300, 3)
-    np.testing.assert_allclose(plain, filled, rtol=1e-6, atol=1e-7)

@@ -4,9 +4,10 @@ compiled kernels between epochs without losing its optimizer's state."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 from bakeoff.engines.torch.compile import Compiles, Marker, compile_key
 from bakeoff.gpu_share import GpuShare
 from bakeoff.protocol import Protocol
+from conftest import becomes_stopped, small_net, spinning_child
 
 RESNET = {"id": "pytorch-ic-resnet34", "framework": "pytorch"}
 
@@ -28,18 +30,12 @@ def _learnable(n=96, size=24, classes=3, seed=0):
     return images, labels
 
 
-def _small_net(classes=3):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, classes))
-
-
 def _fit(device, compile_ready=None, compile_fn=None, epochs=3, n=96, gate=None, **proto):
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.torch.fit import fit
 
     images, labels = _learnable(n)
-    model = _small_net().to(device)
+    model = small_net().to(device)
     batcher = Batcher.create(images, np.arange(len(labels)), 20, (0.5,) * 3, (0.25,) * 3, device)
     protocol = Protocol(pretrained=False, epochs=epochs, lr=0.01, **proto)
     kwargs = {} if compile_fn is None else {"compile_fn": compile_fn}
@@ -137,66 +133,6 @@ def test_a_warm_compile_is_used_from_the_first_epoch_and_a_failing_one_leaves_th
     assert out.step_mode == "eager" and out.history[-1]["val_accuracy"] > 0.6
 
 
-def test_undoing_a_warm_up_step_puts_weights_and_optimizer_state_back():
-    from bakeoff.engines.torch.step import make_optimizer, Step
-
-    model, proto = _small_net(), Protocol(pretrained=False)
-    opt = make_optimizer(proto, model.parameters())
-    step = Step(model, opt, proto, torch.device("cpu"), (8, 3, 20, 20), False)
-    x, y = torch.randn(8, 3, 20, 20), torch.arange(8) % 3
-    step(x, y)
-    step(x, y)  # Adam's moments and step count are non-zero now
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    moments = [{k: v.clone() for k, v in s.items()} for s in opt.state.values()]
-    step._undone(lambda: step(x * 2, y))
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, weights[k]), k
-    for kept, now in zip(moments, opt.state.values()):
-        assert all(torch.equal(kept[k], now[k]) for k in kept)
-    assert float(step.loss_sum) == 0.0
-
-
-def _inside(section, log, name, until: threading.Event) -> tuple[threading.Thread, threading.Event]:
-    """A started thread that logs ``name`` once inside ``section()`` and leaves it at ``until``."""
-    inside = threading.Event()
-
-    def hold():
-        with section():
-            log.append(name)
-            inside.set()
-            until.wait(5)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    return t, inside
-
-
-def test_a_compile_runs_beside_training_and_never_beside_a_solo_section():
-    gate, log = GpuShare(3), []
-    end_compile, end_solo = threading.Event(), threading.Event()
-    compiler, compiling = _inside(gate.compiling, log, "compiling", end_compile)
-    assert compiling.wait(5)
-    with gate.shared():  # a neighbour's step goes on meanwhile
-        log.append("step")
-    solo, alone = _inside(gate.exclusive, log, "alone", end_solo)
-    assert not alone.wait(0.2)  # the solo section waits for the compile...
-    with gate.shared():  # ...without holding the other trials back
-        log.append("step")
-    end_compile.set()
-    assert alone.wait(5)
-    assert log == ["compiling", "step", "step", "alone"]
-    # Someone is alone now: a new compile waits until that section ends.
-    second, compiling = _inside(gate.compiling, log, "compiling again", threading.Event())
-    assert not compiling.wait(0.2)
-    end_solo.set()
-    assert compiling.wait(5) and log[-1] == "compiling again"
-    for t in (compiler, solo, second):
-        t.join(6)
-    with pytest.raises(RuntimeError, match="beside"):
-        with gate.shared(), gate.compiling():
-            pass
-
-
 def test_a_trial_waits_only_for_kernels_compiled_on_its_own_gpu(tmp_path):
     from bakeoff.engines.torch.compile import marker_for
 
@@ -263,16 +199,6 @@ def test_a_background_compile_that_fails_leaves_its_reason_and_the_trial_its_eag
     assert done.returncode == 1
     marker = Marker(str(tmp_path), "k")
     assert not marker.ready() and marker.error() and "Error" in marker.error().split(":")[0]
-
-
-def test_the_compile_switch_is_checked_and_keeps_stored_keys():
-    from bakeoff.errors import BakeoffError
-
-    with pytest.raises(BakeoffError, match="--compile must be one of auto, off"):
-        Protocol(compile="always")
-    # On by default; off keys a trial as every run before compiled steps existed was keyed.
-    assert Protocol().compile == "auto"
-    assert Protocol().key() == Protocol(compile="auto").key() != Protocol(compile="off").key()
 
 
 @pytest.mark.gpu
@@ -388,3 +314,31 @@ def test_a_compiled_dropouts_gradient_follows_the_mask_it_drew():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_compiled_dropouts_gradient_follows_its_mask_in_a_replayed_graph():
     assert _dropout_grads_follow_masks(torch.device("cuda")) == [True] * 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sends SIGSTOP")
+def test_ending_the_compiles_continues_a_stopped_one_so_it_can_exit():
+    import os
+    import signal
+
+    from bakeoff.engines.torch.compile import Compiles
+
+    # It handles SIGTERM itself, as a compiler's worker pool may: stopped, it would never see it.
+    child = spinning_child("signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))\n")
+    os.kill(child.pid, signal.SIGSTOP)
+    assert becomes_stopped(child.pid, stopped=True)
+    compiles = Compiles()
+    compiles.procs.append(child)
+    t0 = time.perf_counter()
+    compiles.stop()
+    assert child.returncode == 3 and time.perf_counter() - t0 < 5
+
+
+def test_a_background_compile_whose_run_is_gone_ends_without_compiling(tmp_path):
+    # the compile's own entry point, told its run is a process that is not its parent (as after
+    # the run died and the compile was adopted): it ends before compiling, and leaves no marker
+    args = {"spec": {}, "classes": 3, "input_size": 32, "protocol": {}, "device": "cuda:0", "folder": str(tmp_path),
+            "key": "k", "parent": os.getpid() + 1_000_000}
+    proc = subprocess.run([sys.executable, "-m", "bakeoff.engines.torch.compile", json.dumps(args)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and not list(tmp_path.iterdir()), proc.stderr

