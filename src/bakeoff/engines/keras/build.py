@@ -12,7 +12,7 @@ from bakeoff.zoo.keras_zoo import BIT_ARCH, KERAS_APPLICATIONS, preprocessing_mo
 from bakeoff.zoo.registry import find_weights_file, weights_available_offline
 from bakeoff.zoo.spec import ModelSpec
 
-__all__ = ["build_model", "torch_rate_batch_norm", "TORCH_BN_MOMENTUM"]
+__all__ = ["build_model", "count_params", "torch_rate_batch_norm", "TORCH_BN_MOMENTUM"]
 
 
 def _is_network_error(exc: Exception) -> bool:
@@ -129,3 +129,13 @@ def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretr
                                  kernel_initializer="zeros", bias_initializer="zeros")(x)
     model = keras.Model(inputs, outputs, name="bakeoff_model")
     return model, backbone, weights, (build_size if build_size != input_size else None)
+
+
+def count_params(spec: ModelSpec, num_classes: int = 1000) -> int:
+    """Parameters of the network a trial builds, with a ``num_classes`` head: built without weights
+    on the CPU (Keras has no shapes-only build, so this takes seconds for a large network)."""
+    from bakeoff.engines.keras.trial import import_keras
+
+    keras = import_keras("cpu")
+    model = build_model(keras, spec, num_classes, spec.input_size, pretrained=False)[0]
+    return int(model.count_params())

@@ -15,7 +15,7 @@ from bakeoff.zoo.spec import ModelSpec
 from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES
 
 __all__ = ["build_model", "create_model", "no_network_error", "find_head", "find_head_name", "head_names", "zero_heads",
-           "upsample_to_minimum"]
+           "upsample_to_minimum", "count_params"]
 
 
 def no_network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
@@ -77,6 +77,13 @@ def create_model(spec: ModelSpec, num_classes: int) -> nn.Module:
     if source is not None and source.create is not None:
         return source.create(spec, num_classes)
     raise BakeoffError(f"{spec.id}: the PyTorch engine cannot build models from {spec.source}")
+
+
+def count_params(spec: ModelSpec, num_classes: int = 1000) -> int:
+    """Parameters of the zoo's network with a ``num_classes`` head, built on the meta device (shapes
+    only: no memory, no weights, no time)."""
+    with torch.device("meta"):
+        return int(sum(p.numel() for p in create_model(spec, num_classes).parameters()))
 
 
 def build_model(spec: ModelSpec, num_classes: int, pretrained=True, weights_dir=None) -> tuple[nn.Module, str]:
