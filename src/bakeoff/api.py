@@ -24,6 +24,7 @@ from bakeoff.compare.outputs import Comparison, write_outputs
 from bakeoff.data.cache import cache_side
 from bakeoff.data.prepare import prepare_data, storage_side, write_class_map
 from bakeoff.data.scan import scan_folder
+from bakeoff.engines import engine_for
 from bakeoff.engines.torch.compile import Compiles
 from bakeoff.errors import BakeoffError
 from bakeoff.lifetime import hold_folder, remove_stale_temps
@@ -40,14 +41,19 @@ __all__ = ["run", "run_comparison", "report", "models"]
 
 
 def models(pattern: str | None = None, framework: str | None = None, params: bool = True,
-           weights_dir=None) -> pd.DataFrame:
-    """The zoo as a table: id, framework, source, params, input size, weights offline."""
+           weights_dir=None, count_params: bool = False) -> pd.DataFrame:
+    """The zoo as a table: id, framework, source, params, input size, weights offline.
+
+    ``params`` is the zoo's figure (the weights' metadata; counted from the network where a spec
+    has none, for up to 200 models). ``count_params=True`` counts every listed model's parameters
+    from the network its engine builds, with a 1000-class head: PyTorch ones on the meta device,
+    Keras ones built without weights (seconds each, and Keras is imported)."""
     specs = list_specs(pattern, framework)
     count = params and len(specs) <= 200
     rows = []
     for s in specs:
-        n = s.params
-        if n is None and count:
+        n = None if count_params else s.params
+        if n is None and (count or count_params):
             n = _count_params(s)
         rows.append({"id": s.id, "framework": s.framework, "source": s.source, "params": n,
                      "input_size": s.input_size, "offline_weights": weights_available_offline(s, weights_dir),
@@ -57,13 +63,10 @@ def models(pattern: str | None = None, framework: str | None = None, params: boo
 
 
 def _count_params(spec) -> int | None:
-    import torch
-
-    from bakeoff.engines.torch.build import create_model
-
+    """The network's parameters, counted by its own engine; None where it cannot be built here
+    (its library missing)."""
     try:
-        with torch.device("meta"):
-            return int(sum(p.numel() for p in create_model(spec, 1000).parameters()))
+        return engine_for(spec.framework).load().count_params(spec)
     except Exception:
         return None
 

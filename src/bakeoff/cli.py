@@ -161,11 +161,14 @@ def models_cmd(
     fmt: str = typer.Option("table", "--format", "-f", callback=model_format,
                             help="table (to read; ids are never shortened), csv or json (for scripts: every "
                                  "column, full ids and weight sources)."),
+    count_params: bool = typer.Option(False, "--count-params",
+                                      help="Count each model's parameters from the network bakeoff builds (with a "
+                                           "1000-class head) instead of the zoo's figure; seconds a Keras model."),
 ) -> None:
     """List the model zoo: id, framework, parameters, input size, weights available offline."""
     from bakeoff.api import models
 
-    df = models(pattern, framework, weights_dir=weights_dir)
+    df = models(pattern, framework, weights_dir=weights_dir, count_params=count_params)
     if fmt == "csv":
         df.to_csv(sys.stdout, index=False)
     elif fmt == "json":

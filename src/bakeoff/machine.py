@@ -1,4 +1,5 @@
-"""What the machine offers a trial: its device's name (for the result row), the memory it may use."""
+"""What the machine offers a trial: its device's name (for the result row), the memory it may use,
+the threads it computes with on the CPU."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["available_memory_bytes", "device_name"]
+__all__ = ["available_memory_bytes", "device_name", "cpu_threads"]
+
+
+def cpu_threads() -> int:
+    """The threads a trial computes with on the CPU, in either engine: OMP_NUM_THREADS where it is
+    set (a machine shared with other work: a trial of more threads than its free cores waits on
+    the ones descheduled at every parallel step), else every core."""
+    asked = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(asked) if asked.isdigit() and int(asked) >= 1 else max(1, os.cpu_count() or 1)
 
 
 def available_memory_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
@@ -54,10 +63,12 @@ def device_name(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    n = torch.get_num_threads()  # what the trial computes with (cpu_threads, set as it starts)
+    cores = f"{os.cpu_count()} cores" + (f", {n} thread{'s' if n > 1 else ''}" if n != os.cpu_count() else "")
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+                return f"CPU: {line.split(':', 1)[1].strip()} ({cores})"
     except OSError:
         pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"CPU: {platform.processor() or platform.machine()} ({cores})"

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import traceback
 
 from bakeoff.job import RunAlone, TrialJob
@@ -26,7 +25,9 @@ def trial_process_main(job: TrialJob, queue, gate=None) -> None:
     try:
         import torch
 
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        from bakeoff.machine import cpu_threads
+
+        torch.set_num_threads(cpu_threads())
 
         def on_step(epoch, step, steps, elapsed):
             queue.put(("step", job.key, epoch, step, steps, elapsed))

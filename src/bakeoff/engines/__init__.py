@@ -2,7 +2,7 @@
 
 Every engine package offers ``run_trial(job, on_step, gate)`` (train and measure one model: the
 result row), ``load_saved(model_dir, device)`` and ``load_predict(model_dir, device)`` (a saved
-model for serving). A package is imported only when used: a PyTorch-only process never imports
+model for serving), and ``count_params(spec)`` (the parameters of the network it builds). A package is imported only when used: a PyTorch-only process never imports
 the Keras engine's backend.
 """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["keras_names", "keras_spec", "KERAS_STUDY_IDS", "KERAS_APPLICATIONS", "PREPROCESSING",
-           "keras_weights_cached", "BIT_ARCH", "min_input_size", "preprocessing_mode", "study_spec"]
+           "keras_weights_cached", "BIT_ARCH", "preprocessing_mode", "study_spec"]
 
 _GCS = "https://storage.googleapis.com/"
 
@@ -145,16 +145,11 @@ def preprocessing_mode(architecture: str) -> str:
     return _row(architecture, {})[2]
 
 
-def min_input_size(architecture: str) -> int:
-    """The smallest side the network builds at; smaller inputs are upsampled to it in the model."""
-    return _row(architecture, {})[1]
-
-
 def keras_spec(architecture: str, model_id: str | None = None, build_kwargs: dict | None = None,
                aliases: tuple[str, ...] = ()) -> ModelSpec:
     """The spec of a Keras application (or BiT) with ``build_kwargs`` for its constructor."""
     kwargs = dict(build_kwargs or {})
-    size, _, mode, params, fname, where = _row(architecture, kwargs)
+    size, min_size, mode, params, fname, where = _row(architecture, kwargs)
     mean, std = PREPROCESSING[mode]
     url = _GCS + (where.replace("*", fname) if where.endswith("*") else where)
     if architecture == BIT_ARCH:
@@ -170,6 +165,7 @@ def keras_spec(architecture: str, model_id: str | None = None, build_kwargs: dic
         source="keras",
         architecture=architecture,
         input_size=size,
+        min_input_size=min_size,
         crop_pct=0.875,
         mean=mean,
         std=std,

@@ -15,6 +15,9 @@ class ModelSpec:
     source: str  # "torchvision" | "timm" | "keras": a key of zoo.registry.SOURCES
     architecture: str  # the source library's own name
     input_size: int
+    # The smallest side the network runs at (None: any the run allows). A smaller --image-size is
+    # upsampled to it inside the model, by every engine alike, and recorded as input_upsampled_to.
+    min_input_size: int | None = None
     crop_pct: float = 0.875
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)

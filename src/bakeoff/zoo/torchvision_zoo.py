@@ -9,7 +9,7 @@ from pathlib import Path
 from bakeoff.zoo.spec import ModelSpec
 
 __all__ = ["torchvision_names", "torchvision_spec", "torchvision_create", "torchvision_weights_offline",
-           "in_torch_hub", "CLASSIFIER_ATTR"]
+           "in_torch_hub", "CLASSIFIER_ATTR", "MIN_INPUT_SIZE"]
 
 # The layer each family ends in; the engine also finds it by shape when a family is missing.
 CLASSIFIER_ATTR = {
@@ -20,6 +20,15 @@ CLASSIFIER_ATTR = {
     "squeezenet": "classifier.1", "vit": "heads.head", "swin": "head", "maxvit": "classifier.5",
 }
 
+# The smallest side each family runs at, where it is above the smallest --image-size (fixed pooling
+# or unpadded convolutions: alexnet's 6 x 6 pooling needs 63 px). Read from torchvision 0.29 by
+# running each network; tests check them the same way. The vision transformers (vit, maxvit) run
+# at their own size, or sizes their windows divide, only: not a minimum, and left out.
+MIN_INPUT_SIZE = {
+    "alexnet": 63, "convnext": 32, "densenet": 29, "inception_v3": 75, "squeezenet1_0": 21,
+    "squeezenet1_1": 17, "vgg": 32,
+}
+
 
 @lru_cache(maxsize=1)
 def torchvision_names() -> tuple[str, ...]:
@@ -28,10 +37,11 @@ def torchvision_names() -> tuple[str, ...]:
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
-def _classifier_for(name: str) -> str | None:
-    for prefix in sorted(CLASSIFIER_ATTR, key=len, reverse=True):
+def _by_family(table: dict, name: str):
+    """The entry of ``table`` whose key is the longest prefix of ``name``, or None."""
+    for prefix in sorted(table, key=len, reverse=True):
         if name.startswith(prefix):
-            return CLASSIFIER_ATTR[prefix]
+            return table[prefix]
     return None
 
 
@@ -53,11 +63,12 @@ def torchvision_spec(name: str, model_id: str | None = None, aliases: tuple[str,
         source="torchvision",
         architecture=name,
         input_size=crop,
+        min_input_size=_by_family(MIN_INPUT_SIZE, name),
         crop_pct=crop / resize,
         mean=tuple(float(v) for v in t.mean),
         std=tuple(float(v) for v in t.std),
         interpolation=t.interpolation.value,
-        classifier=_classifier_for(name),
+        classifier=_by_family(CLASSIFIER_ATTR, name),
         license="BSD-3-Clause (torchvision); weights: ImageNet terms",
         weight_source=weights.url,
         weight_file=os.path.basename(weights.url),

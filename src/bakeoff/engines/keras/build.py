@@ -8,11 +8,11 @@ import urllib.error
 import numpy as np
 
 from bakeoff.errors import BakeoffError
-from bakeoff.zoo.keras_zoo import BIT_ARCH, KERAS_APPLICATIONS, min_input_size, preprocessing_mode
+from bakeoff.zoo.keras_zoo import BIT_ARCH, KERAS_APPLICATIONS, preprocessing_mode
 from bakeoff.zoo.registry import find_weights_file, weights_available_offline
 from bakeoff.zoo.spec import ModelSpec
 
-__all__ = ["build_model", "torch_rate_batch_norm", "TORCH_BN_MOMENTUM"]
+__all__ = ["build_model", "count_params", "torch_rate_batch_norm", "TORCH_BN_MOMENTUM"]
 
 
 def _is_network_error(exc: Exception) -> bool:
@@ -111,9 +111,10 @@ def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretr
     The model takes ``input_size`` NHWC images normalised with the spec's mean/std and returns
     logits from a new float32 ``classifier`` layer that starts at zero. A network that cannot run
     at ``input_size`` (e.g. InceptionV3 below 75 px, only with --image-size) gets an in-model
-    upsampling to its minimum.
+    bilinear upsampling to its minimum (``spec.min_input_size``), as in the PyTorch engine
+    (``engines.torch.build.upsample_to_minimum``).
     """
-    build_size = max(input_size, min_input_size(spec.architecture))
+    build_size = max(input_size, spec.min_input_size or input_size)
     backbone, weights = _backbone(keras, spec, build_size, pretrained, weights_dir)
     if weights == "random-init":
         torch_rate_batch_norm(keras, backbone)
@@ -128,3 +129,13 @@ def build_model(keras, spec: ModelSpec, num_classes: int, input_size: int, pretr
                                  kernel_initializer="zeros", bias_initializer="zeros")(x)
     model = keras.Model(inputs, outputs, name="bakeoff_model")
     return model, backbone, weights, (build_size if build_size != input_size else None)
+
+
+def count_params(spec: ModelSpec, num_classes: int = 1000) -> int:
+    """Parameters of the network a trial builds, with a ``num_classes`` head: built without weights
+    on the CPU (Keras has no shapes-only build, so this takes seconds for a large network)."""
+    from bakeoff.engines.keras.trial import import_keras
+
+    keras = import_keras("cpu")
+    model = build_model(keras, spec, num_classes, spec.input_size, pretrained=False)[0]
+    return int(model.count_params())

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from bakeoff.data.batches import Batcher
+from bakeoff.engines.keras.adam import adam
 from bakeoff.measure import epoch_record, summarize_ms, time_calls
 from bakeoff.gpu_share import GpuShare, LoneGate
 from bakeoff.job import FitResult
@@ -41,11 +42,12 @@ def to_backend(backend: str, x):
 
 
 def make_optimizer(keras, protocol: Protocol):
-    # torch's defaults (eps 1e-8, AdamW decay 0.01, SGD momentum 0.9) so both frameworks get one protocol
+    # torch's defaults (eps 1e-8, AdamW decay 0.01, SGD momentum 0.9) so both frameworks get one protocol;
+    # Keras's Adam and AdamW with their per-step values made once a step (engines.keras.adam)
     if protocol.optimizer == "adam":
-        return keras.optimizers.Adam(protocol.lr, epsilon=1e-8)
+        return adam(keras, protocol.lr, epsilon=1e-8)
     if protocol.optimizer == "adamw":
-        return keras.optimizers.AdamW(protocol.lr, weight_decay=0.01, epsilon=1e-8)
+        return adam(keras, protocol.lr, epsilon=1e-8, weight_decay=0.01)
     return keras.optimizers.SGD(protocol.lr, momentum=0.9)
 
 

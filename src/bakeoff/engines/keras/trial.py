@@ -17,7 +17,7 @@ import numpy as np
 from bakeoff.engines.saved import read_model_dir, save_model_dir
 from bakeoff.errors import BakeoffError
 from bakeoff.job import TrialJob, result_row
-from bakeoff.machine import device_name
+from bakeoff.machine import cpu_threads, device_name
 from bakeoff.protocol import Protocol
 from bakeoff.zoo.spec import ModelSpec
 
@@ -63,6 +63,7 @@ def import_keras(device: str = "auto"):
         if backend == "tensorflow":
             import tensorflow as tf
 
+            tf.config.threading.set_intra_op_parallelism_threads(cpu_threads())  # the PyTorch engine's count
             gpus = tf.config.list_physical_devices("GPU")
             if device == "cpu" and gpus:
                 tf.config.set_visible_devices([], "GPU")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import urllib.error
+from functools import partial
 
 import torch
 from torch import nn
@@ -13,7 +14,8 @@ from bakeoff.zoo.registry import SOURCES, find_weights_file, weights_available_o
 from bakeoff.zoo.spec import ModelSpec
 from bakeoff.zoo.timm_zoo import OFFLINE_PACKAGES
 
-__all__ = ["build_model", "create_model", "no_network_error", "find_head", "find_head_name", "head_names", "zero_heads"]
+__all__ = ["build_model", "create_model", "no_network_error", "find_head", "find_head_name", "head_names", "zero_heads",
+           "upsample_to_minimum", "count_params"]
 
 
 def no_network_error(spec: ModelSpec, exc: Exception) -> BakeoffError:
@@ -77,6 +79,13 @@ def create_model(spec: ModelSpec, num_classes: int) -> nn.Module:
     raise BakeoffError(f"{spec.id}: the PyTorch engine cannot build models from {spec.source}")
 
 
+def count_params(spec: ModelSpec, num_classes: int = 1000) -> int:
+    """Parameters of the zoo's network with a ``num_classes`` head, built on the meta device (shapes
+    only: no memory, no weights, no time)."""
+    with torch.device("meta"):
+        return int(sum(p.numel() for p in create_model(spec, num_classes).parameters()))
+
+
 def build_model(spec: ModelSpec, num_classes: int, pretrained=True, weights_dir=None) -> tuple[nn.Module, str]:
     """Return the model with a new ``num_classes`` head (zero weights and bias: ``zero_heads``)
     and a description of its starting weights.
@@ -87,6 +96,24 @@ def build_model(spec: ModelSpec, num_classes: int, pretrained=True, weights_dir=
     model, weights = _with_weights(spec, num_classes, pretrained, weights_dir)
     zero_heads(model, spec)
     return model, weights
+
+
+def upsample_to_minimum(model: nn.Module, spec: ModelSpec, input_size: int) -> int | None:
+    """The Keras engine's rule (``engines.keras.build.build_model``): a network that cannot run at
+    ``input_size`` (alexnet below 63 px, only with --image-size) upsamples its input bilinearly to
+    ``spec.min_input_size`` inside the model, in a forward pre-hook, so its weights keep their
+    names. Returns that side, or None where the input is big enough."""
+    side = spec.min_input_size
+    if not side or input_size >= side:
+        return None
+    model.register_forward_pre_hook(partial(_upsample, side))
+    return side
+
+
+def _upsample(side: int, module: nn.Module, args: tuple) -> tuple:
+    # half-pixel centres (align_corners=False), as Keras's Resizing layer samples
+    x, *rest = args
+    return (nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False), *rest)
 
 
 def _with_weights(spec: ModelSpec, num_classes: int, pretrained, weights_dir) -> tuple[nn.Module, str]:

@@ -181,7 +181,7 @@ def _compile_once(args: dict) -> str | None:
     returns why that failed, else None."""
     import torch
 
-    from bakeoff.engines.torch.build import create_model
+    from bakeoff.engines.torch.build import create_model, upsample_to_minimum
     from bakeoff.engines.torch.step import make_optimizer, Step
     from bakeoff.protocol import Protocol
     from bakeoff.zoo.spec import ModelSpec
@@ -190,8 +190,9 @@ def _compile_once(args: dict) -> str | None:
     device = torch.device(args["device"])
     torch.cuda.set_device(device)
     model = create_model(spec, args["classes"]).to(device).to(memory_format=torch.channels_last).train()
-    opt = make_optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=True)
     size = args["input_size"]
+    upsample_to_minimum(model, spec, size)
+    opt = make_optimizer(protocol, [p for p in model.parameters() if p.requires_grad], capturable=True)
     step = Step(model, opt, protocol, device, (protocol.batch_size, 3, size, size), True, capture=False)
     return step.adopt(compile_model(model))
 

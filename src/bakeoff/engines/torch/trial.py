@@ -41,7 +41,7 @@ def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict
     import torch
 
     from bakeoff.data.batches import Batcher
-    from bakeoff.engines.torch.build import build_model, find_head_name
+    from bakeoff.engines.torch.build import build_model, find_head_name, upsample_to_minimum
     from bakeoff.engines.torch.fit import fit, resolve_device, uses_bf16
     from bakeoff.engines.torch.infer import time_inference
     from bakeoff.measure import classification_metrics
@@ -67,6 +67,7 @@ def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict
         torch.manual_seed(protocol.seed)
         np.random.seed(protocol.seed)
         model, weights = build_model(spec, len(job.classes), protocol.pretrained, job.weights_dir)
+        upsampled = upsample_to_minimum(model, spec, job.input_size)
         head_name = find_head_name(model, spec)  # the zoo's classifier, for a top-only fit
         model = model.to(device)
         if channels_last:
@@ -125,7 +126,7 @@ def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict
         gpu_wait_s=gate.waited() - waited if gate.concurrent else None,
         gpu_alone_s={k: v - alone.get(k, 0.0) for k, v in gate.alone().items()} if gate.concurrent else None,
         precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,
-        device_name=device_name(device),
+        device_name=device_name(device), input_upsampled_to=upsampled,
         data_resident=batcher.residence, data_reused=batcher.reused,
     )
 
@@ -137,12 +138,13 @@ def load_saved(model_dir, device: str = "cpu"):
     """
     import torch
 
-    from bakeoff.engines.torch.build import create_model
+    from bakeoff.engines.torch.build import create_model, upsample_to_minimum
 
     folder, meta, classes = read_model_dir(model_dir, "weights.pt")
     spec = ModelSpec.from_dict({k: v for k, v in meta.items() if k in ModelSpec.__dataclass_fields__})
     model = create_model(spec, len(classes))
     model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
+    upsample_to_minimum(model, spec, meta["input_size"])  # as it was trained
     return model.to(device).eval(), meta, classes
 
 
