@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -160,11 +161,14 @@ def keras_numpy(x) -> np.ndarray:
 
 
 def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
-    """Stands in for the trial worker. Alone, every trial succeeds at once; beside others a
-    trial does what its spec's "beside" says: succeed (the default), fail to capture its step
-    ("alone"), fail ("error") or end the whole process ("crash"). Here, not in a test file: a
+    """Stands in for the trial worker. Alone, every trial succeeds; beside others a trial does
+    what its spec's "beside" says: succeed (the default), fail to capture its step ("alone"),
+    fail ("error") or end the whole process ("crash"); on a device named in its spec's "on"
+    ({device: what}) it does that wherever it runs, "kill" (SIGKILL) included. A trial with a
+    "hold" (seconds) lasts that long, in a thread of its own beside others as a real trial
+    runs, and notes its device and wall-clock start and end. Here, not in a test file: a
     spawned process imports it by its module's name, which tests/ on the path resolves."""
-    out_dir = None
+    out_dir, threads = None, []
     while (job := jobs.get()) is not None:
         if isinstance(job, tuple):  # ("capacity", n), or ("last", True): noted in a file of the run
             if job[0] == "capacity":
@@ -177,19 +181,56 @@ def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
         with open(Path(out_dir) / "messages.txt", "a") as f:
             f.write(f"{job.spec['id']}\n")
         beside = job.spec.get("beside", "ok") if capacity > 1 else "ok"
-        if beside == "alone":
+        does = job.spec.get("on", {}).get(job.device, beside)
+        if does == "alone":
             queue.put(("alone", job.key, "own stream, thread-local: RuntimeError: capture failed"))
-        elif beside == "error":
-            queue.put(("error", job.key, {"error": "out of memory: CUDA out of memory", "traceback": ""}))
-        elif beside == "crash":
+        elif does == "error":
+            queue.put(("error", job.key, {"error": f"out of memory: CUDA out of memory on {job.device}",
+                                          "traceback": ""}))
+        elif does == "crash":
             queue.close()
             queue.join_thread()  # what was sent before the crash arrives
             os._exit(3)
+        elif does == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif job.spec.get("hold") and capacity == 1:  # one at a time, as the worker runs a lone trial
+            _held_trial(job, queue, capacity, prewarm)
+        elif job.spec.get("hold"):
+            threads.append(threading.Thread(target=_held_trial, args=(job, queue, capacity, prewarm), daemon=True))
+            threads[-1].start()
         else:
-            queue.put(("result", job.key, {"model": job.spec["id"], "status": "ok", "accuracy": 0.5,
-                                           "concurrent_trials_seen": capacity,
-                                           "shared_gpu_error": job.shared_gpu_error,
-                                           "pid": os.getpid(), "prewarm": prewarm}))
+            queue.put(("result", job.key, _stand_in_result(job, capacity, prewarm)))
+    for thread in threads:
+        thread.join()
+
+
+def _stand_in_result(job, capacity, prewarm) -> dict:
+    return {"model": job.spec["id"], "status": "ok", "accuracy": 0.5, "concurrent_trials_seen": capacity,
+            "shared_gpu_error": job.shared_gpu_error, "pid": os.getpid(), "prewarm": prewarm,
+            "device": job.device}
+
+
+def _held_trial(job, queue, capacity, prewarm) -> None:
+    start = time.time()
+    time.sleep(job.spec["hold"])
+    queue.put(("result", job.key, _stand_in_result(job, capacity, prewarm) | {"start": start, "end": time.time()}))
+
+
+def fake_run(tmp_path, beside: dict | None = None, n=3, hold: float = 0.0, on: dict | None = None):
+    """``n`` jobs for ``stand_in_worker`` (m0, m1, ...; ``beside``: model -> what it does
+    beside others; ``on``: model -> {device: what it does there}; ``hold``: seconds each
+    trial lasts), a store and a started run."""
+    from bakeoff.store import Store
+    from bakeoff.job import TrialJob
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    jobs = [TrialJob(spec={"id": f"m{i}", "framework": "pytorch", "beside": (beside or {}).get(f"m{i}", "ok"),
+                           "on": (on or {}).get(f"m{i}", {}), "hold": hold},
+                     protocol={}, cache_path="", input_size=8, labels=np.zeros(4, dtype=np.int64),
+                     train_idx=np.arange(2), val_idx=np.arange(2, 4), classes=["a"], out_dir=str(tmp_path),
+                     device="cpu", key=f"k{i}") for i in range(n)]
+    store = Store(tmp_path / "bakeoff.db")
+    return jobs, store, store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
 
 
 SERVED_MODEL = "timm/test_resnet"

@@ -12,7 +12,7 @@ import pytest
 
 from bakeoff.api import run_comparison
 from bakeoff.engines.torch.trial import load_saved
-from conftest import TINY, stand_in_worker
+from conftest import TINY, fake_run, stand_in_worker
 
 
 def test_trials_sharing_one_worker_train_as_they_would_alone(shared_colour_folder, tmp_path, monkeypatch):
@@ -46,27 +46,10 @@ def test_trials_sharing_one_worker_train_as_they_would_alone(shared_colour_folde
         assert all(torch.allclose(w_alone[k].float(), w_shared[k].float(), atol=1e-5) for k in w_alone), m
 
 
-def _fake_run(tmp_path, beside: dict | None = None, n=3):
-    """``n`` jobs for ``stand_in_worker`` (m0, m1, ...; ``beside``: model -> what it does
-    beside others), a store and a started run."""
-    import numpy as np
-
-    from bakeoff.store import Store
-    from bakeoff.job import TrialJob
-
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    jobs = [TrialJob(spec={"id": f"m{i}", "framework": "pytorch", "beside": (beside or {}).get(f"m{i}", "ok")},
-                     protocol={}, cache_path="", input_size=8, labels=np.zeros(4, dtype=np.int64),
-                     train_idx=np.arange(2), val_idx=np.arange(2, 4), classes=["a"], out_dir=str(tmp_path),
-                     device="cpu", key=f"k{i}") for i in range(n)]
-    store = Store(tmp_path / "bakeoff.db")
-    return jobs, store, store.start_run("test", None, {j.spec["id"]: j.key for j in jobs}, {}, {}, {})
-
-
 def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
     from bakeoff.runners.local import run_local
 
-    jobs, store, run_id = _fake_run(tmp_path, {"m0": "alone", "m1": "alone", "m2": "alone"})
+    jobs, store, run_id = fake_run(tmp_path, {"m0": "alone", "m1": "alone", "m2": "alone"})
     counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=stand_in_worker)
     assert counts == {"trained": 3, "resumed": 0, "failed": 0}
     rows = {t["model"]: t for t in store.trials()}
@@ -80,7 +63,7 @@ def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
 def test_a_sharing_worker_hears_when_no_more_trials_will_come(tmp_path):
     from bakeoff.runners.local import run_local
 
-    jobs, store, run_id = _fake_run(tmp_path, n=5)
+    jobs, store, run_id = fake_run(tmp_path, n=5)
     counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=stand_in_worker)
     assert counts["trained"] == 5
     # Told once, after the fifth trial was handed over (the trials it runs then keep pace).
@@ -93,7 +76,7 @@ def test_a_worker_started_early_runs_the_first_trials_or_is_stopped(tmp_path):
 
     from bakeoff.runners.local import _Worker, run_local
 
-    jobs, store, run_id = _fake_run(tmp_path)
+    jobs, store, run_id = fake_run(tmp_path)
     warm = _Worker(mp.get_context("spawn"), prewarm="cpu", target=stand_in_worker)
     counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=1, warm=warm,
                        target=stand_in_worker)
@@ -111,7 +94,7 @@ def test_the_next_gpu_trials_process_starts_while_one_trains(tmp_path):
 
     from bakeoff.runners.local import run_local
 
-    jobs, store, run_id = _fake_run(tmp_path)  # full fine-tunes: on a GPU, each ends its process
+    jobs, store, run_id = fake_run(tmp_path)  # full fine-tunes: on a GPU, each ends its process
     counts = run_local(jobs, store, run_id, devices=["cuda:0"], per_device=1, target=stand_in_worker)
     assert counts["trained"] == 3
     rows = sorted(store.trials(), key=lambda t: t["started"])
@@ -126,7 +109,7 @@ def test_a_gpu_gets_no_more_places_than_trials_to_fill_them(tmp_path):
     from bakeoff.runners.local import run_local
 
     for devices, expected in ((["cpu"], 3), (["cpu", "cpu"], 2)):
-        jobs, store, run_id = _fake_run(tmp_path / str(len(devices)))
+        jobs, store, run_id = fake_run(tmp_path / str(len(devices)))
         run_local(jobs, store, run_id, devices=devices, per_device=8, target=stand_in_worker)
         assert {t["result"]["concurrent_trials"] for t in store.trials()} == {expected}, devices
 
@@ -135,7 +118,7 @@ def test_a_gpu_gets_no_more_places_than_trials_to_fill_them(tmp_path):
 def test_a_trial_that_fails_beside_others_runs_again_alone(tmp_path, crash):
     from bakeoff.runners.local import run_local
 
-    jobs, store, run_id = _fake_run(tmp_path, {"m1": "crash" if crash else "error"})
+    jobs, store, run_id = fake_run(tmp_path, {"m1": "crash" if crash else "error"})
     counts = run_local(jobs, store, run_id, devices=["cpu"], per_device=3, target=stand_in_worker)
     assert counts == {"trained": 3, "resumed": 0, "failed": 0}
     rows = {t["model"]: t["result"] for t in store.trials()}
