@@ -93,9 +93,9 @@ def test_trials_spread_over_every_gpu_each_once_and_no_more_at_once_than_its_sha
 ])
 def test_a_trial_that_fails_on_one_gpu_becomes_a_failed_row_and_the_rest_finish_on_both(tmp_path, what, error):
     # m1, the first trial handed to cuda:1, fails there, or its process ends or is killed; m0
-    # lasts longer on cuda:0 than the runner waits for a dead process's last words (2 s), so
-    # the trial left, m2, goes to cuda:1 once the failure is known.
-    counts, rows, events = _run(tmp_path, ["cuda:0", "cuda:1"], 1, n=3, hold=4.0, on={"m1": {"cuda:1": what}})
+    # lasts well beyond the runner's wait for a dead process's last words (2 s) and a loaded
+    # machine's process starts, so the trial left, m2, goes to cuda:1 once the failure is known.
+    counts, rows, events = _run(tmp_path, ["cuda:0", "cuda:1"], 1, n=3, hold=10.0, on={"m1": {"cuda:1": what}})
     assert counts == {"trained": 2, "resumed": 0, "failed": 1}
     assert rows["m1"]["status"] == "failed" and rows["m1"]["error"] == error
     assert [e for e in events if e[2] == "m1"] == [("start", "cuda:1", "m1"), ("failed", "cuda:1", "m1")]
