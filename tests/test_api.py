@@ -24,7 +24,7 @@ REQUIRED = ["model", "framework", "status", "accuracy", "accuracy_ci_low", "accu
 def finished_run(tmp_path_factory, shared_colour_folder):
     out = tmp_path_factory.mktemp("run") / "out"
     comparison = run_comparison(shared_colour_folder, ["timm/test_resnet", "timm/test_efficientnet",
-                                                       "torchvision/inception_v3", "timm/test_convnext"],
+                                                       "torchvision/vit_b_16", "timm/test_convnext"],
                                 out=out, **(TINY | {"epochs": 3}))
     return out, comparison
 
@@ -63,13 +63,13 @@ def test_baseline_row_is_one_and_default_baseline_is_first(finished_run):
 def test_a_failing_trial_is_a_row_and_the_run_goes_on(finished_run):
     out, _ = finished_run
     results = pd.read_csv(out / "results.csv").set_index("model")
-    assert results.loc["torchvision/inception_v3", "status"] == "failed"
-    assert "Kernel size can't be greater" in results.loc["torchvision/inception_v3", "error"]
+    assert results.loc["torchvision/vit_b_16", "status"] == "failed"
+    assert "Wrong image height" in results.loc["torchvision/vit_b_16", "error"]  # a fixed-size network at 32 px
     assert results.loc["timm/test_convnext", "status"] == "ok"  # listed after the failure
     with sqlite3.connect(out / "bakeoff.db") as db:
         rows = db.execute("SELECT model, status, result FROM trials").fetchall()
     assert sorted((m, s) for m, s, _ in rows) == [("timm/test_convnext", "ok"), ("timm/test_efficientnet", "ok"),
-                                                  ("timm/test_resnet", "ok"), ("torchvision/inception_v3", "failed")]
+                                                  ("timm/test_resnet", "ok"), ("torchvision/vit_b_16", "failed")]
     result = json.loads(next(r for m, _, r in rows if m == "timm/test_resnet"))
     # A worker runs trial after trial and keeps the decoded images between them (trials that want
     # the same image size run one after another); a failed trial ends its worker, so the trial
@@ -77,7 +77,7 @@ def test_a_failing_trial_is_a_row_and_the_run_goes_on(finished_run):
     with sqlite3.connect(out / "bakeoff.db") as db:
         order = [m for m, in db.execute("SELECT model FROM trials ORDER BY started")]
     reused = {m: json.loads(r)["data_reused"] for m, s, r in rows if s == "ok"}
-    after_failure = order[order.index("torchvision/inception_v3") + 1:order.index("torchvision/inception_v3") + 2]
+    after_failure = order[order.index("torchvision/vit_b_16") + 1:order.index("torchvision/vit_b_16") + 2]
     assert reused[order[0]] is False and all(reused[m] is (m not in after_failure) for m in order[1:] if m in reused)
     assert sum(reused.values()) >= 1
     assert results.loc[order[0], "data_resident"] == "ram" and not results.loc[order[0], "data_reused"]

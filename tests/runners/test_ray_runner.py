@@ -29,7 +29,10 @@ SETTINGS = dict(epochs=1, lr=0.002, batch_size=16, image_size=32, pretrained=Fal
 # Figures that depend only on the seed and the data, not on the machine's speed.
 EXACT = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "top5", "macro_f1", "per_class_accuracy",
          "confusion_matrix", "n_val", "params", "input_size", "precision"]
-EXACT_HISTORY = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+EXACT_HISTORY = ["epoch", "train_accuracy", "val_accuracy"]
+# A Ray task computes with the CPUs Ray gives it (OMP_NUM_THREADS), a local trial with every core:
+# the same arithmetic summed in another order, equal to float32 rounding.
+CLOSE_HISTORY = ["train_loss", "val_loss"]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,8 @@ def test_ray_matches_local_and_retries_a_killed_worker(cluster, data, tmp_path, 
             assert ra[k] == rb[k], (model, k)
         assert [{k: e[k] for k in EXACT_HISTORY} for e in ra["history"]] == \
                [{k: e[k] for k in EXACT_HISTORY} for e in rb["history"]]
+        assert [[e[k] for k in CLOSE_HISTORY] for e in rb["history"]] == \
+               [pytest.approx([e[k] for k in CLOSE_HISTORY], rel=1e-5) for e in ra["history"]]
         assert (tmp_path / "ray" / rb["model_dir"] / "weights.pt").is_file()
     assert not (tmp_path / "ray" / TOKEN_FILE).exists()
     assert list(on_ray.frame()["accuracy"]) == list(local.frame()["accuracy"])
