@@ -70,9 +70,8 @@ class Kernels:
             time.sleep(0.25)
         waited = time.perf_counter() - t0
         self.waited += waited
-        if self.ready():
-            self.switch_if_ready(epoch + 1)
-        elif not self.settled():
+        switched, _ = self.switch_if_ready(epoch + 1)
+        if not switched and self.error is None and not self.settled():
             self.error = f"its compiled kernels were not ready after waiting {waited:.0f} s"
 
     def finish(self) -> None:

@@ -80,9 +80,11 @@ def fit_top_only(model, batcher, train_idx, labels, val_idx, protocol, device, o
     k = max(1, min(HEAD_STEPS_PER_REPLAY, full))
     shape = (min(bs, n), f_train.shape[1])
     many = Step(head, opt, protocol, device, shape, False, source=(f_train, y_train), steps=k, gate=gate)
+    if many.needs_alone:
+        return RunAlone(many.needs_alone)
     one = Step(head, opt, protocol, device, shape, False, source=(f_train, y_train), steps=1, gate=gate)
-    if many.needs_alone or one.needs_alone:
-        return RunAlone(many.needs_alone or one.needs_alone)
+    if one.needs_alone:
+        return RunAlone(one.needs_alone)
     steps = int(np.ceil(n / bs))
     history, train_time = [], feature_s
     for epoch in range(protocol.epochs):

@@ -187,32 +187,37 @@ class GraphedForward:
     eagerly, its reason kept in ``errors``. Called from one thread (the server's device thread)."""
 
     def __init__(self, forward, device) -> None:
-        self.forward, self.device = forward, device
-        self.graphs: dict[tuple, tuple] = {}  # (bucket, shape, memory format) -> (graph, input, output)
-        self.errors: dict[int, str] = {}
-
-    def __call__(self, x):
         import torch
 
-        from bakeoff.engines.torch.step import first_way, graph_of
+        self.forward, self.device, self.channels_last = forward, device, torch.channels_last
+        self.graphs: dict[tuple, tuple] = {}  # (bucket, shape, memory format) -> (graph, input, output)
+        self.errors: dict[tuple, str] = {}  # the same keys -> why no graph could be captured
 
+    def __call__(self, x):
         n = len(x)
         bucket = 1 << max(0, n - 1).bit_length()
-        key = (bucket, tuple(x.shape[1:]), x.is_contiguous(memory_format=torch.channels_last))
-        if key not in self.graphs and bucket not in self.errors:
-            static_in = torch.zeros((bucket, *x.shape[1:]), dtype=x.dtype, device=self.device)
-            if key[2]:
-                static_in = static_in.contiguous(memory_format=torch.channels_last)
-            held = {}
-            graph, failed = first_way(lambda way: graph_of(lambda: held.update(out=self.forward(static_in)),
-                                                           self.device, way))
-            if graph is not None:
-                self.graphs[key] = (graph, static_in, held["out"])
-            else:  # no graph for this size: it runs eagerly
-                self.errors[bucket] = "; ".join(failed)
-        if key not in self.graphs:
+        key = (bucket, tuple(x.shape[1:]), x.is_contiguous(memory_format=self.channels_last))
+        if key not in self.graphs and key not in self.errors:
+            self._capture(key, x)
+        if key not in self.graphs:  # no graph for this size: it runs eagerly
             return self.forward(x)
         graph, static_in, static_out = self.graphs[key]
         static_in[:n].copy_(x)
         graph.replay()
         return static_out[:n]
+
+    def _capture(self, key: tuple, x) -> None:
+        import torch
+
+        from bakeoff.engines.torch.step import first_way, graph_of
+
+        static_in = torch.zeros((key[0], *x.shape[1:]), dtype=x.dtype, device=self.device)
+        if key[2]:
+            static_in = static_in.contiguous(memory_format=self.channels_last)
+        held = {}
+        graph, failed = first_way(lambda way: graph_of(lambda: held.update(out=self.forward(static_in)),
+                                                       self.device, way))
+        if graph is not None:
+            self.graphs[key] = (graph, static_in, held["out"])
+        else:
+            self.errors[key] = "; ".join(failed)
