@@ -142,3 +142,24 @@ def test_each_repeat_trains_with_its_seed_on_the_same_split(two_runs):
         assert zero["history"][0]["train_loss"] != one["history"][0]["train_loss"]  # another draw of training
         assert one["model_dir"].startswith("repeats/seed-1/models/") and (out / one["model_dir"]).is_dir()
         assert (out / zero["model_dir"]).is_dir() and zero["model_dir"].startswith("models/")
+
+
+def test_the_report_draws_each_repeats_training_curve(two_runs):
+    import importlib.util
+    import re
+
+    if importlib.util.find_spec("plotly") is None:
+        pytest.skip("report.html needs bakeoff[report]")
+    out, _, _, _ = two_runs
+    page = (out / "report.html").read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="bakeoff-data">(.*?)</script>', page, re.S)[1])
+    _, trials = Store(out / "bakeoff.db").latest_trials()
+    history = {(t["model"], t["repeat"]): t["result"]["history"] for t in trials}
+    for i, model in enumerate(pd.read_csv(out / "results.csv")["model"]):
+        traces = data["models"][f"m{i}"]["curves"]["data"]
+        faint = [t for t in traces if t.get("opacity")]
+        solid = [t for t in traces if not t.get("opacity")]
+        assert len(faint) == len(solid) == 4  # loss and accuracy, training and validation, per repeat
+        assert faint[0]["y"] == [h["train_loss"] for h in history[(model, 1)]]
+        assert solid[0]["y"] == [h["train_loss"] for h in history[(model, 0)]]
+        assert faint[3]["y"] == [h["val_accuracy"] for h in history[(model, 1)]]

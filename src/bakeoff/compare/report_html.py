@@ -29,7 +29,7 @@ from bakeoff.compare.tables import CHANCE_STATUS, figure_kind, weights_kind
 from bakeoff.errors import BakeoffError
 from bakeoff.store import Store
 
-__all__ = ["write_reports", "build_html", "scatter_figure", "curves_figure", "confusion_figure", "worst_classes"]
+__all__ = ["write_reports", "build_html", "other_repeats", "scatter_figure", "curves_figure", "confusion_figure", "worst_classes"]
 
 FRONT_COLOR = "#2ca02c"
 LABEL_LIMIT = 12  # beyond this many models, names show on hover only, not beside each point
@@ -150,17 +150,30 @@ def scatter_figure(rel: pd.DataFrame, results: pd.DataFrame, x: str, front: str,
     return {"data": data, "layout": layout}
 
 
-def curves_figure(history: list[dict]) -> dict:
+CURVES = (("train_loss", 1, "training loss", "#1f77b4", "solid"),
+          ("val_loss", 1, "validation loss", "#ff7f0e", "dot"),
+          ("train_accuracy", 2, "training accuracy", "#1f77b4", "solid"),
+          ("val_accuracy", 2, "validation accuracy", "#ff7f0e", "dot"))
+
+
+def curves_figure(history: list[dict], others: list[list[dict]] = ()) -> dict:
     """Loss (left) and accuracy (right) by epoch, training and validation (validation only after
-    the epochs that were scored, ``--val-every``; the line joins them)."""
-    ep = [h.get("epoch") for h in history]
+    the epochs that were scored, ``--val-every``; the line joins them). ``others``: the other
+    repeats' histories (``--repeats``), drawn faint behind the first repeat's."""
     data = []
-    for key, axis, name, color, dash in (
-            ("train_loss", 1, "training loss", "#1f77b4", "solid"),
-            ("val_loss", 1, "validation loss", "#ff7f0e", "dot"),
-            ("train_accuracy", 2, "training accuracy", "#1f77b4", "solid"),
-            ("val_accuracy", 2, "validation accuracy", "#ff7f0e", "dot")):
-        data.append({"type": "scatter", "mode": "lines+markers", "name": name, "x": ep, "connectgaps": True,
+    for r, other in enumerate(others, start=1):
+        ep = [h.get("epoch") for h in other]
+        for i, (key, axis, name, color, dash) in enumerate(CURVES):
+            data.append({"type": "scatter", "mode": "lines", "name": f"repeats 1-{len(others)} (faint)", "x": ep,
+                         "connectgaps": True, "y": [h.get(key) for h in other], "opacity": 0.3,
+                         "hovertemplate": f"repeat {r}, {name}: %{{y:.3f}}<extra></extra>",
+                         "xaxis": f"x{axis if axis > 1 else ''}", "yaxis": f"y{axis if axis > 1 else ''}",
+                         "line": {"color": color, "dash": dash, "width": 1},
+                         "legendgroup": "repeats", "showlegend": r == 1 and i == 0})
+    ep = [h.get("epoch") for h in history]
+    for key, axis, name, color, dash in CURVES:
+        data.append({"type": "scatter", "mode": "lines+markers", "name": name + (" (repeat 0)" if others else ""),
+                     "x": ep, "connectgaps": True,
                      "y": [h.get(key) for h in history], "xaxis": f"x{axis if axis > 1 else ''}",
                      "yaxis": f"y{axis if axis > 1 else ''}", "line": {"color": color, "dash": dash}})
     layout = {"height": 300, "margin": {"l": 50, "r": 20, "t": 50, "b": 40},
@@ -247,7 +260,8 @@ def _provenance(comparison, trials: dict) -> dict:
     }
 
 
-def _model_details(comparison, trials: dict, classes: list[str]) -> tuple[list[dict], dict]:
+def _model_details(comparison, trials: dict, classes: list[str],
+                   histories: dict | None = None) -> tuple[list[dict], dict]:
     details, figures = [], {}
     for i, (_, r) in enumerate(comparison.results.iterrows()):
         t = trials.get(r["model"], {})
@@ -263,7 +277,7 @@ def _model_details(comparison, trials: dict, classes: list[str]) -> tuple[list[d
                                f"{result.get('precision', '?')}")
             figs = {}
             if result.get("history"):
-                figs["curves"] = curves_figure(result["history"])
+                figs["curves"] = curves_figure(result["history"], (histories or {}).get(r["model"], []))
             cm = result.get("confusion_matrix")
             if cm:
                 figs["confusion"] = confusion_figure(cm, classes[:len(cm)])
@@ -275,8 +289,9 @@ def _model_details(comparison, trials: dict, classes: list[str]) -> tuple[list[d
     return details, figures
 
 
-def build_html(comparison, trials: dict, plotly_js: str | None = None) -> str:
-    """The page's HTML; ``trials`` maps model id -> store row (with its ``result``)."""
+def build_html(comparison, trials: dict, plotly_js: str | None = None, histories: dict | None = None) -> str:
+    """The page's HTML; ``trials`` maps model id -> store row (with its ``result``);
+    ``histories``: model id -> the epoch records of its other finished repeats, in order."""
     import jinja2
 
     classes = comparison.run.get("dataset", {}).get("classes", [])
@@ -298,7 +313,7 @@ def build_html(comparison, trials: dict, plotly_js: str | None = None) -> str:
             f"{LATENCIES[kind][2]}"
             f"{' (' + figure_kind(comparison.results, 'latency_kind') + ')' if kind == 'in-process' else ''} "
             "relative to the baseline (lower is better)", comparison.baseline, kind)
-    details, figures = _model_details(comparison, trials, classes)
+    details, figures = _model_details(comparison, trials, classes, histories)
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     folder = resources.files("bakeoff.compare") / "templates"
@@ -320,6 +335,16 @@ def build_html(comparison, trials: dict, plotly_js: str | None = None) -> str:
     )
 
 
+def other_repeats(store: Store, run: dict) -> dict[str, list[list[dict]]]:
+    """Model id -> the epoch records of each of its finished repeats after the first, in repeat
+    order (empty for a run without repeats)."""
+    by_model = run.get("repeat_keys") or {}
+    found = {t["key"]: t for t in store.trials(keys=[k for keys in by_model.values() for k in keys[1:]])}
+    return {model: [found[k]["result"]["history"] for k in keys[1:]
+                    if k in found and found[k]["status"] == "ok" and (found[k]["result"] or {}).get("history")]
+            for model, keys in by_model.items()}
+
+
 def write_reports(out_dir, comparison) -> list[Path]:
     """Write OUT/report.md and OUT/report.html; returns the paths written.
 
@@ -328,12 +353,13 @@ def write_reports(out_dir, comparison) -> list[Path]:
     out_dir = Path(out_dir)
     run = comparison.run
     keys = list(run.get("trial_keys", {}).values())
-    trials = {t["model"]: t for t in Store(out_dir / "bakeoff.db").trials(keys=keys)} if keys else {}
+    store = Store(out_dir / "bakeoff.db")
+    trials = {t["model"]: t for t in store.trials(keys=keys)} if keys else {}
     md = out_dir / "report.md"
     md.write_text(report_markdown(comparison, recommend(comparison.results)), encoding="utf-8")
     written = [md]
     try:
-        page = build_html(comparison, trials)
+        page = build_html(comparison, trials, histories=other_repeats(store, run))
     except BakeoffError as exc:
         comparison.warning = "; ".join(w for w in (comparison.warning, f"report.html not written: {exc}") if w)
         return written
