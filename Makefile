@@ -32,8 +32,10 @@ demo: $(CORE)
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 
+# One thread per trial (OMP_NUM_THREADS, which trials follow): two test processes on two cores, each
+# starting trials that would otherwise take every core, wait on descheduled threads at every step.
 test: $(FULL) browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) bakeoff-demo

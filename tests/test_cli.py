@@ -183,8 +183,11 @@ def test_cli_run_prints_the_table_and_interrupt_keeps_finished_work(tmp_path, co
     while time.time() < deadline:  # wait for the first trial to be stored, then press Ctrl-C
         if (out / "bakeoff.db").exists():
             with sqlite3.connect(out / "bakeoff.db") as db:
-                if db.execute("SELECT count(*) FROM trials").fetchone()[0] >= 1:
-                    break
+                try:
+                    if db.execute("SELECT count(*) FROM trials").fetchone()[0] >= 1:
+                        break
+                except sqlite3.OperationalError:  # the file is there, its tables not yet
+                    pass
         time.sleep(0.2)
     t_int = time.time()
     os.killpg(proc.pid, signal.SIGINT)
