@@ -20,8 +20,7 @@ import time
 import pandas as pd
 import pytest
 
-from bakeoff.cli import main
-from conftest import make_colour_folder
+from conftest import make_colour_folder, run_main
 
 BAKEOFF = [sys.executable, "-m", "bakeoff.cli"]
 LONG_ID = "tensorflow-ic-imagenet-inception-resnet-v2-classification-4"
@@ -62,13 +61,6 @@ def test_usage_errors_in_a_real_process(data, tmp_path, args, says):
     assert proc.returncode == 2, proc.stderr
     assert says in one_line_error(proc.stderr)
     assert proc.stdout == "" and not (tmp_path / "out").exists()
-
-
-def run_main(capsys, args):
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 @pytest.mark.parametrize("args, says", [
@@ -223,10 +215,8 @@ def test_a_learning_rate_that_wrecks_training_is_reported_as_at_chance(tmp_path,
 @pytest.mark.parametrize("value, says", [("0", "--repeats must be a whole number from 1, got 0"),
                                          ("abc", "Invalid value for '--repeats'")])
 def test_bad_repeats_is_one_line_and_exit_code_2(shared_colour_folder, tmp_path, capsys, value, says):
-    with pytest.raises(SystemExit) as exit_:
-        main(["run", str(shared_colour_folder), "-m", "timm/test_resnet", "--out", str(tmp_path / "out"),
-              "--repeats", value])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err
+    code, _, err = run_main(capsys, ["run", str(shared_colour_folder), "-m", "timm/test_resnet",
+                                     "--out", str(tmp_path / "out"), "--repeats", value])
+    assert code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and says in err
     assert not (tmp_path / "out").exists()

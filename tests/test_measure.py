@@ -10,9 +10,7 @@ import pytest
 from bakeoff.measure import (chance_level, chance_p, classification_metrics, mcnemar_p, paired_cells,
                              paired_ratio_interval, repeat_resamples, repeats_interval, resampled_paired, share_best,
                              summarize_ms, time_calls, validation_figures, wilson_interval)
-
-# three repeats of one model on four images: accuracies 0.75, 0.5 and 1.0
-CORRECT = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=float)
+from conftest import CORRECT
 
 
 def test_wilson_interval_known_values():

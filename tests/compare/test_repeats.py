@@ -16,10 +16,8 @@ from bakeoff.compare.repeats import BY_REPEAT_COLUMNS, pool_repeats, stability
 from bakeoff.compare.tables import PER_IMAGE_COLUMNS, relative_frame
 from bakeoff.measure import rank_stability, repeats_interval, resampled_paired
 from bakeoff.store import Store
-from conftest import TINY
+from conftest import CORRECT, TINY
 
-# three repeats of one model on four images: accuracies 0.75, 0.5 and 1.0
-CORRECT = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=float)
 
 
 def by_repeat_rows(accuracies: dict, train_times: dict, correct: dict | None = None) -> pd.DataFrame:

@@ -9,9 +9,8 @@ import sqlite3
 import pytest
 
 from bakeoff.api import run_comparison
-from bakeoff.cli import main
 from bakeoff.compare.timeline import low_spans
-from conftest import TINY
+from conftest import TINY, run_main
 
 MODELS = ["timm/test_resnet"]  # one tiny model keeps the run to seconds
 
@@ -21,13 +20,6 @@ def tiny_run(tmp_path_factory, shared_colour_folder):
     out = tmp_path_factory.mktemp("timeline") / "out"
     run_comparison(shared_colour_folder, MODELS, out=out, **TINY)
     return out
-
-
-def bakeoff(args, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as done:
-        main(args)
-    captured = capsys.readouterr()
-    return done.value.code, captured.out, captured.err
 
 
 def stored(out):
@@ -50,8 +42,8 @@ def test_timeline_prints_each_trials_start_end_and_epoch_walls_as_stored(tiny_ru
     run_start, run_end, trials = stored(tiny_run)
     start, end = run_start - 5.0, run_end + 1.0
     (tmp_path / "start").write_text(f"{start}\n")  # a file of seconds, as `date +%s.%N > start` writes
-    code, printed, err = bakeoff(["timeline", str(tiny_run), "--start", str(tmp_path / "start"), "--end", str(end),
-                                  "--project", "4", "--json", str(tmp_path / "t.json")], capsys)
+    code, printed, err = run_main(capsys, ["timeline", str(tiny_run), "--start", str(tmp_path / "start"),
+                                           "--end", str(end), "--project", "4", "--json", str(tmp_path / "t.json")])
     assert code == 0 and err == ""
     assert printed.startswith(f"whole {end - start:,.1f} s (from the command's start to the command's end)")
     rows = table_rows(printed)
@@ -75,7 +67,7 @@ def test_timeline_prints_each_trials_start_end_and_epoch_walls_as_stored(tiny_ru
 
 def test_timeline_without_times_spans_the_run_itself(tiny_run, capsys):
     run_start, _, trials = stored(tiny_run)
-    code, printed, _ = bakeoff(["timeline", str(tiny_run)], capsys)
+    code, printed, _ = run_main(capsys, ["timeline", str(tiny_run)])
     assert code == 0 and "from the run (after the scan)'s start to the last output file's end" in printed
     for model, row in table_rows(printed).items():
         assert row[3] == f"{trials[model][0] - run_start:,.1f}"
@@ -99,7 +91,7 @@ def test_utilisation_samples_become_the_spans_under_half(tmp_path):
 def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys, args, message):
     (tmp_path / "bad.csv").write_text("timestamp, utilization.gpu [%]\nyesterday, lots\n")
     paths = {"empty": tmp_path, "run": tiny_run, "bad": tmp_path / "bad.csv"}
-    code, printed, err = bakeoff(["timeline", *(a.format(**paths) for a in args)], capsys)
+    code, printed, err = run_main(capsys, ["timeline", *(a.format(**paths) for a in args)])
     assert code == 2 and printed == ""
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -109,7 +101,7 @@ def test_timeline_of_a_top_only_run_shows_each_epoch_as_stored(shared_colour_fol
     out = tmp_path / "top"
     run_comparison(shared_colour_folder, MODELS, out=out, train_only_top_layer=True, **TINY)
     _, _, trials = stored(out)
-    code, printed, err = bakeoff(["timeline", str(out)], capsys)
+    code, printed, err = run_main(capsys, ["timeline", str(out)])
     assert code == 0 and err == ""
     for model, (_, _, walls, evals) in trials.items():
         cells = table_rows(printed)[model]

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from bakeoff.api import models
 from bakeoff.cli import app
+from conftest import TF_MOBILENET
 
-TF_MOBILENET = "tensorflow-ic-imagenet-mobilenet-v2-050-224-classification-4"
 needs_keras = pytest.mark.skipif(importlib.util.find_spec("keras") is None or importlib.util.find_spec("tensorflow") is None,
                                  reason="needs bakeoff[tensorflow]")
 
@@ -24,13 +24,6 @@ def test_listing_builds_no_keras_network_unless_asked():
             "print(int(df['params'][0]), 'keras' in sys.modules, 'tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1:] == ["False", "False"] and int(out[0]) > 0
-
-
-@pytest.fixture(scope="module")
-def keras():
-    from bakeoff.engines.keras.trial import import_keras
-
-    return import_keras("cpu")
 
 
 def keras_count(keras, alpha: float) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from bakeoff.api import run_comparison
 from bakeoff.engines.torch.trial import load_saved
+from bakeoff.zoo.spec import safe_name
 from conftest import TINY, fake_run, stand_in_worker
 
 
@@ -40,7 +41,7 @@ def test_trials_sharing_one_worker_train_as_they_would_alone(shared_colour_folde
     # Each trial keeps its own seed while the other builds and trains beside it.
     for m in models:
         assert s.loc[m, "accuracy"] == a.loc[m, "accuracy"], m
-        folder = m.replace("/", "__")
+        folder = safe_name(m)
         w_alone = load_saved(alone / "models" / folder)[0].state_dict()
         w_shared = load_saved(shared / "models" / folder)[0].state_dict()
         assert all(torch.allclose(w_alone[k].float(), w_shared[k].float(), atol=1e-5) for k in w_alone), m
@@ -55,7 +56,7 @@ def test_a_trial_that_cannot_share_the_gpu_runs_again_alone(tmp_path):
     rows = {t["model"]: t for t in store.trials()}
     assert set(rows) == {"m0", "m1", "m2"}
     for row in rows.values():
-        result = row["result"] if isinstance(row["result"], dict) else json.loads(row["result"])
+        result = row["result"]
         assert result["concurrent_trials_seen"] == 1  # the second time, in a process of its own
         assert "capture failed" in result["shared_gpu_error"]
 
@@ -98,7 +99,7 @@ def test_the_next_gpu_trials_process_starts_while_one_trains(tmp_path):
     counts = run_local(jobs, store, run_id, devices=["cuda:0"], per_device=1, target=stand_in_worker)
     assert counts["trained"] == 3
     rows = sorted(store.trials(), key=lambda t: t["started"])
-    results = [r["result"] if isinstance(r["result"], dict) else json.loads(r["result"]) for r in rows]
+    results = [r["result"] for r in rows]
     assert len({r["pid"] for r in results}) == 3  # a fresh process for each trial
     # the second and third were started (and warmed on their GPU) while the one before trained
     assert [r["prewarm"] for r in results] == [None, "cuda:0", "cuda:0"]

@@ -97,7 +97,7 @@ def write_outputs(out_dir, baseline: str | None = None, plots: bool = True, infe
              _missing_warning(run))
     warning = "\n".join(w for w in notes if w) or None  # one line each: the terminal and report list them
     comparison = Comparison(results, relative, used, run, warning, inference, ranking)
-    write_reports(out_dir, comparison)  # report.md, and report.html where plotly is installed
+    write_reports(out_dir, comparison, trials)  # report.md, and report.html where plotly is installed
     return comparison
 
 

@@ -4,7 +4,7 @@ The page holds the two trade-off plots (interactive, with a switch between measu
 the computed recommendations, a sortable table, each model's training curves, confusion matrix
 and worst classes, and the run's provenance. OUT/report.md holds the same comparison as Markdown.
 
->>> paths = write_reports("runs/leaves", comparison)  # doctest: +SKIP
+>>> paths = write_reports("runs/leaves", comparison, trials)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from bakeoff.compare.recommend import (LATENCIES, as_number, fmt_ci, fmt_ms, fmt
                                        is_number, recommend)
 from bakeoff.compare.tables import CHANCE_STATUS, figure_kind, weights_kind
 from bakeoff.errors import BakeoffError
-from bakeoff.store import Store
 
 __all__ = ["write_reports", "build_html", "other_repeats", "scatter_figure", "curves_figure", "confusion_figure", "worst_classes"]
 
@@ -335,31 +334,29 @@ def build_html(comparison, trials: dict, plotly_js: str | None = None, histories
     )
 
 
-def other_repeats(store: Store, run: dict) -> dict[str, list[list[dict]]]:
+def other_repeats(run: dict, by_key: dict[str, dict]) -> dict[str, list[list[dict]]]:
     """Model id -> the epoch records of each of its finished repeats after the first, in repeat
-    order (empty for a run without repeats)."""
-    by_model = run.get("repeat_keys") or {}
-    found = {t["key"]: t for t in store.trials(keys=[k for keys in by_model.values() for k in keys[1:]])}
-    return {model: [found[k]["result"]["history"] for k in keys[1:]
-                    if k in found and found[k]["status"] == "ok" and (found[k]["result"] or {}).get("history")]
-            for model, keys in by_model.items()}
+    order (empty for a run without repeats); ``by_key``: the run's stored trials by key."""
+    return {model: [by_key[k]["result"]["history"] for k in keys[1:]
+                    if k in by_key and by_key[k]["status"] == "ok" and (by_key[k]["result"] or {}).get("history")]
+            for model, keys in (run.get("repeat_keys") or {}).items()}
 
 
-def write_reports(out_dir, comparison) -> list[Path]:
-    """Write OUT/report.md and OUT/report.html; returns the paths written.
+def write_reports(out_dir, comparison, trials: list[dict]) -> list[Path]:
+    """Write OUT/report.md and OUT/report.html; returns the paths written. ``trials``: the run's
+    stored trials, every repeat's (``Store.latest_trials``).
 
     Without plotly installed, report.html is skipped and ``comparison.warning`` says how to get it.
     """
     out_dir = Path(out_dir)
     run = comparison.run
-    keys = list(run.get("trial_keys", {}).values())
-    store = Store(out_dir / "bakeoff.db")
-    trials = {t["model"]: t for t in store.trials(keys=keys)} if keys else {}
+    by_key = {t["key"]: t for t in trials}
+    firsts = {by_key[k]["model"]: by_key[k] for k in run.get("trial_keys", {}).values() if k in by_key}
     md = out_dir / "report.md"
     md.write_text(report_markdown(comparison, recommend(comparison.results)), encoding="utf-8")
     written = [md]
     try:
-        page = build_html(comparison, trials, histories=other_repeats(store, run))
+        page = build_html(comparison, firsts, histories=other_repeats(run, by_key))
     except BakeoffError as exc:
         comparison.warning = "; ".join(w for w in (comparison.warning, f"report.html not written: {exc}") if w)
         return written

@@ -12,13 +12,6 @@ if importlib.util.find_spec("keras") is None or importlib.util.find_spec("tensor
     pytest.skip("needs bakeoff[tensorflow]", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def keras():
-    from bakeoff.engines.keras.trial import import_keras
-
-    return import_keras("cpu")
-
-
 def small_net(keras):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 3))

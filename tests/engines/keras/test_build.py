@@ -99,8 +99,6 @@ def test_random_init_batch_norm_statistics_move_at_pytorchs_rate(keras):
     model's do (10% a step), so a few hundred steps leave them where the data is."""
     from bakeoff.engines.keras.build import build_model, torch_rate_batch_norm
     from bakeoff.engines.keras.fit import Steps, make_optimizer
-    from bakeoff.protocol import Protocol
-    from bakeoff.zoo import resolve
 
     model, _, weights, _ = build_model(keras, resolve("keras/MobileNetV2"), 3, 32, pretrained=False)
     norms = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]

@@ -12,6 +12,7 @@ import pytest
 
 from bakeoff.api import run_comparison
 from bakeoff.errors import BakeoffError
+from bakeoff.store import Store
 from conftest import TF_MOBILENET, TINY, keras_numpy
 
 if importlib.util.find_spec("keras") is None or importlib.util.find_spec("tensorflow") is None:
@@ -21,13 +22,13 @@ if importlib.util.find_spec("keras") is None or importlib.util.find_spec("tensor
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, shared_colour_folder):
     out = tmp_path_factory.mktemp("keras-run") / "out"
-    comparison = run_comparison(shared_colour_folder, [TF_MOBILENET, "timm/test_resnet"], out=out,
-                                baseline=TF_MOBILENET, **(TINY | {"epochs": 1}))
-    return out, comparison
+    run_comparison(shared_colour_folder, [TF_MOBILENET, "timm/test_resnet"], out=out,
+                   baseline=TF_MOBILENET, **(TINY | {"epochs": 1}))
+    return out
 
 
 def test_keras_and_pytorch_models_train_in_one_comparison(mixed_run):
-    out, comparison = mixed_run
+    out = mixed_run
     results = pd.read_csv(out / "results.csv").set_index("model")
     assert list(results["status"]) == ["ok", "ok"], results["error"].tolist()
     assert results.loc[TF_MOBILENET, "framework"] == "tensorflow"
@@ -46,8 +47,8 @@ def test_keras_and_pytorch_models_train_in_one_comparison(mixed_run):
 
 
 def test_both_frameworks_are_measured_on_the_same_validation_images(mixed_run):
-    out, comparison = mixed_run
-    trials = {t["model"]: t["result"] for t in comparison_trials(out)}
+    out = mixed_run
+    trials = {t["model"]: t["result"] for t in Store(out / "bakeoff.db").trials()}
     tf, pt = trials[TF_MOBILENET], trials["timm/test_resnet"]
     assert tf["n_val"] == pt["n_val"] == len(json.loads((out / "split.json").read_text())["val"])
     assert np.sum(tf["confusion_matrix"], axis=1).tolist() == np.sum(pt["confusion_matrix"], axis=1).tolist()
@@ -55,16 +56,10 @@ def test_both_frameworks_are_measured_on_the_same_validation_images(mixed_run):
     assert tf["eval_time_s"] > 0 and tf["train_images_per_s"] > 0
 
 
-def comparison_trials(out):
-    from bakeoff.store import Store
-
-    return Store(out / "bakeoff.db").trials()
-
-
 def test_saved_keras_model_loads_back_with_its_preprocessing(mixed_run):
     from bakeoff.engines.keras.trial import load_saved
 
-    out, _ = mixed_run
+    out = mixed_run
     folder = out / "models" / TF_MOBILENET
     model, meta, classes = load_saved(folder)
     assert classes == ["blue", "green", "red"]

@@ -318,10 +318,7 @@ def test_a_compiled_dropouts_gradient_follows_its_mask_in_a_replayed_graph():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sends SIGSTOP")
 def test_ending_the_compiles_continues_a_stopped_one_so_it_can_exit():
-    import os
     import signal
-
-    from bakeoff.engines.torch.compile import Compiles
 
     # It handles SIGTERM itself, as a compiler's worker pool may: stopped, it would never see it.
     child = spinning_child("signal.signal(signal.SIGTERM, lambda *a: sys.exit(3))\n")

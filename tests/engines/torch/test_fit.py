@@ -59,11 +59,6 @@ def test_val_every_skips_evaluations_and_trains_the_same(shared_colour_folder, t
 
 
 def test_train_only_top_layer_trains_the_head_on_features_computed_once(shared_colour_folder, tmp_path):
-    import torch
-
-    from bakeoff.engines.torch.build import build_model
-    from bakeoff.zoo import resolve
-
     out = tmp_path / "top"
     run_comparison(shared_colour_folder, ["timm/test_resnet"], out=out,
                    **(TINY | {"epochs": 4, "lr": 0.01, "train_only_top_layer": True}))
@@ -86,7 +81,6 @@ def test_gpu_passes_fill_their_last_batch_and_drop_the_filler(monkeypatch):
 
     from bakeoff.engines.torch.fit import predict_probs
     from bakeoff.engines.torch.top_only import features
-    from bakeoff.protocol import Protocol
 
     torch.manual_seed(0)
     head = nn.Linear(4, 3)

@@ -13,7 +13,7 @@ import torch
 
 from bakeoff.gpu_share import GpuShare
 from bakeoff.protocol import Protocol
-from conftest import held_in_thread as _held_in_thread, small_net
+from conftest import held_in_thread, small_net
 
 
 def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypatch):
@@ -31,7 +31,7 @@ def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypa
             time.sleep(0.2)
             log.append((name + " done", torch.backends.cudnn.benchmark))  # on until the last tuner leaves
 
-    t = _held_in_thread(gate.shared, lambda: log.append(("neighbour step done", torch.backends.cudnn.benchmark)))
+    t = held_in_thread(gate.shared, lambda: log.append(("neighbour step done", torch.backends.cudnn.benchmark)))
     tuners = [threading.Thread(target=tuner, args=(n, n == "b")) for n in "ab"]
     for th in tuners:
         th.start()
@@ -54,7 +54,6 @@ def test_tuning_is_on_only_while_no_trial_trains_and_tuners_may_overlap(monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_one_graph_of_many_head_steps_equals_the_same_steps_run_eagerly():
     from bakeoff.engines.torch.step import make_optimizer, Step
-    from bakeoff.protocol import Protocol
 
     dev = torch.device("cuda")
     feats, labels = torch.randn(640, 32, device=dev), torch.randint(0, 5, (640,), device=dev)
@@ -82,8 +81,6 @@ def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, au
     from bakeoff.data.batches import Batcher
     from bakeoff.engines.torch.fit import fit
 
-    from bakeoff.protocol import Protocol
-
     dev, seen = torch.device("cuda"), []
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).to(dev)
@@ -109,7 +106,6 @@ def test_only_the_training_steps_shapes_are_tuned_and_only_when_asked(graphs, au
 @pytest.mark.parametrize("tune_together", [False, True])
 def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together):
     from bakeoff.engines.torch.step import make_optimizer, Step
-    from bakeoff.protocol import Protocol
 
     dev, gate, steps, start = torch.device("cuda"), GpuShare(3, tune_together), {}, threading.Barrier(3, timeout=30)
     proto = Protocol(pretrained=False)
@@ -151,7 +147,6 @@ def test_trials_capture_their_steps_at_once_and_each_graph_trains(tune_together)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_last_smaller_batch_is_met_before_training_and_leaves_no_trace():
     from bakeoff.engines.torch.step import make_optimizer, Step
-    from bakeoff.protocol import Protocol
 
     dev, seen, proto = torch.device("cuda"), [], Protocol(pretrained=False, precision="fp32")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),

@@ -7,7 +7,7 @@ traced training step those are most of a variable's ops, and most of the graph o
 few hundred variables: tracing it and optimising it (before the first step, ``compile_time_s``) takes
 longer than the network's own forward and backward ops. Made once per ``apply``, the same values
 enter the same per-variable arithmetic, so the weights come out bit for bit the same
-(tests/test_keras_adam.py checks it against Keras's own optimizer); the optimised graph runs the same ops.
+(tests/engines/keras/test_adam.py checks it against Keras's own optimizer); the optimised graph runs the same ops.
 """
 
 from __future__ import annotations
