@@ -276,3 +276,30 @@ def trained_run(tmp_path_factory, endpoint_latency: int = 0) -> Path:
     run_comparison(data, [SERVED_MODEL], out=out, epochs=2, lr=0.01, batch_size=8, pretrained=False, image_size=32,
                    device="cpu", progress=False, command="test", endpoint_latency=endpoint_latency)
     return out
+
+
+def classify_concurrently(url: str, clients: int, per_client: int) -> tuple[list[bool], list[str]]:
+    """``clients`` threads, each on its own kept-alive connection, POST ``per_client`` colour images
+    to ``url``'s /invocations: whether each answer named the right colour, and the failures."""
+    import httpx
+
+    bodies = {name: colour_image(rgb, seed=7) for name, rgb in SERVED_COLOURS.items()}
+    names, answers, failures = list(bodies), [], []
+
+    def client(k):
+        with httpx.Client(timeout=60) as c:
+            for i in range(per_client):
+                name = names[(k + i) % len(names)]
+                try:
+                    r = c.post(url + "/invocations", content=bodies[name],
+                               headers={"Content-Type": "application/x-image", "Accept": "application/json;verbose"})
+                    answers.append(r.status_code == 200 and r.json()["predicted_label"] == name)
+                except Exception as exc:  # a refused or dropped connection is a failure too
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return answers, failures

@@ -3,7 +3,6 @@
 import base64
 import json
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 from bakeoff.errors import BakeoffError  # noqa: E402
 from bakeoff.serve.predictor import load_predictor  # noqa: E402
 from bakeoff.serve.server import ServerProcess  # noqa: E402
-from conftest import SERVED_COLOURS as COLOURS, SERVED_MODEL as MODEL, colour_image, trained_run  # noqa: E402
+from conftest import SERVED_COLOURS as COLOURS, SERVED_MODEL as MODEL, classify_concurrently, colour_image, trained_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -99,25 +98,7 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(server):
 
 
 def test_eight_concurrent_clients_fifty_requests_each(server):
-    bodies = {name: colour_image(rgb, seed=7) for name, rgb in COLOURS.items()}
-    names = list(bodies)
-    failures, answers = [], []
-
-    def client(k):
-        with httpx.Client(timeout=60) as c:
-            for i in range(50):
-                name = names[(k + i) % 3]
-                try:
-                    r = post(server.url, bodies[name], client=c)
-                    answers.append(r.status_code == 200 and r.json()["predicted_label"] == name)
-                except Exception as exc:  # a refused or dropped connection is a failure too
-                    failures.append(repr(exc))
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    answers, failures = classify_concurrently(server.url, 8, 50)
     assert failures == []
     assert len(answers) == 400 and all(answers)
 

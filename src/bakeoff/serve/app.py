@@ -162,7 +162,8 @@ def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits(), max_ba
 
     @app.get("/ping")
     async def ping():
-        return {"status": "ok", "model": predictor.model_id, "device": predictor.device}
+        # pid: which process answered, under --workers
+        return {"status": "ok", "model": predictor.model_id, "device": predictor.device, "pid": os.getpid()}
 
     @app.get("/execution-parameters")
     async def execution_parameters():

@@ -30,6 +30,8 @@ def serve_cmd(
                                        "a slower body gets 408."),
     max_batch: int = typer.Option(32, help="Most requests grouped into one forward pass (1: no batching)."),
     batch_wait_ms: float = typer.Option(2.0, help="Under load, how long to wait for more requests to group."),
+    workers: int = typer.Option(1, help="Server processes sharing the port, each with its own copy of the model, "
+                                "micro-batching and limits (Linux): more requests/s where one core is the limit."),
 ) -> None:
     """Serve a fine-tuned model over HTTP with the SageMaker inference contract (GET /ping, POST /invocations)."""
     from bakeoff.serve.limits import ServeLimits
@@ -42,7 +44,7 @@ def serve_cmd(
         die_with_parent(int(parent))
     limits = ServeLimits(int(max_body_mb * 2**20), max_pixels, max_images, max_connections, header_timeout,
                          body_timeout)
-    serve(out_dir, model, host, port, device, limits, max_batch, batch_wait_ms)
+    serve(out_dir, model, host, port, device, limits, max_batch, batch_wait_ms, workers)
 
 
 def export_cmd(

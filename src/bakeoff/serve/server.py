@@ -17,46 +17,58 @@ from bakeoff.errors import BakeoffError
 from bakeoff.serve.limits import QuietRepeats, ServeLimits, connection_limit, guarded_protocol, raise_fd_limit
 from bakeoff.serve.predictor import load_predictor, require_serve
 
-__all__ = ["serve", "ServerProcess", "READY_PREFIX"]
+__all__ = ["serve", "run_server", "bind", "url_of", "check_settings", "ServerProcess", "READY_PREFIX"]
 
 READY_PREFIX = "serving "  # the line `bakeoff serve` prints once /ping answers 200, with the URL last
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket on ``host:port`` (port 0 picks a free one), listening unless ``listen`` is off.
+    ``reuse_port``: several sockets share the port and the kernel spreads connections over them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without it
     # Nagle's algorithm and delayed ACKs add ~40 ms to every small response.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
         raise BakeoffError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port "
                            f"(0 picks a free one)")
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     return sock
 
 
-def serve(out_dir, model_id: str, host: str = "127.0.0.1", port: int = 8080, device: str = "auto",
-          limits: ServeLimits = ServeLimits(), max_batch: int = 32, batch_wait_ms: float = 2.0) -> None:
-    """Load the saved model and answer requests until interrupted (port 0 picks a free port)."""
-    require_serve("fastapi", "uvicorn")
+def url_of(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def check_settings(limits: ServeLimits, max_batch: int, workers: int = 1) -> int:
+    """Refuse bad settings before any model loads; returns the connection cap of one process."""
+    limits.check()
+    if max_batch < 1:
+        raise BakeoffError(f"--max-batch must be at least 1, got {max_batch}")
+    if workers < 1:
+        raise BakeoffError(f"--workers must be at least 1, got {workers}")
+    return connection_limit(limits.max_connections, raise_fd_limit())
+
+
+def run_server(sock: socket.socket, predictor, limits: ServeLimits, max_batch: int, batch_wait_ms: float,
+               max_connections: int, on_started) -> None:
+    """Answer requests for ``predictor`` on the listening ``sock`` until told to stop (SIGINT,
+    SIGTERM); ``on_started()`` runs once the server accepts."""
     import uvicorn
 
     from bakeoff.serve.app import create_app
 
-    limits.check()
-    if max_batch < 1:
-        raise BakeoffError(f"--max-batch must be at least 1, got {max_batch}")
-    max_connections = connection_limit(limits.max_connections, raise_fd_limit())
     # Every image's pixels are checked against --max-pixels from its header before it is decoded;
     # Pillow's own bomb check would turn large ones into warnings on stderr or vaguer errors.
     Image.MAX_IMAGE_PIXELS = None
-    predictor = load_predictor(out_dir, model_id, device)
-    sock = _bind(host, port)
-    bound = sock.getsockname()[1]
     app = create_app(predictor, limits, max_batch, batch_wait_ms)
     # limit_concurrency stays off: the guarded protocol caps connections when they open instead.
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
@@ -66,20 +78,42 @@ def serve(out_dir, model_id: str, host: str = "127.0.0.1", port: int = 8080, dev
     quiet = QuietRepeats()
     for name in ("uvicorn.error", "asyncio"):
         logging.getLogger(name).addFilter(quiet)
-    if host not in LOOPBACK:
-        print(f"warning: listening on {host}, reachable from other machines; bakeoff serve has no authentication",
-              file=sys.stderr)
 
     def announce():
         while not server.started and not server.should_exit:
             time.sleep(0.01)
         if server.started:
-            url_host = f"[{host}]" if ":" in host else host
-            print(f"{READY_PREFIX}{predictor.model_id} ({predictor.framework}, {len(predictor.classes)} classes, "
-                f"{predictor.device}) at http://{url_host}:{bound}", flush=True)
+            on_started()
 
     threading.Thread(target=announce, daemon=True).start()
     server.run(sockets=[sock])
+
+
+def serve(out_dir, model_id: str, host: str = "127.0.0.1", port: int = 8080, device: str = "auto",
+          limits: ServeLimits = ServeLimits(), max_batch: int = 32, batch_wait_ms: float = 2.0,
+          workers: int = 1) -> None:
+    """Load the saved model and answer requests until interrupted (port 0 picks a free port).
+    ``workers`` above 1: that many processes, each with the model and the limits, share the port."""
+    require_serve("fastapi", "uvicorn")
+    max_connections = check_settings(limits, max_batch, workers)
+    if host not in LOOPBACK:
+        print(f"warning: listening on {host}, reachable from other machines; bakeoff serve has no authentication",
+              file=sys.stderr)
+    if workers > 1:
+        from bakeoff.serve.workers import serve_workers
+
+        serve_workers(out_dir, model_id, host, port, device, limits, max_batch, batch_wait_ms, workers,
+                      max_connections)
+        return
+    predictor = load_predictor(out_dir, model_id, device)
+    sock = bind(host, port)
+    url = url_of(host, sock.getsockname()[1])
+
+    def started():
+        print(f"{READY_PREFIX}{predictor.model_id} ({predictor.framework}, {len(predictor.classes)} classes, "
+              f"{predictor.device}) at {url}", flush=True)
+
+    run_server(sock, predictor, limits, max_batch, batch_wait_ms, max_connections, started)
 
 
 # Set for a server a run starts (``ServerProcess``): the id of the process it must not outlive.
