@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ if not sys.platform.startswith("linux"):
     pytest.skip("--workers needs Linux", allow_module_level=True)
 
 from bakeoff.serve.server import ServerProcess  # noqa: E402
-from conftest import SERVED_MODEL as MODEL, classify_concurrently, process_alive, trained_run  # noqa: E402
+from conftest import SERVED_MODEL as MODEL, classify_concurrently, process_alive, trained_run, wait_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,13 @@ def test_two_workers_share_the_port_answer_right_and_end_with_the_server(run_dir
         r = httpx.post(srv.url + "/invocations", content=b"not an image", headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 400 and "cannot decode the image" in r.json()["error"]
 
-        # A worker that dies is replaced; the other answers meanwhile.
+        # A worker that dies is replaced; the other answers meanwhile. (A connection the kernel
+        # gave the dying worker before its socket closed is reset: a crash loses what it held.)
         killed = min(pids)
         os.kill(killed, 9)
+        # Reaped, not just a zombie: a killed process's leader turns zombie before its other
+        # threads have ended and closed its socket.
+        wait_for(lambda: not Path(f"/proc/{killed}").exists(), 30, "the killed worker to be reaped")
         deadline, now = time.monotonic() + 120, pids
         while time.monotonic() < deadline:
             now = answering_pids(srv.url, 10)
