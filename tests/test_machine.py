@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 
@@ -26,3 +29,19 @@ def test_available_memory_respects_the_control_group_limit(tmp_path, version):
     assert available_memory_bytes(proc, cg) == 16 * 2**30
     (proc / "self" / "cgroup").unlink()
     assert available_memory_bytes(proc, cg) == 16 * 2**30
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_a_trials_peak_memory_counts_from_its_start_not_the_processes():
+    from bakeoff.machine import peak_rss, reset_peak_rss
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MB touched, then freed: an earlier trial's peak
+    del big
+    before, kind_before = peak_rss(since_reset=False)
+    assert reset_peak_rss()
+    after, kind = peak_rss(since_reset=True)
+    assert before - after > 300
+    assert kind == "process peak RSS" and kind_before == "process peak RSS (since the process started)"
+    status = Path("/proc/self/status").read_text()
+    hwm_mb = int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]) / 1024
+    assert abs(hwm_mb - after) < 50  # the kernel's own high-water mark agrees

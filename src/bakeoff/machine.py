@@ -7,7 +7,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["available_memory_bytes", "device_name", "cpu_threads"]
+__all__ = ["available_memory_bytes", "device_name", "cpu_threads", "reset_peak_rss", "peak_rss", "release_freed_memory"]
 
 
 def cpu_threads() -> int:
@@ -16,6 +16,36 @@ def cpu_threads() -> int:
     the ones descheduled at every parallel step), else every core."""
     asked = os.environ.get("OMP_NUM_THREADS", "").strip()
     return int(asked) if asked.isdigit() and int(asked) >= 1 else max(1, os.cpu_count() or 1)
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory afresh (Linux), so that a trial in a process that
+    ran others before reports its own peak; False where it cannot, and the peak is the process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_freed_memory() -> None:
+    """Give memory freed since the last call back to the system (glibc keeps freed heap pages),
+    so that the next trial of this process starts from what is still in use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def peak_rss(since_reset: bool) -> tuple[float, str]:
+    """(MB, kind): this process's peak resident memory since ``reset_peak_rss``, or since it started."""
+    import resource
+
+    scale = 1 if platform.system() == "Darwin" else 1024  # macOS counts bytes, Linux KiB
+    mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    return mb, "process peak RSS" + ("" if since_reset else " (since the process started)")
 
 
 def available_memory_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:

@@ -74,7 +74,10 @@ def _run_one(job: TrialJob, queue, gate, own_stream: bool) -> None:
         trial_process_main(job, queue, gate)
     import gc
 
+    from bakeoff.machine import release_freed_memory
+
     gc.collect()
+    release_freed_memory()
     if not own_stream and torch.cuda.is_available():
         torch.cuda.empty_cache()
 

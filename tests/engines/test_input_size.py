@@ -76,10 +76,15 @@ def test_the_pytorch_upsampling_samples_as_the_keras_engine_s():
 
 def test_alexnet_trains_at_32_px_upsampled_and_loads_back_the_same(colour_folder, tmp_path):
     out = tmp_path / "out"
-    df = run(colour_folder, ["pytorch-ic-alexnet"], out=out, **TINY | {"epochs": 1})
-    assert df["status"].tolist() == ["ok"] and df["input_size"].tolist() == [32]
-    result = Store(out / "bakeoff.db").latest_trials()[1][0]["result"]
+    df = run(colour_folder, ["pytorch-ic-alexnet", "pytorch-ic-mobilenet-v2"], out=out, **TINY | {"epochs": 1})
+    assert df["status"].tolist() == ["ok", "ok"] and df["input_size"].tolist() == [32, 32]
+    trials = {t["model"]: t for t in Store(out / "bakeoff.db").latest_trials()[1]}
+    result, small = trials["pytorch-ic-alexnet"]["result"], trials["pytorch-ic-mobilenet-v2"]
     assert result["input_upsampled_to"] == 63
+    # mobilenet_v2 trained after alexnet in the same worker: its peak memory is its own, not
+    # alexnet's (57M parameters, their gradients and Adam's two moments: about 0.9 GB)
+    assert small["started"] >= trials["pytorch-ic-alexnet"]["finished"]
+    assert small["result"]["peak_memory_mb"] < result["peak_memory_mb"] - 300
     folder = out / "models" / "pytorch-ic-alexnet"
     model, meta, classes = load_saved(folder)
     assert meta["min_input_size"] == 63 and meta["input_size"] == 32

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ import numpy as np
 from bakeoff.engines.saved import read_model_dir, save_model_dir
 from bakeoff.errors import BakeoffError
 from bakeoff.job import TrialJob, result_row
-from bakeoff.machine import cpu_threads, device_name
+from bakeoff.machine import cpu_threads, device_name, peak_rss, reset_peak_rss
 from bakeoff.protocol import Protocol
 from bakeoff.zoo.spec import ModelSpec
 
@@ -118,7 +117,7 @@ def _accelerator(keras) -> tuple[str, str] | None:
     return "cuda", details.get("device_name", gpus[0].name)
 
 
-def _peak_memory(keras, on_gpu: bool) -> tuple[float, str]:
+def _peak_memory(keras, on_gpu: bool, rss_reset: bool) -> tuple[float, str]:
     if on_gpu and keras.backend.backend() == "jax":
         import jax
 
@@ -128,7 +127,7 @@ def _peak_memory(keras, on_gpu: bool) -> tuple[float, str]:
         import tensorflow as tf
 
         return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20, "tensorflow GPU peak"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    return peak_rss(rss_reset)
 
 
 def _save(model, spec: ModelSpec, classes: list[str], protocol: Protocol, out_dir: Path, input_size: int,
@@ -169,6 +168,7 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
     from bakeoff.timing import background_pids
     from bakeoff.measure import classification_metrics
 
+    rss_reset = accel is None and reset_peak_rss()  # the peak counts from here, as in the PyTorch engine
     bf16 = protocol.precision == "bf16" or (protocol.precision == "auto" and accel is not None)
     keras.config.set_dtype_policy("mixed_bfloat16" if bf16 else "float32")
     keras.utils.set_random_seed(protocol.seed)
@@ -206,7 +206,7 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
         timing = time_inference(steps, batcher, job.val_idx, protocol, gate)
     steps.finish()
     path = _save(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights, backend)
-    peak_mb, peak_kind = _peak_memory(keras, accel is not None)
+    peak_mb, peak_kind = _peak_memory(keras, accel is not None, rss_reset)
     return result_row(
         spec, job, protocol, metrics, fitted, timing, build_s=build_s, load_s=load_s,
         params=model.count_params(), model_path=path, peak=(peak_mb, peak_kind), weights=weights,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import threading
 import json
 import time
@@ -13,7 +12,7 @@ import numpy as np
 from bakeoff.engines.saved import read_model_dir, save_model_dir
 from bakeoff.gpu_share import GpuShare, LoneGate
 from bakeoff.job import RunAlone, TrialJob, result_row
-from bakeoff.machine import device_name
+from bakeoff.machine import device_name, peak_rss, reset_peak_rss
 from bakeoff.protocol import Protocol
 from bakeoff.timing import background_pids
 from bakeoff.zoo.spec import ModelSpec
@@ -56,6 +55,8 @@ def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict
         if not gate.concurrent:  # one process-wide peak: per trial only when the trial is alone
             torch.cuda.reset_peak_memory_stats(device)
         # cuDNN autotuning stays off (PyTorch's default; step.AUTOTUNE says why).
+    else:
+        rss_reset = reset_peak_rss()  # the worker may have run other trials before this one
     bf16 = uses_bf16(protocol, device)
     channels_last = device.type == "cuda" and bf16
 
@@ -112,7 +113,7 @@ def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict
         if gate.concurrent:
             peak_kind += f" (one process, {gate.trials} trials at once: not this model's alone)"
     else:
-        peak_mb, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+        peak_mb, peak_kind = peak_rss(rss_reset)
     return result_row(
         spec, job, protocol, metrics, fitted, timing, build_s=build_s, load_s=load_s,
         params=sum(p.numel() for p in model.parameters()), model_path=weights_path, peak=(peak_mb, peak_kind),
