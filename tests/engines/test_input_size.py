@@ -81,10 +81,11 @@ def test_alexnet_trains_at_32_px_upsampled_and_loads_back_the_same(colour_folder
     trials = {t["model"]: t for t in Store(out / "bakeoff.db").latest_trials()[1]}
     result, small = trials["pytorch-ic-alexnet"]["result"], trials["pytorch-ic-mobilenet-v2"]
     assert result["input_upsampled_to"] == 63
-    # mobilenet_v2 trained after alexnet in the same worker: its peak memory is its own, not
-    # alexnet's (57M parameters, their gradients and Adam's two moments: about 0.9 GB)
+    # mobilenet_v2 trained after alexnet in the same worker: its peak counts from its own start,
+    # not the process's (which would be alexnet's: 57M parameters, their gradients and Adam's two
+    # moments). What the worker still holds of alexnet counts in it: 0.3-0.6 GB less, not 0.9.
     assert small["started"] >= trials["pytorch-ic-alexnet"]["finished"]
-    assert small["result"]["peak_memory_mb"] < result["peak_memory_mb"] - 300
+    assert small["result"]["peak_memory_mb"] < result["peak_memory_mb"] - 100
     folder = out / "models" / "pytorch-ic-alexnet"
     model, meta, classes = load_saved(folder)
     assert meta["min_input_size"] == 63 and meta["input_size"] == 32
