@@ -152,13 +152,15 @@ def main() -> None:
     run = args.run or train(args.model, args.image_size, str(device), work)
     bodies = [f.read_bytes() for f in validation_sample(run, 64, seed=0, repeat=False)]
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure: record it
-    rows, most = [], max(int(c) for c in args.clients.split(","))
+    levels = [int(c) for c in args.clients.split(",")]
+    # /ping at the most clients: what HTTP and this load generator allow with no image work
+    loads = [(clients, "/invocations") for clients in levels] + [(max(levels), "/ping")]
+    rows = []
     for workers in [int(w) for w in args.workers.split(",")]:
         for max_batch in [int(b) for b in args.max_batch.split(",")]:
             extra = ("--max-batch", str(max_batch), "--workers", str(workers))
             with ServerProcess(run, args.model, str(device), extra) as srv:
-                # /ping at the most clients: what HTTP and this load generator allow with no image work
-                for clients, path in [(int(c), "/invocations") for c in args.clients.split(",")] + [(most, "/ping")]:
+                for clients, path in loads:
                     row = {"workers": workers, "max_batch": max_batch} | drive(
                         srv.url, bodies, clients, args.requests, args.client_processes, path=path)
                     rows.append(row)

@@ -17,7 +17,7 @@ from bakeoff.errors import BakeoffError
 from bakeoff.serve.limits import QuietRepeats, ServeLimits, connection_limit, guarded_protocol, raise_fd_limit
 from bakeoff.serve.predictor import load_predictor, require_serve
 
-__all__ = ["serve", "run_server", "bind", "url_of", "check_settings", "ServerProcess", "READY_PREFIX"]
+__all__ = ["serve", "run_server", "bind", "url_of", "ready_line", "check_settings", "ServerProcess", "READY_PREFIX"]
 
 READY_PREFIX = "serving "  # the line `bakeoff serve` prints once /ping answers 200, with the URL last
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -46,6 +46,12 @@ def bind(host: str, port: int, reuse_port: bool = False, listen: bool = True) ->
 
 def url_of(host: str, port: int) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def ready_line(predictor, url: str, workers: int = 1) -> str:
+    """What `bakeoff serve` prints once it answers (``ServerProcess`` reads the URL after " at ")."""
+    how = f"{predictor.framework}, {len(predictor.classes)} classes, {predictor.device}"
+    return f"{READY_PREFIX}{predictor.model_id} ({how}{f', {workers} workers' if workers > 1 else ''}) at {url}"
 
 
 def check_settings(limits: ServeLimits, max_batch: int, workers: int = 1) -> int:
@@ -107,13 +113,8 @@ def serve(out_dir, model_id: str, host: str = "127.0.0.1", port: int = 8080, dev
         return
     predictor = load_predictor(out_dir, model_id, device)
     sock = bind(host, port)
-    url = url_of(host, sock.getsockname()[1])
-
-    def started():
-        print(f"{READY_PREFIX}{predictor.model_id} ({predictor.framework}, {len(predictor.classes)} classes, "
-              f"{predictor.device}) at {url}", flush=True)
-
-    run_server(sock, predictor, limits, max_batch, batch_wait_ms, max_connections, started)
+    line = ready_line(predictor, url_of(host, sock.getsockname()[1]))
+    run_server(sock, predictor, limits, max_batch, batch_wait_ms, max_connections, lambda: print(line, flush=True))
 
 
 # Set for a server a run starts (``ServerProcess``): the id of the process it must not outlive.

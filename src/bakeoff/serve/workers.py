@@ -25,7 +25,7 @@ from bakeoff.errors import BakeoffError
 from bakeoff.machine import cpu_threads
 from bakeoff.serve.limits import ServeLimits
 from bakeoff.serve.predictor import describe, load_predictor
-from bakeoff.serve.server import READY_PREFIX, bind, run_server, url_of
+from bakeoff.serve.server import bind, ready_line, run_server, url_of
 
 __all__ = ["serve_workers"]
 
@@ -33,7 +33,7 @@ STOP_WAIT_S = 15.0  # a worker finishing its requests after SIGTERM, before it i
 
 
 def _worker(k: int, host: str, port: int, out_dir, model_id: str, device: str, limits: ServeLimits,
-            max_batch: int, batch_wait_ms: float, max_connections: int, events, parent: int) -> None:
+            max_batch: int, batch_wait_ms: float, max_connections: int, workers: int, events, parent: int) -> None:
     from bakeoff.lifetime import die_with_parent
 
     die_with_parent(parent)
@@ -49,9 +49,9 @@ def _worker(k: int, host: str, port: int, out_dir, model_id: str, device: str, l
     except Exception as exc:  # an unexpected failure still reaches the user as one line
         events.put(("error", k, describe(exc)))
         sys.exit(1)
-    about = (predictor.model_id, predictor.framework, len(predictor.classes), predictor.device)
+    line = ready_line(predictor, url_of(host, port), workers)
     run_server(sock, predictor, limits, max_batch, batch_wait_ms, max_connections,
-               lambda: events.put(("ready", k, about)))
+               lambda: events.put(("ready", k, line)))
 
 
 def serve_workers(out_dir, model_id: str, host: str, port: int, device: str, limits: ServeLimits, max_batch: int,
@@ -70,8 +70,8 @@ def serve_workers(out_dir, model_id: str, host: str, port: int, device: str, lim
 
     def start(k: int) -> None:
         procs[k] = ctx.Process(target=_worker, name=f"bakeoff-serve-{k}", args=(
-            k, host, port, out_dir, model_id, device, limits, max_batch, batch_wait_ms, max_connections, events,
-            os.getpid()))
+            k, host, port, out_dir, model_id, device, limits, max_batch, batch_wait_ms, max_connections, workers,
+            events, os.getpid()))
         procs[k].start()
 
     def on_signal(signum, frame):
@@ -81,12 +81,10 @@ def serve_workers(out_dir, model_id: str, host: str, port: int, device: str, lim
     try:
         for k in range(workers):
             start(k)
-        about = _wait_ready(procs, events, stop)
-        if about is None:
+        line = _wait_ready(procs, events, stop)
+        if line is None:
             return
-        name, framework, classes, dev = about
-        print(f"{READY_PREFIX}{name} ({framework}, {classes} classes, {dev}, {workers} workers) at "
-              f"{url_of(host, port)}", flush=True)
+        print(line, flush=True)
         while not stop.is_set():
             wait([p.sentinel for p in procs.values()], timeout=0.5)
             for k, p in list(procs.items()):
@@ -103,8 +101,8 @@ def serve_workers(out_dir, model_id: str, host: str, port: int, device: str, lim
 
 
 def _wait_ready(procs: dict, events, stop: threading.Event):
-    """Each worker's ``about`` once all are up; None when stopped first; a worker's error raised."""
-    ready, about = set(), None
+    """The ready line once every worker is up; None when stopped first; a worker's error raised."""
+    ready, line = set(), None
     while len(ready) < len(procs):
         if stop.is_set():
             return None
@@ -118,8 +116,8 @@ def _wait_ready(procs: dict, events, stop: threading.Event):
         if kind == "error":
             raise BakeoffError(detail)
         ready.add(k)
-        about = detail
-    return about
+        line = detail
+    return line
 
 
 def _drain(events) -> None:
