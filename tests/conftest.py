@@ -193,7 +193,7 @@ def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
         out_dir = job.out_dir
         with open(Path(out_dir) / "messages.txt", "a") as f:
             f.write(f"{job.spec['id']}\n")
-        beside = job.spec.get("beside", "ok") if capacity > 1 else "ok"
+        beside = job.spec.get("beside", "ok") if capacity > 1 or job.gpu_gate else "ok"
         does = job.spec.get("on", {}).get(job.device, beside)
         if does == "alone":
             queue.put(("alone", job.key, "own stream, thread-local: RuntimeError: capture failed"))
@@ -220,7 +220,7 @@ def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
 def _stand_in_result(job, capacity, prewarm) -> dict:
     return {"model": job.spec["id"], "status": "ok", "accuracy": 0.5, "concurrent_trials_seen": capacity,
             "shared_gpu_error": job.shared_gpu_error, "pid": os.getpid(), "prewarm": prewarm,
-            "device": job.device}
+            "device": job.device, "gpu_gate": job.gpu_gate}
 
 
 def _held_trial(job, queue, capacity, prewarm) -> None:
@@ -229,15 +229,17 @@ def _held_trial(job, queue, capacity, prewarm) -> None:
     queue.put(("result", job.key, _stand_in_result(job, capacity, prewarm) | {"start": start, "end": time.time()}))
 
 
-def fake_run(tmp_path, beside: dict | None = None, n=3, hold: float = 0.0, on: dict | None = None):
+def fake_run(tmp_path, beside: dict | None = None, n=3, hold: float = 0.0, on: dict | None = None,
+             keras: tuple = ()):
     """``n`` jobs for ``stand_in_worker`` (m0, m1, ...; ``beside``: model -> what it does
     beside others; ``on``: model -> {device: what it does there}; ``hold``: seconds each
-    trial lasts), a store and a started run."""
+    trial lasts; ``keras``: the models that are Keras trials, a process each), a store and a
+    started run."""
     from bakeoff.store import Store
     from bakeoff.job import TrialJob
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-    jobs = [TrialJob(spec={"id": f"m{i}", "framework": "pytorch", "beside": (beside or {}).get(f"m{i}", "ok"),
+    jobs = [TrialJob(spec={"id": f"m{i}", "framework": "tensorflow" if f"m{i}" in keras else "pytorch", "beside": (beside or {}).get(f"m{i}", "ok"),
                            "on": (on or {}).get(f"m{i}", {}), "hold": hold},
                      protocol={}, cache_path="", input_size=8, labels=np.zeros(4, dtype=np.int64),
                      train_idx=np.arange(2), val_idx=np.arange(2, 4), classes=["a"], out_dir=str(tmp_path),

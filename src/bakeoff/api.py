@@ -227,7 +227,9 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                 else:
                     devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides,
                                                      protocol.train_only_top_layer)
-                    counts = run_local(jobs, store, run_id, display.on_event, devices, per_device, warm)
+                    processes, memory = _processes_per_gpu(devices, trials_per_gpu, protocol.train_only_top_layer)
+                    counts = run_local(jobs, store, run_id, display.on_event, devices, per_device, warm,
+                                       processes_per_device=processes, gpu_memory=memory)
                 status = "finished"
             finally:
                 store.finish_run(run_id, status)
@@ -321,6 +323,19 @@ def _gpu_slots(device: str, dev, trials_per_gpu, data, sides, top_only: bool = F
     side = max(side for _, side, _ in sides)
     images = 2 * len(data.files) * side * side * 3
     return gpus, max(1, min(8, int((free * 0.9 - images) // (8 * 2**30))))
+
+
+def _processes_per_gpu(gpus: list[str] | None, trials_per_gpu, top_only: bool = False) -> tuple[int, int | None]:
+    """How many trials that run in a process each (Keras) may share a GPU at once, and the GPU
+    memory they may fill (bytes): each holds its own copy of the images, so the runner starts
+    as many as that memory holds (``runners.local._gpu_bytes``), at most ``trials_per_gpu``
+    (8 for auto); top-only trials one at a time."""
+    if not gpus or top_only:
+        return 1, None
+    import torch
+
+    free = min(torch.cuda.mem_get_info(torch.device(g))[0] for g in gpus)
+    return (8 if str(trials_per_gpu) == "auto" else int(trials_per_gpu)), int(free * 0.9)
 
 
 def run(data_dir, models=None, **kwargs) -> pd.DataFrame:

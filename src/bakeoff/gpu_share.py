@@ -130,6 +130,10 @@ class GpuShare:
                 self._cv.notify_all()
             self._add_alone(reason, time.perf_counter() - t_held)
 
+    def idle(self) -> None:
+        """Work without the GPU follows: nothing to let go of, as sections of one process end
+        by themselves (``process_gate.ProcessGate`` holds its lock between them)."""
+
     @contextlib.contextmanager
     def keeping_out(self, pids) -> Iterator[None]:
         """While inside, processes ``pids`` (the run's background compiles, which run the steps

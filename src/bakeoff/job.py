@@ -36,7 +36,8 @@ class TrialJob:
     repeat_dir: str | None = None  # OUT's subfolder its model is saved in (repeats after the first)
     # Set by the local runner as it hands the job to a worker.
     keep_data: bool = False  # the worker keeps the decoded images resident for its next trial
-    concurrent_trials: int = 1  # trials its worker runs at once
+    concurrent_trials: int = 1  # trials its worker runs at once (a process each: trials on its GPU at once)
+    gpu_gate: str | None = None  # lock files shared by the processes of its GPU (``process_gate``)
     alone: bool = False  # it could not share its GPU: it runs again in a process of its own
     shared_gpu_error: str | None = None  # why it could not share
 

@@ -5,6 +5,8 @@ that fails or a worker that dies on one GPU costs that trial only."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bakeoff.api import _gpu_slots
@@ -112,3 +114,56 @@ def test_a_gpu_named_on_a_machine_of_four_takes_every_trial(tmp_path, monkeypatc
     assert (devices, per_device) == (["cuda:2"], 2)
     counts, rows, _ = _run(tmp_path, devices, per_device, n=2)
     assert counts["trained"] == 2 and [r["result"]["device"] for r in rows.values()] == ["cuda:2", "cuda:2"]
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+def test_keras_trials_share_a_gpu_with_each_other_and_never_with_pytorch_trials(tmp_path):
+    # m0, m1: PyTorch (one worker, two at once); m2-m6: Keras, a process each, two at once;
+    # m4 fails beside another Keras trial and runs again with the GPU to itself.
+    jobs, store, run_id = fake_run(tmp_path, n=7, hold=3.0, keras=("m2", "m3", "m4", "m5", "m6"),
+                                   beside={"m4": "error"})
+    counts = run_local(jobs, store, run_id, devices=["cuda:0"], per_device=2, target=stand_in_worker,
+                       processes_per_device=2)
+    assert counts == {"trained": 7, "resumed": 0, "failed": 0}
+    rows = {t["model"]: t["result"] for t in store.trials()}
+    torch_rows = [rows["m0"], rows["m1"]]
+    keras_rows = [rows[m] for m in ("m2", "m3", "m5", "m6")]
+    # Each Keras trial had a process of its own and its GPU's lock files; two ran at once.
+    assert len({r["pid"] for r in keras_rows + [rows["m4"]]}) == 5
+    assert len({r["gpu_gate"] for r in keras_rows}) == 1 and keras_rows[0]["gpu_gate"].endswith("gpu0")
+    assert {r["concurrent_trials"] for r in keras_rows} == {2}
+    assert _most_at_once([(r["start"], r["end"]) for r in keras_rows]) == 2
+    # No Keras trial ran beside a PyTorch trial: those do not take part in the lock files.
+    assert all(r["gpu_gate"] is None for r in torch_rows)
+    assert not any(_overlap(k, t) for k in keras_rows + [rows["m4"]] for t in torch_rows)
+    # The one that failed beside another ran again alone, with nobody beside it.
+    again = rows["m4"]
+    assert again["gpu_gate"] is None and again["concurrent_trials"] == 1
+    assert again["shared_gpu_error"].startswith("failed beside other trials: out of memory")
+    assert not any(_overlap(again, r) for r in keras_rows + torch_rows)
+    # The lock files' folder goes with the run.
+    assert not Path(keras_rows[0]["gpu_gate"]).parent.exists()
+
+
+def test_a_lone_keras_trial_is_measured_alone_not_beside_others(tmp_path):
+    jobs, store, run_id = fake_run(tmp_path, n=2, keras=("m1",))
+    run_local(jobs, store, run_id, devices=["cuda:0"], per_device=2, target=stand_in_worker, processes_per_device=4)
+    row = {t["model"]: t["result"] for t in store.trials()}["m1"]
+    assert row["gpu_gate"] is None and row["concurrent_trials"] == 1
+
+
+def test_no_more_keras_trials_at_once_than_the_gpus_memory_holds(tmp_path):
+    from bakeoff.runners.local import PROCESS_MODEL_BYTES, _gpu_bytes
+
+    jobs, store, run_id = fake_run(tmp_path, n=4, hold=3.0, keras=("m0", "m1", "m2", "m3"))
+    # each holds its 4 images at 8 px and a model: room for two and a half; each lasts longer
+    # than a process takes to start on a loaded machine
+    assert _gpu_bytes(jobs[0]) == 4 * 8 * 8 * 3 + PROCESS_MODEL_BYTES
+    run_local(jobs, store, run_id, devices=["cuda:0"], target=stand_in_worker, processes_per_device=4,
+              gpu_memory=int(2.5 * _gpu_bytes(jobs[0])))
+    rows = [t["result"] for t in store.trials()]
+    assert {r["concurrent_trials"] for r in rows} == {2}
+    assert _most_at_once([(r["start"], r["end"]) for r in rows]) == 2

@@ -2,7 +2,8 @@
 as it lands, so an interrupt or a crash loses nothing that had finished. A worker runs PyTorch
 trials one after another, or several at once on their own CUDA streams, and keeps the decoded
 images resident between them; after a failure or a Keras trial it ends, and the next trial gets
-a fresh process."""
+a fresh process. Keras trials, a process each, may share a GPU with each other (not with a
+PyTorch worker) through the lock files of ``process_gate``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import dataclasses
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
 import signal
+import tempfile
 import time
 from typing import Callable
 
@@ -143,18 +146,35 @@ def prestart(device: str, target: Callable = worker_main) -> _Worker:
     return _Worker(mp.get_context("spawn"), prewarm=device, target=target)
 
 
+def _beside_each_other(job: TrialJob) -> bool:
+    """A trial that runs in a process of its own and may share its GPU with others like it."""
+    return not engine_for(job.spec["framework"]).shares_process and not job.alone
+
+
+# GPU memory a trial in a process of its own is budgeted beside its copy of the images: the
+# study's largest Keras model peaked at 3.4 GB at batch 16 (docs/results.md), plus the contexts.
+PROCESS_MODEL_BYTES = 6 * 2**30
+
+
+def _gpu_bytes(job: TrialJob) -> int:
+    """What a trial in a process of its own holds on its GPU: its images at its model's side, and the model."""
+    side = job.side or job.input_size
+    return (len(job.train_idx) + len(job.val_idx)) * side * side * 3 + PROCESS_MODEL_BYTES
+
+
 def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable = lambda *a: None,
               devices: list[str] | None = None, per_device: int = 1, warm: _Worker | None = None,
-              target: Callable = worker_main) -> dict:
+              target: Callable = worker_main, processes_per_device: int = 1, gpu_memory: int | None = None) -> dict:
     """Train every job not already finished; a failure becomes a failed row and the run goes on.
 
     ``devices`` (e.g. ["cuda:0", "cuda:1"]): one worker each, running ``per_device`` PyTorch
     trials at once on their own CUDA streams; by default one trial at a time on each job's own
-    device. Keras trials run one at a time in a fresh process, and so does a trial that could
-    not share its GPU (sent back by its worker: ``job.RunAlone``) or failed
-    while sharing it. Returns
-    counts: trained, resumed (finished before, skipped), failed. ``target``: the worker's main
-    function (tests stand in their own).
+    device. Keras trials run in a fresh process each, up to ``processes_per_device`` at once on
+    a GPU, as many as ``gpu_memory`` (bytes free on each) holds (``_gpu_bytes``), after the
+    PyTorch trials, never beside them; a trial that could not share its GPU
+    (sent back by its worker: ``job.RunAlone``) or failed while sharing it runs again alone.
+    Returns counts: trained, resumed (finished before, skipped), failed. ``target``: the
+    worker's main function (tests stand in their own).
     """
     ctx = mp.get_context("spawn")
     pending, counts = split_finished(jobs, store, on_event)
@@ -167,22 +187,52 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     # not projected.
     shareable = _shareable(pending)
     share = max(1, min(share, -(-shareable // len(slots))))
+    own = [j for j in pending if _beside_each_other(j)]
+    fit = gpu_memory // min(map(_gpu_bytes, own)) if own and gpu_memory else processes_per_device
+    crowd = max(1, min(processes_per_device, fit, -(-len(own) // len(slots)))) if devices else 1
+    gates = tempfile.mkdtemp(prefix="bakeoff-gpu-") if crowd > 1 else None
     workers: dict[int, _Worker] = {}
+    beside: dict[int, list[_Worker]] = {slot: [] for slot in range(len(slots))}  # own processes sharing a GPU
     # A started process waiting for each slot's next trial: the first one the caller's (started
     # while the images decoded), later ones started while a trial that ends its process trains.
     spares: dict[int, _Worker] = {0: warm} if warm is not None else {}
     try:
-        while pending or any(w.running for w in workers.values()):
+        while pending or any(w.running for w in [*workers.values(), *(p for ps in beside.values() for p in ps)]):
             for slot, device in enumerate(slots):
                 w = workers.get(slot)
                 if w is not None and not w.running and (w.closing or not w.proc.is_alive()):
                     w.stop(wait=5.0)  # the next job gets a fresh process
                     del workers[slot]
                     w = None
+                for p in [p for p in beside[slot] if not p.running]:
+                    p.stop(wait=5.0)
+                    beside[slot].remove(p)
                 while pending:
                     job = pending[0]
                     one_process_each = not engine_for(job.spec["framework"]).shares_process
                     alone = _own_process(job)
+                    if crowd > 1 and _beside_each_other(job):
+                        if w is not None:  # the PyTorch worker ends first: it does not take part in their gate
+                            if w.running:
+                                break
+                            w.stop(wait=5.0)
+                            del workers[slot]
+                            w = None
+                        held = sum(_gpu_bytes(next(iter(p.running.values()))[0]) for p in beside[slot])
+                        if len(beside[slot]) >= crowd or (
+                                beside[slot] and gpu_memory and held + _gpu_bytes(job) > gpu_memory):
+                            break
+                        pending.pop(0)
+                        p = _Worker(ctx, 1, target=target)
+                        p.closing = True
+                        job = dataclasses.replace(job, concurrent_trials=crowd, device=device or job.device,
+                                                  gpu_gate=os.path.join(gates, f"gpu{slot}"))
+                        on_event("start", job, None)
+                        p.give(job)
+                        beside[slot].append(p)
+                        continue
+                    if beside[slot]:  # anything else has the GPU without them
+                        break
                     if alone and w is not None and (one_process_each or w.capacity > 1):
                         # a Keras trial, or one that could not share the GPU: a process of its own
                         if w.running:
@@ -211,20 +261,23 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
             if not _shareable(pending):
                 for w in workers.values():
                     w.last_wave()
-            for w in workers.values():
+            for w in [*workers.values(), *(p for procs in beside.values() for p in procs)]:
                 for job, started, status, payload in w.poll(on_event):
-                    if status == "error" and w.capacity > 1 and not job.alone:
+                    if status == "error" and (w.capacity > 1 or job.gpu_gate) and not job.alone:
                         # A trial that failed beside others (out of memory, a neighbour's crash
                         # that ended the process) runs again alone: the error it keeps is its own.
                         status, payload = "alone", f"failed beside other trials: {payload['error']}"
                     if status == "alone":  # first in line for a process of its own
-                        pending.insert(0, dataclasses.replace(job, alone=True, shared_gpu_error=payload))
+                        pending.insert(0, dataclasses.replace(job, alone=True, shared_gpu_error=payload,
+                                                              gpu_gate=None, concurrent_trials=1))
                         continue
                     if status == "ok":
                         payload = payload | {"concurrent_trials": job.concurrent_trials}
                     record_outcome(store, run_id, job, started, status == "ok", payload, counts, on_event)
             time.sleep(0.05)
     finally:
-        for w in [*workers.values(), *spares.values()]:
+        for w in [*workers.values(), *spares.values(), *(p for procs in beside.values() for p in procs)]:
             w.stop(wait=0.0 if w.running else 5.0)
+        if gates:
+            shutil.rmtree(gates, ignore_errors=True)
     return counts

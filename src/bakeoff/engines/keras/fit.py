@@ -16,7 +16,10 @@ from bakeoff.job import FitResult
 from bakeoff.protocol import Protocol
 from bakeoff.timing import MEASURED, TOP_ONLY_BASIS, WINDOW_STEPS, Clock, Solo, settle_heap, window
 
-__all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc"]
+__all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc",
+           "SHARED_WINDOWS"]
+
+SHARED_WINDOWS = 3  # solo windows an epoch, for a trial beside other processes' trials
 
 
 def nhwc(x) -> np.ndarray:
@@ -201,10 +204,12 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
         gate: GpuShare | None = None) -> FitResult:
     """Train with the protocol: the PyTorch engine's batches, order, crop boxes and flips
     (``engines.torch.fit.fit``: one generator draws each epoch's boxes, on the device where the batcher
-    is), and its training-time definition (``bakeoff.timing``). A Keras trial always runs alone,
-    so after an epoch's first window it times every further stretch of ``WINDOW_STEPS`` steps as
-    well: a host-bound step varies more from stretch to stretch than a graphed one. Compiling
-    each batch shape happens before the loop (``compile_time_s``); evaluation is timed apart.
+    is), and its training-time definition (``bakeoff.timing``). Alone on its device, a trial
+    times every stretch of ``WINDOW_STEPS`` steps after an epoch's first window as well: a
+    host-bound step varies more from stretch to stretch than a graphed one. Beside trials of
+    other processes (``gate`` a ``process_gate.ProcessGate``) each step is a shared section, and
+    ``SHARED_WINDOWS`` windows spread over each epoch are timed alone. Compiling each batch shape
+    happens before the loop, off the GPU's lock (``compile_time_s``); evaluation is timed apart.
     ``gate``: the trial's (alone when None); its windows stop the run's background compiles.
     """
     import torch
@@ -215,18 +220,22 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
     y_all = labels.astype(np.int32)
     bs = protocol.batch_size
     compile_s = 0.0
+    gate.idle()  # seconds to minutes of compiling: neighbours may be alone meanwhile
     for size in _batch_sizes(len(train_idx), bs):
         idx = train_idx[:size]
         warm_gen = torch.Generator().manual_seed(protocol.seed + 1)  # leaves the training generator untouched
         compile_s += steps.warm_up(steps.feed(batcher.train_batch(idx, warm_gen, protocol.augment)), y_all[idx])
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
+    # beside others, the windows start a third of an epoch apart (alone: one after another)
+    stride = max(2 * WINDOW_STEPS, steps_per_epoch // SHARED_WINDOWS) if gate.concurrent else 0
     clock = Clock()
     history, wall_time, data_time, eval_time = [], 0.0, 0.0, 0.0
     for epoch in range(protocol.epochs):
         settle_heap()
         order = rng.permutation(train_idx)
-        theta = batcher.crop_params(len(order), gen).to(batcher.device)
-        pos = batcher.positions(order)
+        with gate.shared():
+            theta = batcher.crop_params(len(order), gen).to(batcher.device)
+            pos = batcher.positions(order)
         outs, ran, opened_at = [], 0, 0
         win, solo = window(steps_per_epoch), Solo(gate, steps.sync, None, "window")
         steps.sync()
@@ -239,18 +248,20 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
                 if step == win[0]:
                     solo.start()
                     opened_at = ran
-                t_data = time.perf_counter()
-                x = steps.feed(batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
-                                                   pos=None if pos is None else pos[lo:hi]))
-                y = y_all[order[lo:hi]]
-                data_time += time.perf_counter() - t_data
-                loss, correct = steps.train(x, y)
+                with gate.shared():
+                    t_data = time.perf_counter()
+                    x = steps.feed(batcher.train_batch(order[lo:hi], augment=protocol.augment, theta=theta[lo:hi],
+                                                       pos=None if pos is None else pos[lo:hi]))
+                    y = y_all[order[lo:hi]]
+                    data_time += time.perf_counter() - t_data
+                    loss, correct = steps.train(x, y)
                 outs.append((loss, correct, hi - lo))
                 ran += 1
                 if solo.running and step == win[1] - 1:
                     clock.add("compiled", solo.stop(), ran - opened_at, win == (0, steps_per_epoch))
-                    if steps_per_epoch - step - 1 >= WINDOW_STEPS:  # alone anyway: the next stretch too
-                        win = (step + 1, step + 1 + WINDOW_STEPS)
+                    nxt = win[0] + stride if stride else step + 1
+                    if steps_per_epoch - nxt >= WINDOW_STEPS:
+                        win = (nxt, nxt + WINDOW_STEPS)
                 if on_step is not None and (step % 10 == 0 or step == steps_per_epoch - 1):
                     on_step(epoch, step + 1, steps_per_epoch, time.perf_counter() - t_epoch)
             if solo.running:  # the window's last step was a skipped lone image
@@ -264,7 +275,7 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
         val_probs = None
         t_eval = time.perf_counter()
         if protocol.validates(epoch):
-            val_probs = predict_probs(steps, batcher, val_idx)
+            val_probs = predict_probs(steps, batcher, val_idx, gate=gate)
         epoch_eval = time.perf_counter() - t_eval
         eval_time += epoch_eval
         history.append(_record(epoch, outs, len(train_idx), val_probs, labels[val_idx], epoch_time, epoch_eval))
@@ -331,8 +342,8 @@ def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: 
 
 
 def _record(epoch: int, outs: list, n: int, val_probs, val_y, epoch_time: float, eval_s: float) -> dict:
-    """An epoch's figures from its steps' (loss, correct, batch size) device scalars; a Keras
-    epoch runs alone, so its wall time is its time."""
+    """An epoch's figures from its steps' (loss, correct, batch size) device scalars, with its
+    wall time (beside neighbours, where it shared the GPU)."""
     return epoch_record(epoch, sum(float(loss) * k for loss, _, k in outs) / n, sum(int(c) for _, c, _ in outs) / n,
                         val_probs, val_y, epoch_time, n) | {"epoch_wall_s": epoch_time, "eval_time_s": eval_s}
 
@@ -343,8 +354,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    return np.concatenate([_softmax(steps.predict(steps.feed(x))) for _, x in batcher.eval_batches(idx, batch_size)])
+def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: int = 128,
+                  gate: GpuShare | None = None) -> np.ndarray:
+    gate = gate if gate is not None else LoneGate()
+    out = []
+    for _, x in batcher.eval_batches(idx, batch_size):
+        with gate.shared():
+            out.append(_softmax(steps.predict(steps.feed(x))))
+    return np.concatenate(out)
 
 
 def time_inference(steps: Steps, batcher: Batcher, idx: np.ndarray, protocol: Protocol,
@@ -352,11 +369,13 @@ def time_inference(steps: Steps, batcher: Batcher, idx: np.ndarray, protocol: Pr
     """Batch-1 latency by the rule every engine follows (``engines.torch.infer.time_inference``): the
     compiled predict function, input already on the device, logits left there, synchronised;
     median and p95 of >= 50 runs after warm-up. Throughput at ``protocol.throughput_batch``."""
-    one = steps.feed(batcher.eval_batch(idx[:1]))
-    reps = int(np.ceil(protocol.throughput_batch / len(idx)))
-    big = steps.feed(batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch]))
+    gate = gate if gate is not None else LoneGate()
+    with gate.shared():
+        one = steps.feed(batcher.eval_batch(idx[:1]))
+        reps = int(np.ceil(protocol.throughput_batch / len(idx)))
+        big = steps.feed(batcher.eval_batch(np.tile(idx, reps)[:protocol.throughput_batch]))
     # each timed call synchronises itself; nothing of this trial's is queued before
-    with Solo(gate if gate is not None else LoneGate(), lambda: None, None, "latency"):
+    with Solo(gate, lambda: None, None, "latency"):
         lat = summarize_ms(time_calls(lambda: steps.predict_on_device(one), steps.sync_predict,
                                       protocol.latency_warmup, protocol.latency_runs))
         thr_ms = time_calls(lambda: steps.predict_on_device(big), steps.sync_predict, 2, 7)

@@ -140,8 +140,9 @@ def _save(model, spec: ModelSpec, classes: list[str], protocol: Protocol, out_di
 
 def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
     """Train and measure one Keras model; returns the result row (the PyTorch engine's keys + backend).
-    A Keras trial always runs alone on its device: ``gate`` (a ``gpu_share.LoneGate`` when None)
-    stops the run's background compiles while it times."""
+    A Keras trial runs in a process of its own: alone on its device (``gate`` a
+    ``gpu_share.LoneGate`` when None, which stops the run's background compiles while it times),
+    or beside other processes' trials through the lock files of ``job.gpu_gate``."""
     import torch
 
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
@@ -190,12 +191,18 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
     # Crops, flips and normalisation on the GPU, as for PyTorch trials, when Keras computes there
     # and PyTorch sees it too; the batches cross to the backend on the device.
     on_gpu = accel is not None and torch.cuda.is_available()
-    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std,
-                             torch.device(job.device if job.device.startswith("cuda:") else "cuda")
-                             if on_gpu else torch.device("cpu"), on_gpu, "auto", side=job.side)
+    device = torch.device(job.device if job.device.startswith("cuda:") else "cuda") if on_gpu else torch.device("cpu")
+    if job.gpu_gate:  # beside other processes' trials: their gate, not the worker's own
+        from bakeoff.process_gate import ProcessGate
+
+        # one CUDA context per process: synchronising it waits for JAX's streams too
+        gate = ProcessGate(job.gpu_gate, lambda: torch.cuda.synchronize(device) if on_gpu else None)
+    gate = gate if gate is not None else LoneGate()
+    waited, alone = gate.waited(), gate.alone()
+    batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, on_gpu, "auto",
+                             side=job.side, gate=gate)
     load_s = time.perf_counter() - t_load
 
-    gate = gate if gate is not None else LoneGate()
     with gate.keeping_out(background_pids(job.background, job.compile)):
         if protocol.train_only_top_layer:
             fitted = fit_top_only(keras, model, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step)
@@ -204,6 +211,7 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
             fitted = fit(steps, batcher, job.train_idx, job.labels, job.val_idx, protocol, on_step, gate)
         metrics = classification_metrics(job.labels[job.val_idx], fitted.final_val_probs, job.classes)
         timing = time_inference(steps, batcher, job.val_idx, protocol, gate)
+    gate.idle()
     steps.finish()
     path = _save(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights, backend)
     peak_mb, peak_kind = _peak_memory(keras, accel is not None, rss_reset)
@@ -216,6 +224,8 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
         device="cuda" if accel else "cpu",
         device_name=accel[1] if accel else device_name(torch.device("cpu")),
         data_resident=batcher.residence, backend=backend,
+        gpu_wait_s=gate.waited() - waited if gate.concurrent else None,
+        gpu_alone_s={k: v - alone.get(k, 0.0) for k, v in gate.alone().items()} if gate.concurrent else None,
     )
 
 

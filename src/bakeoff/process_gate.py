@@ -1,0 +1,133 @@
+"""Trials in processes of their own sharing one GPU (scheduling): Keras trials, a process each.
+
+The in-process gate (``gpu_share.GpuShare``) cannot reach another process, so the processes of
+one GPU share it through two lock files (``flock``). A process launching GPU work holds the main
+lock shared, across its steps; one that times alone holds it exclusive. A process that wants to
+be alone first takes the turnstile, which every shared holder looks at before each piece of work
+(``shared``): when someone waits there, the holder finishes its queued GPU work (``drain``) and
+lets go, and new ones wait at the turnstile. So a solo section waits for at most one step of
+each neighbour, and no neighbour's work is queued on the device while it runs. The kernel drops
+a dead process's locks: a neighbour that crashed never blocks the rest. POSIX only (fcntl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from typing import Callable, Iterator
+
+from bakeoff.gpu_share import send_signal
+
+__all__ = ["ProcessGate"]
+
+
+class ProcessGate:
+    """One process's side of the GPU it shares with the processes given the same ``path``.
+    ``drain`` waits for this process's GPU work queued so far (called before it lets go)."""
+
+    concurrent = True
+
+    def __init__(self, path: str, drain: Callable[[], None] = lambda: None) -> None:
+        self.drain = drain
+        self._main = open(f"{path}.lock", "a+b")
+        self._turn = open(f"{path}.turn", "a+b")
+        self._holding = False  # the main lock, shared
+        self._alone = False  # inside our own exclusive section
+        self._kept_out: dict[int, int] = {}
+        self._alone_s: dict[str, float] = {}
+        self._waited = 0.0
+
+    def close(self) -> None:
+        self._main.close()
+        self._turn.close()
+
+    def _someone_waits(self) -> bool:
+        try:
+            fcntl.flock(self._turn, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._turn, fcntl.LOCK_UN)
+        return False
+
+    def _let_go(self) -> None:
+        self.drain()
+        fcntl.flock(self._main, fcntl.LOCK_UN)
+        self._holding = False
+
+    def _hold(self) -> None:
+        t0 = time.perf_counter()
+        fcntl.flock(self._turn, fcntl.LOCK_SH)  # waits while another process is (about to be) alone
+        fcntl.flock(self._main, fcntl.LOCK_SH)
+        fcntl.flock(self._turn, fcntl.LOCK_UN)
+        self._holding = True
+        self._waited += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """A piece of GPU work beside the other processes' (a step, a batch). The lock is kept
+        after it, for the next piece, unless a process waits to be alone."""
+        if not self._alone:
+            if self._holding and self._someone_waits():
+                self._let_go()
+            if not self._holding:
+                self._hold()
+        yield
+
+    def idle(self) -> None:
+        """Work without the GPU follows (a compile, building, saving): let go until the next
+        ``shared``, so nobody waits for it to be alone."""
+        if self._holding and not self._alone:
+            self._let_go()
+
+    @contextlib.contextmanager
+    def exclusive(self, device=None, reason: str = "other") -> Iterator[None]:
+        """The GPU to this process alone: every other process has drained its queued work and
+        waits; the run's background compiles (``keeping_out``) are stopped meanwhile."""
+        if self._alone:
+            yield
+            return
+        t0 = time.perf_counter()
+        if self._holding:
+            self._let_go()  # held shared while waiting for the turnstile, it would block the one alone there
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
+        fcntl.flock(self._main, fcntl.LOCK_EX)
+        self._alone = True
+        stopped = list(self._kept_out)
+        send_signal(stopped, "SIGSTOP")
+        t_held = time.perf_counter()
+        self._waited += t_held - t0
+        try:
+            yield
+        finally:
+            send_signal(stopped, "SIGCONT")
+            fcntl.flock(self._main, fcntl.LOCK_SH)  # shared again, for the steps that follow
+            self._holding = True
+            fcntl.flock(self._turn, fcntl.LOCK_UN)
+            self._alone = False
+            self._alone_s[reason] = self._alone_s.get(reason, 0.0) + time.perf_counter() - t_held
+
+    @contextlib.contextmanager
+    def keeping_out(self, pids) -> Iterator[None]:
+        """As ``GpuShare.keeping_out``: processes ``pids`` are stopped for every solo section."""
+        pids = [p for p in ([pids] if isinstance(pids, int) else pids or []) if p is not None]
+        for pid in pids:
+            self._kept_out[pid] = self._kept_out.get(pid, 0) + 1
+        try:
+            yield
+        finally:
+            for pid in pids:
+                left = self._kept_out.pop(pid) - 1
+                if left:
+                    self._kept_out[pid] = left
+
+    def alone(self) -> dict[str, float]:
+        """Seconds this process held the GPU alone, by reason: time its neighbours waited."""
+        return dict(self._alone_s)
+
+    def waited(self) -> float:
+        """Seconds this process waited for its neighbours (their steps, their solo sections)."""
+        return self._waited
+
+    def pacing(self):
+        return contextlib.nullcontext(lambda steps_left, step_s: 0.0)
