@@ -210,10 +210,10 @@ def run_cmd(
                                              help="Where decoded images are kept (default: OUT/cache); "
                                                   "runs on the same data share it."),
     trials_per_gpu: str = typer.Option("auto", callback=trials_per_gpu_value,
-                                       help="Trials sharing each GPU at once, one CUDA stream each: "
-                                       "a number, or auto (as many full fine-tunes as memory allows; "
-                                       "top-only trials one at a time). 1 measures every training "
-                                       "time alone instead of projecting it."),
+                                       help="Trials sharing each GPU at once (PyTorch: one CUDA stream "
+                                       "each; Keras: a process each): a number, or auto (as many full "
+                                       "fine-tunes as memory allows; top-only trials one at a time). 1 "
+                                       "measures every training time alone instead of projecting it."),
     cuda_graphs: bool = typer.Option(Protocol.cuda_graphs, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
     compile: str = typer.Option(Protocol.compile, "--compile", help="auto (on CUDA GPUs, compile each model's training "
