@@ -182,6 +182,10 @@ def test_the_api_refuses_repeats_that_are_not_a_whole_number_from_1(shared_colou
             run_comparison(shared_colour_folder, ["timm/test_resnet"], out=tmp_path / "out", repeats=bad)
     with pytest.raises(BakeoffError, match="runs past the largest seed"):
         run_comparison(shared_colour_folder, ["timm/test_resnet"], out=tmp_path / "out", seed=2**32 - 1, repeats=2)
+    for bad in (0, "two", True):  # before the images are decoded: no output folder yet
+        with pytest.raises(BakeoffError, match="--keras-per-gpu must be a whole number from 1 or auto"):
+            run_comparison(shared_colour_folder, ["timm/test_resnet"], out=tmp_path / "k", keras_per_gpu=bad)
+        assert not (tmp_path / "k").exists()
 
 
 def test_bad_executor_or_address_is_a_one_line_error(shared_colour_folder, tmp_path):

@@ -72,6 +72,7 @@ def test_usage_errors_in_a_real_process(data, tmp_path, args, says):
     (["run", "{data}", "--device", "tpu"], "'tpu' is not a device: pass auto, cpu, cuda or cuda:N"),
     (["run", "{data}", "--device", "cuda:x"], "'cuda:x' is not a device"),
     (["run", "{data}", "--trials-per-gpu", "0"], "pass a whole number from 1, or auto"),
+    (["run", "{data}", "--keras-per-gpu", "two"], "pass a whole number from 1, or auto"),
     (["run", "{data}", "-m", "timm/resnet18", "--lr", "inf"], "above 0, e.g. 0.001, got inf"),
     (["run", "{data}", "-m", "timm/resnet18", "--lr", "nan"], "above 0, e.g. 0.001, got nan"),
     (["run", "{data}", "-m", "timm/resnet18", "--lr", "-1"], "--lr must be a finite number above 0"),

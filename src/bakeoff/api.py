@@ -85,7 +85,7 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    val_dir=None, val_fraction: float = 0.2, seed: int = Protocol.seed, pretrained=Protocol.pretrained,
                    weights_dir=None, device: str = "auto", preset: str | None = None,
                    precision: str = Protocol.precision, image_size: int | None = Protocol.image_size, cache_dir=None,
-                   trials_per_gpu="auto", cuda_graphs: bool = Protocol.cuda_graphs, val_every: int = Protocol.val_every,
+                   trials_per_gpu="auto", keras_per_gpu="1", cuda_graphs: bool = Protocol.cuda_graphs, val_every: int = Protocol.val_every,
                    compile: str = Protocol.compile, progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
                    mlflow_uri: str | None = None, endpoint_latency: int = 0, repeats: int = 1) -> Comparison:
@@ -97,12 +97,14 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
     ``val_every=N`` scores the validation split after every N-th epoch only (the last always).
     ``compile="auto"``: on a CUDA GPU, graphed training steps switch to compiled kernels once
     they are compiled in the background (``engines.torch.compile``), the default; ``"off"``
-    keeps eager kernels throughout.
+    keeps eager kernels throughout. ``keras_per_gpu`` ("1", a number or "auto"): Keras trials
+    at once on a GPU, a process each (``process_gate``); ``trials_per_gpu=1`` makes it 1 too.
     ``repeats=N`` trains every model N times, repeat r with seed ``seed + r`` (initialisation,
     batch order, augmentation) on the one split that ``seed`` draws; each repeat is a trial of
     its own (``compare.repeats`` pools them).
     """
     check_repeats(repeats, seed)
+    _processes_per_gpu(None, keras_per_gpu)  # a bad value fails now, not once the images are decoded
     repeats = int(repeats)
     if endpoint_latency:
         from bakeoff.serve.endpoint_latency import add_endpoint_latency, check_endpoint_latency
@@ -227,7 +229,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                 else:
                     devices, per_device = _gpu_slots(device, dev, trials_per_gpu, data, sides,
                                                      protocol.train_only_top_layer)
-                    processes, memory = _processes_per_gpu(devices, trials_per_gpu, protocol.train_only_top_layer)
+                    processes, memory = _processes_per_gpu(devices, 1 if str(trials_per_gpu) == "1" else keras_per_gpu,
+                                                           protocol.train_only_top_layer)
                     counts = run_local(jobs, store, run_id, display.on_event, devices, per_device, warm,
                                        processes_per_device=processes, gpu_memory=memory)
                 status = "finished"
@@ -325,17 +328,20 @@ def _gpu_slots(device: str, dev, trials_per_gpu, data, sides, top_only: bool = F
     return gpus, max(1, min(8, int((free * 0.9 - images) // (8 * 2**30))))
 
 
-def _processes_per_gpu(gpus: list[str] | None, trials_per_gpu, top_only: bool = False) -> tuple[int, int | None]:
+def _processes_per_gpu(gpus: list[str] | None, keras_per_gpu, top_only: bool = False) -> tuple[int, int | None]:
     """How many trials that run in a process each (Keras) may share a GPU at once, and the GPU
     memory they may fill (bytes): each holds its own copy of the images, so the runner starts
-    as many as that memory holds (``runners.local._gpu_bytes``), at most ``trials_per_gpu``
+    as many as that memory holds (``runners.local._gpu_bytes``), at most ``keras_per_gpu``
     (8 for auto); top-only trials one at a time."""
-    if not gpus or top_only:
+    most = 8 if str(keras_per_gpu) == "auto" else keras_per_gpu
+    if isinstance(most, bool) or not str(most).isdigit() or int(most) < 1:
+        raise BakeoffError(f"--keras-per-gpu must be a whole number from 1 or auto, got {keras_per_gpu!r}")
+    if not gpus or top_only or int(most) == 1 or not all(g.startswith("cuda") for g in gpus):
         return 1, None
     import torch
 
     free = min(torch.cuda.mem_get_info(torch.device(g))[0] for g in gpus)
-    return (8 if str(trials_per_gpu) == "auto" else int(trials_per_gpu)), int(free * 0.9)
+    return int(most), int(free * 0.9)
 
 
 def run(data_dir, models=None, **kwargs) -> pd.DataFrame:

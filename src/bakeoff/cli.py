@@ -210,10 +210,15 @@ def run_cmd(
                                              help="Where decoded images are kept (default: OUT/cache); "
                                                   "runs on the same data share it."),
     trials_per_gpu: str = typer.Option("auto", callback=trials_per_gpu_value,
-                                       help="Trials sharing each GPU at once (PyTorch: one CUDA stream "
-                                       "each; Keras: a process each): a number, or auto (as many full "
-                                       "fine-tunes as memory allows; top-only trials one at a time). 1 "
-                                       "measures every training time alone instead of projecting it."),
+                                       help="Trials sharing each GPU at once, one CUDA stream each: "
+                                       "a number, or auto (as many full fine-tunes as memory allows; "
+                                       "top-only trials one at a time). 1 measures every training "
+                                       "time alone instead of projecting it."),
+    keras_per_gpu: str = typer.Option("1", callback=trials_per_gpu_value,
+                                      help="Keras trials (a process each) sharing each GPU at once, after "
+                                      "the PyTorch ones: a number, or auto (as many as memory allows, up "
+                                      "to 8). 1 runs them one after another: beside each other their "
+                                      "figures are not yet checked like for like on a GPU."),
     cuda_graphs: bool = typer.Option(Protocol.cuda_graphs, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
     compile: str = typer.Option(Protocol.compile, "--compile", help="auto (on CUDA GPUs, compile each model's training "
@@ -237,7 +242,8 @@ def run_cmd(
         data_dir, models, out=out, baseline=baseline, epochs=epochs, lr=lr, batch_size=batch_size,
         optimizer=optimizer, train_only_top_layer=train_only_top_layer, val_dir=val_dir, val_fraction=val_fraction,
         seed=seed, pretrained=pretrained, weights_dir=weights_dir, device=device, preset=preset,
-        precision=precision, image_size=image_size, trials_per_gpu=trials_per_gpu, cuda_graphs=cuda_graphs, cache_dir=cache_dir,
+        precision=precision, image_size=image_size, trials_per_gpu=trials_per_gpu, keras_per_gpu=keras_per_gpu,
+        cuda_graphs=cuda_graphs, cache_dir=cache_dir,
         val_every=val_every, compile=compile, progress=sys.stderr.isatty(), executor=executor,
         ray_address=ray_address, mlflow_uri=mlflow_uri, endpoint_latency=endpoint_latency, repeats=repeats)
     print_comparison(comparison)

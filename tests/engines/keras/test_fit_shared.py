@@ -1,5 +1,6 @@
-"""A Keras trial beside trials of other processes (``process_gate``): it trains exactly as it
-would alone, and times a few windows spread over each epoch alone instead of the whole epoch."""
+"""Keras trials beside trials of other processes (``process_gate``): one trains exactly as it
+would alone, and times a few windows spread over each epoch alone instead of the whole epoch;
+two run at once, each in a process of its own, timing alone through their shared lock files."""
 
 from __future__ import annotations
 
@@ -52,30 +53,23 @@ def test_beside_other_processes_a_keras_trial_trains_the_same_and_times_spread_w
     assert gate.alone()["window"] > 0
 
 
-def test_a_keras_trial_handed_its_gpus_lock_files_times_alone_through_them(keras, tmp_path):
-    # as the runner hands a Keras trial to a worker of its own: the worker's gate is a lone one,
-    # but the trial's windows and latency go through the lock files it shares with its neighbours
-    from bakeoff.gpu_share import LoneGate
-    from bakeoff.job import TrialJob
-    from bakeoff.protocol import Protocol
-    from bakeoff.trial import trial_process_main
-    from bakeoff.zoo.registry import resolve
-    from conftest import TF_MOBILENET
+def test_two_keras_trials_run_at_once_in_processes_of_their_own_sharing_the_lock(shared_colour_folder, tmp_path,
+                                                                                 monkeypatch):
+    # The runner's placement is set (a GPU's, on the CPU here); the processes, the lock files
+    # and the trials are the real ones: the worker hands each trial a lone gate of its own, but
+    # its windows and latency go through the lock files it shares with its neighbour.
+    import bakeoff.api
+    from bakeoff.api import run_comparison
+    from bakeoff.store import Store
+    from conftest import TF_MOBILENET, TINY
 
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "images.npy", rng.integers(0, 256, (40, 40, 40, 3), dtype=np.uint8))
-    protocol = Protocol(epochs=1, batch_size=4, lr=0.01, pretrained=False, image_size=32)
-    job = TrialJob(spec=resolve(TF_MOBILENET).to_dict(), protocol=protocol.to_dict(),
-                   cache_path=str(tmp_path / "images.npy"), input_size=32, labels=rng.integers(0, 3, 40),
-                   train_idx=np.arange(32), val_idx=np.arange(32, 40), classes=["a", "b", "c"],
-                   out_dir=str(tmp_path / "out"), device="cpu", key="k", gpu_gate=str(tmp_path / "gpu0"),
-                   concurrent_trials=2)
-
-    class Messages(list):
-        put = list.append
-
-    got = Messages()
-    trial_process_main(job, got, LoneGate())
-    kind, _, row = got[-1]
-    assert kind == "result", row
-    assert {"window", "latency"} <= set(row["gpu_alone_s"]) and row["gpu_wait_s"] >= 0
+    monkeypatch.setattr(bakeoff.api, "_gpu_slots", lambda *a: (["cpu"], 1))
+    monkeypatch.setattr(bakeoff.api, "_processes_per_gpu", lambda *a: (2, None))
+    models = [TF_MOBILENET, "keras/MobileNetV2"]
+    run_comparison(shared_colour_folder, models, out=tmp_path / "out", **(TINY | {"epochs": 1}))
+    trials = {t["model"]: t for t in Store(tmp_path / "out" / "bakeoff.db").trials()}
+    assert [trials[m]["status"] for m in models] == ["ok", "ok"], [trials[m]["error"] for m in models]
+    rows = [trials[m]["result"] for m in models]
+    assert all(r["concurrent_trials"] == 2 and {"window", "latency"} <= set(r["gpu_alone_s"]) for r in rows)
+    (a, b) = (trials[m] for m in models)
+    assert a["started"] < b["finished"] and b["started"] < a["finished"]  # at once

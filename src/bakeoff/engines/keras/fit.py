@@ -16,10 +16,10 @@ from bakeoff.job import FitResult
 from bakeoff.protocol import Protocol
 from bakeoff.timing import MEASURED, TOP_ONLY_BASIS, WINDOW_STEPS, Clock, Solo, settle_heap, window
 
-__all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc",
-           "SHARED_WINDOWS"]
+__all__ = ["make_optimizer", "Steps", "fit", "fit_top_only", "predict_probs", "time_inference", "nhwc"]
 
 SHARED_WINDOWS = 3  # solo windows an epoch, for a trial beside other processes' trials
+EVAL_BATCH = 128  # validation images a predict call
 
 
 def nhwc(x) -> np.ndarray:
@@ -180,6 +180,13 @@ class Steps:
                 v.assign(value)
         return time.perf_counter() - t0
 
+    def warm_predict(self, x) -> float:
+        """Compile the predict function for this batch shape (one call, its output dropped)."""
+        t0 = time.perf_counter()
+        self.predict_on_device(x)
+        self.sync_predict()
+        return time.perf_counter() - t0
+
     def finish(self) -> None:
         """Write the trained state back into the model's variables (for saving)."""
         if self.backend == "jax":
@@ -209,7 +216,8 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
     host-bound step varies more from stretch to stretch than a graphed one. Beside trials of
     other processes (``gate`` a ``process_gate.ProcessGate``) each step is a shared section, and
     ``SHARED_WINDOWS`` windows spread over each epoch are timed alone. Compiling each batch shape
-    happens before the loop, off the GPU's lock (``compile_time_s``); evaluation is timed apart.
+    of the training step and of the predict function happens before the loop, off the GPU's
+    lock (``compile_time_s``); evaluation is timed apart.
     ``gate``: the trial's (alone when None); its windows stop the run's background compiles.
     """
     import torch
@@ -225,6 +233,11 @@ def fit(steps: Steps, batcher: Batcher, train_idx: np.ndarray, labels: np.ndarra
         idx = train_idx[:size]
         warm_gen = torch.Generator().manual_seed(protocol.seed + 1)  # leaves the training generator untouched
         compile_s += steps.warm_up(steps.feed(batcher.train_batch(idx, warm_gen, protocol.augment)), y_all[idx])
+    # the predict function too, at every shape evaluation and latency will call it with: its
+    # compile never lands in an evaluation, nor in a solo section that neighbours wait for
+    n_val = len(val_idx)
+    for size in sorted({min(EVAL_BATCH, n_val), n_val % EVAL_BATCH or EVAL_BATCH, 1, protocol.throughput_batch}):
+        compile_s += steps.warm_predict(steps.feed(batcher.eval_batch(np.resize(val_idx, size))))
     steps_per_epoch = int(np.ceil(len(train_idx) / bs))
     # beside others, the windows start a third of an epoch apart (alone: one after another)
     stride = max(2 * WINDOW_STEPS, steps_per_epoch // SHARED_WINDOWS) if gate.concurrent else 0
@@ -342,8 +355,7 @@ def fit_top_only(keras, model, batcher: Batcher, train_idx: np.ndarray, labels: 
 
 
 def _record(epoch: int, outs: list, n: int, val_probs, val_y, epoch_time: float, eval_s: float) -> dict:
-    """An epoch's figures from its steps' (loss, correct, batch size) device scalars, with its
-    wall time (beside neighbours, where it shared the GPU)."""
+    """An epoch's figures from its steps' (loss, correct, batch size) device scalars and wall time."""
     return epoch_record(epoch, sum(float(loss) * k for loss, _, k in outs) / n, sum(int(c) for _, c, _ in outs) / n,
                         val_probs, val_y, epoch_time, n) | {"epoch_wall_s": epoch_time, "eval_time_s": eval_s}
 
@@ -354,7 +366,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: int = 128,
+def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: int = EVAL_BATCH,
                   gate: GpuShare | None = None) -> np.ndarray:
     gate = gate if gate is not None else LoneGate()
     out = []
