@@ -177,11 +177,13 @@ def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
     """Stands in for the trial worker. Alone, every trial succeeds; beside others a trial does
     what its spec's "beside" says: succeed (the default), fail to capture its step ("alone"),
     fail ("error") or end the whole process ("crash"); on a device named in its spec's "on"
-    ({device: what}) it does that wherever it runs, "kill" (SIGKILL) included. A trial with a
+    ({device: what}) it does that wherever it runs, "kill" (SIGKILL) included: a Keras trial
+    given its GPU's lock files is killed while alone on the GPU, and one that holds marks
+    itself off the lock, as a real one compiling would. A trial with a
     "hold" (seconds) lasts that long, in a thread of its own beside others as a real trial
     runs, and notes its device and wall-clock start and end. Here, not in a test file: a
     spawned process imports it by its module's name, which tests/ on the path resolves."""
-    out_dir, threads = None, []
+    out_dir, threads, gates = None, [], []
     while (job := jobs.get()) is not None:
         if isinstance(job, tuple):  # ("capacity", n), or ("last", True): noted in a file of the run
             if job[0] == "capacity":
@@ -204,9 +206,20 @@ def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
             queue.close()
             queue.join_thread()  # what was sent before the crash arrives
             os._exit(3)
+        elif does == "kill" and job.gpu_gate:  # killed while alone on the GPU, its neighbours stopped
+            from bakeoff.process_gate import ProcessGate
+
+            time.sleep(1.0)  # the neighbours have marked themselves off the lock
+            with ProcessGate(job.gpu_gate).exclusive():
+                time.sleep(0.3)
+                os.kill(os.getpid(), signal.SIGKILL)
         elif does == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif job.spec.get("hold") and capacity == 1:  # one at a time, as the worker runs a lone trial
+            if job.gpu_gate:  # beside others, off the lock: stopped while one of them is alone
+                from bakeoff.process_gate import ProcessGate
+
+                gates.append(ProcessGate(job.gpu_gate))
             _held_trial(job, queue, capacity, prewarm)
         elif job.spec.get("hold"):
             threads.append(threading.Thread(target=_held_trial, args=(job, queue, capacity, prewarm), daemon=True))

@@ -167,3 +167,20 @@ def test_no_more_keras_trials_at_once_than_the_gpus_memory_holds(tmp_path):
     rows = [t["result"] for t in store.trials()]
     assert {r["concurrent_trials"] for r in rows} == {2}
     assert _most_at_once([(r["start"], r["end"]) for r in rows]) == 2
+
+
+def test_a_keras_trial_killed_while_alone_on_the_gpu_leaves_no_neighbour_stopped(tmp_path):
+    # m1 takes the GPU alone, which stops m0 (off the lock, holding its 4 s), and is killed
+    # there: m0 must still finish, and the run end
+    import threading
+
+    jobs, store, run_id = fake_run(tmp_path, n=2, hold=4.0, keras=("m0", "m1"), on={"m1": {"cuda:0": "kill"}})
+    done = {}
+    run = threading.Thread(target=lambda: done.update(counts=run_local(
+        jobs, store, run_id, devices=["cuda:0"], target=stand_in_worker, processes_per_device=2)), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    assert done.get("counts") == {"trained": 1, "resumed": 0, "failed": 1}
+    rows = {t["model"]: t for t in store.trials()}
+    assert rows["m0"]["status"] == "ok" and rows["m0"]["result"]["gpu_gate"] is not None
+    assert rows["m1"]["error"] == "trial process died with signal 9 (killed: out of memory?)"

@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 from bakeoff.engines import engine_for
+from bakeoff.gpu_share import send_signal
 from bakeoff.lifetime import die_with_parent
 from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
@@ -207,6 +208,8 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                 for p in [p for p in beside[slot] if not p.running]:
                     p.stop(wait=5.0)
                     beside[slot].remove(p)
+                    if p.proc.exitcode:  # it may have died alone on the GPU, its neighbours stopped for it
+                        send_signal([q.proc.pid for q in beside[slot] if q.proc.is_alive()], "SIGCONT")
                 while pending:
                     job = pending[0]
                     one_process_each = not engine_for(job.spec["framework"]).shares_process
