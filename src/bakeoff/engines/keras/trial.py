@@ -215,6 +215,8 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
     steps.finish()
     path = _save(model, spec, job.classes, protocol, Path(job.out_dir), job.input_size, weights, backend)
     peak_mb, peak_kind = _peak_memory(keras, accel is not None, rss_reset)
+    if job.gpu_gate:
+        gate.close()  # done with the GPU: not stopped for the neighbours' solo sections while it exits
     return result_row(
         spec, job, protocol, metrics, fitted, timing, build_s=build_s, load_s=load_s,
         params=model.count_params(), model_path=path, peak=(peak_mb, peak_kind), weights=weights,
