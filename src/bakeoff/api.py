@@ -85,7 +85,8 @@ def run_comparison(data_dir, models=None, *, out="bakeoff-out", baseline: str | 
                    val_dir=None, val_fraction: float = 0.2, seed: int = Protocol.seed, pretrained=Protocol.pretrained,
                    weights_dir=None, device: str = "auto", preset: str | None = None,
                    precision: str = Protocol.precision, image_size: int | None = Protocol.image_size, cache_dir=None,
-                   trials_per_gpu="auto", keras_per_gpu="1", cuda_graphs: bool = Protocol.cuda_graphs, val_every: int = Protocol.val_every,
+                   trials_per_gpu="auto", keras_per_gpu="1", cuda_graphs: bool = Protocol.cuda_graphs,
+                   val_every: int = Protocol.val_every,
                    compile: str = Protocol.compile, progress: bool = True,
                    command: str | None = None, executor: str = "local", ray_address: str | None = None,
                    mlflow_uri: str | None = None, endpoint_latency: int = 0, repeats: int = 1) -> Comparison:
