@@ -179,7 +179,8 @@ def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
     fail ("error") or end the whole process ("crash"); on a device named in its spec's "on"
     ({device: what}) it does that wherever it runs, "kill" (SIGKILL) included: a Keras trial
     given its GPU's lock files is killed while alone on the GPU, and one that holds marks
-    itself off the lock, as a real one compiling would. A trial with a
+    itself off the lock, as a real one compiling would; a trial given the run's background
+    compiles is killed alone with them stopped. A trial with a
     "hold" (seconds) lasts that long, in a thread of its own beside others as a real trial
     runs, and notes its device and wall-clock start and end. Here, not in a test file: a
     spawned process imports it by its module's name, which tests/ on the path resolves."""
@@ -212,6 +213,12 @@ def stand_in_worker(jobs, queue, capacity=1, prewarm=False):
             time.sleep(1.0)  # the neighbours have marked themselves off the lock
             with ProcessGate(job.gpu_gate).exclusive():
                 time.sleep(0.3)
+                os.kill(os.getpid(), signal.SIGKILL)
+        elif does == "kill" and job.background:  # killed alone on the GPU, the run's compiles stopped
+            from bakeoff.gpu_share import LoneGate
+
+            gate = LoneGate()
+            with gate.keeping_out(job.background["pids"]), gate.exclusive():
                 os.kill(os.getpid(), signal.SIGKILL)
         elif does == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

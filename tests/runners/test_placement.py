@@ -184,3 +184,25 @@ def test_a_keras_trial_killed_while_alone_on_the_gpu_leaves_no_neighbour_stopped
     rows = {t["model"]: t for t in store.trials()}
     assert rows["m0"]["status"] == "ok" and rows["m0"]["result"]["gpu_gate"] is not None
     assert rows["m1"]["error"] == "trial process died with signal 9 (killed: out of memory?)"
+
+
+def test_a_trial_killed_while_alone_leaves_the_runs_background_compiles_running(tmp_path):
+    # m0 stops the run's background compile for a solo section and is killed there: the compile
+    # must go on, or a later trial would wait for its kernels until its wait runs out
+    import dataclasses
+    import socket
+    import subprocess
+    import sys
+
+    compile_ = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        jobs, store, run_id = fake_run(tmp_path, n=2, on={"m0": {"cuda:0": "kill"}})
+        jobs = [dataclasses.replace(j, background={"host": socket.gethostname(), "pids": [compile_.pid]})
+                for j in jobs]
+        counts = run_local(jobs, store, run_id, devices=["cuda:0"], target=stand_in_worker)
+        assert counts == {"trained": 1, "resumed": 0, "failed": 1}
+        state = Path(f"/proc/{compile_.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state in "RS"
+    finally:
+        compile_.kill()
+        compile_.wait()

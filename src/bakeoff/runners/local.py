@@ -22,10 +22,14 @@ from bakeoff.gpu_share import send_signal
 from bakeoff.lifetime import die_with_parent
 from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
+from bakeoff.timing import background_pids
 from bakeoff.job import TrialJob
 from bakeoff.trial import reusable_after, worker_main
 
 __all__ = ["run_local", "prestart"]
+
+
+DIED = "trial process died"
 
 
 def _child_main(target: Callable, parent: int, *args) -> None:
@@ -110,7 +114,7 @@ class _Worker:
                 code = self.proc.exitcode
                 why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 hint = " (killed: out of memory?)" if code in (-9, 137) else ""
-                error = {"error": f"trial process died with {why}{hint}", "traceback": ""}
+                error = {"error": f"{DIED} with {why}{hint}", "traceback": ""}
                 ended += [(job, started, "error", error) for job, started in self.running.values()]
                 self.running.clear()
                 self.closing = True
@@ -266,6 +270,9 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     w.last_wave()
             for w in [*workers.values(), *(p for procs in beside.values() for p in procs)]:
                 for job, started, status, payload in w.poll(on_event):
+                    if status == "error" and payload["error"].startswith(DIED):
+                        # it may have died alone on the GPU, the run's background compiles stopped for it
+                        send_signal(background_pids(job.background, job.compile), "SIGCONT")
                     if status == "error" and (w.capacity > 1 or job.gpu_gate) and not job.alone:
                         # A trial that failed beside others (out of memory, a neighbour's crash
                         # that ended the process) runs again alone: the error it keeps is its own.
