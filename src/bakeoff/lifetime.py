@@ -22,7 +22,8 @@ try:
 except ImportError:  # Windows: folders are not locked
     fcntl = None
 
-__all__ = ["die_with_parent", "watch_parent", "hold_folder", "folder_in_use", "temp_path", "remove_stale_temps"]
+__all__ = ["die_with_parent", "watch_parent", "hold_folder", "folder_in_use", "temp_path", "remove_stale_temps",
+           "started_at"]
 
 HOST = socket.gethostname()
 LOCK_FILE = ".lock"
@@ -141,12 +142,23 @@ def _alive(pid: int) -> bool:
     return _state(pid) != "Z"
 
 
-def _state(pid: int) -> str | None:
-    """A process's state letter from /proc (Z: ended, not yet reaped), None where unknown."""
+def _stat(pid: int, field: int) -> str | None:
+    """Field ``field`` of a process's /proc stat after its name (0: state), None where unknown."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[field]
     except (OSError, IndexError):
         return None
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter from /proc (Z: ended, not yet reaped), None where unknown."""
+    return _stat(pid, 0)
+
+
+def started_at(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot; Linux), None where unknown: with its
+    id, it names one process, never a later one given the same id."""
+    return _stat(pid, 19)
 
 
 def remove_stale_temps(root: Path) -> list[Path]:

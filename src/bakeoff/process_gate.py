@@ -25,18 +25,20 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from bakeoff.gpu_share import send_signal
+from bakeoff.gpu_share import GpuShare, send_signal
+from bakeoff.lifetime import started_at
 
 __all__ = ["ProcessGate"]
 
 
-class ProcessGate:
-    """One process's side of the GPU it shares with the processes given the same ``path``.
-    ``drain`` waits for this process's GPU work queued so far (called before it lets go)."""
+class ProcessGate(GpuShare):
+    """One process's side of the GPU it shares with the processes given the same ``path``, of
+    ``trials`` in all. ``drain`` waits for this process's GPU work queued so far (called before
+    it lets go). Background processes kept out (``keeping_out``) and the time alone and waiting
+    (``alone``, ``waited``) are the in-process gate's."""
 
-    concurrent = True
-
-    def __init__(self, path: str, drain: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, path: str, drain: Callable[[], None] = lambda: None, trials: int = 2) -> None:
+        super().__init__(trials)
         self.drain = drain
         self._main = open(f"{path}.lock", "a+b")
         self._turn = open(f"{path}.turn", "a+b")
@@ -47,9 +49,6 @@ class ProcessGate:
         atexit.register(self._mark_off, False)
         self._holding = False  # the main lock, shared
         self._alone = False  # inside our own exclusive section
-        self._kept_out: dict[int, int] = {}
-        self._alone_s: dict[str, float] = {}
-        self._waited = 0.0
 
     def close(self) -> None:
         self._mark_off(False)
@@ -58,7 +57,7 @@ class ProcessGate:
 
     def _mark_off(self, off: bool) -> None:
         if off:
-            self._mark.write_text(_started(os.getpid()) or "")
+            self._mark.write_text(started_at(os.getpid()) or "")
         else:
             self._mark.unlink(missing_ok=True)
 
@@ -71,7 +70,7 @@ class ProcessGate:
                 started = mark.read_text()
             except (ValueError, OSError):
                 continue
-            if pid != os.getpid() and started and _started(pid) == started:
+            if pid != os.getpid() and started and started_at(pid) == started:
                 pids.append(pid)
         return pids
 
@@ -96,7 +95,7 @@ class ProcessGate:
         fcntl.flock(self._turn, fcntl.LOCK_UN)
         self._mark_off(False)
         self._holding = True
-        self._waited += time.perf_counter() - t0
+        self._add_wait(time.perf_counter() - t0)
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
@@ -133,7 +132,7 @@ class ProcessGate:
         stopped = list(self._kept_out) + self._neighbours_off()
         send_signal(stopped, "SIGSTOP")
         t_held = time.perf_counter()
-        self._waited += t_held - t0
+        self._add_wait(t_held - t0)
         try:
             yield
         finally:
@@ -142,37 +141,4 @@ class ProcessGate:
             self._holding = True
             fcntl.flock(self._turn, fcntl.LOCK_UN)
             self._alone = False
-            self._alone_s[reason] = self._alone_s.get(reason, 0.0) + time.perf_counter() - t_held
-
-    @contextlib.contextmanager
-    def keeping_out(self, pids) -> Iterator[None]:
-        """As ``GpuShare.keeping_out``: processes ``pids`` are stopped for every solo section."""
-        pids = [p for p in ([pids] if isinstance(pids, int) else pids or []) if p is not None]
-        for pid in pids:
-            self._kept_out[pid] = self._kept_out.get(pid, 0) + 1
-        try:
-            yield
-        finally:
-            for pid in pids:
-                left = self._kept_out.pop(pid) - 1
-                if left:
-                    self._kept_out[pid] = left
-
-    def alone(self) -> dict[str, float]:
-        """Seconds this process held the GPU alone, by reason: time its neighbours waited."""
-        return dict(self._alone_s)
-
-    def waited(self) -> float:
-        """Seconds this process waited for its neighbours (their steps, their solo sections)."""
-        return self._waited
-
-    def pacing(self):
-        return contextlib.nullcontext(lambda steps_left, step_s: 0.0)
-
-
-def _started(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot; Linux), None where unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+            self._add_alone(reason, time.perf_counter() - t_held)

@@ -201,8 +201,12 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
     # A started process waiting for each slot's next trial: the first one the caller's (started
     # while the images decoded), later ones started while a trial that ends its process trains.
     spares: dict[int, _Worker] = {0: warm} if warm is not None else {}
+
+    def of_slot(slot: int) -> list[_Worker]:
+        return ([workers[slot]] if slot in workers else []) + beside[slot]
+
     try:
-        while pending or any(w.running for w in [*workers.values(), *(p for ps in beside.values() for p in ps)]):
+        while pending or any(w.running for slot in beside for w in of_slot(slot)):
             for slot, device in enumerate(slots):
                 w = workers.get(slot)
                 if w is not None and not w.running and (w.closing or not w.proc.is_alive()):
@@ -212,8 +216,6 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                 for p in [p for p in beside[slot] if not p.running]:
                     p.stop(wait=5.0)
                     beside[slot].remove(p)
-                    if p.proc.exitcode:  # it may have died alone on the GPU, its neighbours stopped for it
-                        send_signal([q.proc.pid for q in beside[slot] if q.proc.is_alive()], "SIGCONT")
                 while pending:
                     job = pending[0]
                     one_process_each = not engine_for(job.spec["framework"]).shares_process
@@ -268,11 +270,13 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
             if not _shareable(pending):
                 for w in workers.values():
                     w.last_wave()
-            for w in [*workers.values(), *(p for procs in beside.values() for p in procs)]:
+            for slot, w in [(slot, w) for slot in beside for w in of_slot(slot)]:
                 for job, started, status, payload in w.poll(on_event):
                     if status == "error" and payload["error"].startswith(DIED):
-                        # it may have died alone on the GPU, the run's background compiles stopped for it
-                        send_signal(background_pids(job.background, job.compile), "SIGCONT")
+                        # It may have died alone on the GPU: what it stopped for that goes on (the
+                        # run's background compiles, the processes beside it).
+                        send_signal(background_pids(job.background, job.compile)
+                                    + [p.proc.pid for p in beside[slot] if p is not w and p.proc.is_alive()], "SIGCONT")
                     if status == "error" and (w.capacity > 1 or job.gpu_gate) and not job.alone:
                         # A trial that failed beside others (out of memory, a neighbour's crash
                         # that ended the process) runs again alone: the error it keeps is its own.
@@ -286,7 +290,7 @@ def run_local(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callabl
                     record_outcome(store, run_id, job, started, status == "ok", payload, counts, on_event)
             time.sleep(0.05)
     finally:
-        for w in [*workers.values(), *spares.values(), *(p for procs in beside.values() for p in procs)]:
+        for w in [*spares.values(), *(w for slot in beside for w in of_slot(slot))]:
             w.stop(wait=0.0 if w.running else 5.0)
         if gates:
             shutil.rmtree(gates, ignore_errors=True)

@@ -196,7 +196,8 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
         from bakeoff.process_gate import ProcessGate
 
         # one CUDA context per process: synchronising it waits for JAX's streams too
-        gate = ProcessGate(job.gpu_gate, lambda: torch.cuda.synchronize(device) if on_gpu else None)
+        gate = ProcessGate(job.gpu_gate, lambda: torch.cuda.synchronize(device) if on_gpu else None,
+                           job.concurrent_trials)
     gate = gate if gate is not None else LoneGate()
     waited, alone = gate.waited(), gate.alone()
     batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, on_gpu, "auto",
