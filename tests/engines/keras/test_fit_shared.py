@@ -73,3 +73,43 @@ def test_two_keras_trials_run_at_once_in_processes_of_their_own_sharing_the_lock
     assert all(r["concurrent_trials"] == 2 and {"window", "latency"} <= set(r["gpu_alone_s"]) for r in rows)
     (a, b) = (trials[m] for m in models)
     assert a["started"] < b["finished"] and b["started"] < a["finished"]  # at once
+
+
+def test_evaluation_makes_each_batch_inside_the_shared_section(keras):
+    # A batch's crops and resize are GPU work where the images are: made outside the shared
+    # section, they would run during a neighbour's solo window
+    import contextlib
+
+    import torch
+
+    from bakeoff.data.batches import Batcher
+    from bakeoff.engines.keras.fit import Steps, make_optimizer, predict_probs
+    from bakeoff.gpu_share import GpuShare
+    from bakeoff.protocol import Protocol
+
+    class Recording(GpuShare):
+        inside = 0
+
+        @contextlib.contextmanager
+        def shared(self):
+            with super().shared():
+                self.inside += 1
+                try:
+                    yield
+                finally:
+                    self.inside -= 1
+
+    rng = np.random.default_rng(0)
+    batcher = Batcher.create(rng.integers(0, 256, (10, 20, 20, 3), dtype=np.uint8), np.arange(10), 16,
+                             (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(), keras.layers.Dense(3, name="classifier")])
+    steps = Steps(keras, model, make_optimizer(keras, Protocol()))
+    gate, made_inside = Recording(trials=2), []
+    make = batcher.eval_batch
+    batcher.eval_batch = lambda idx, pos=None: (made_inside.append(gate.inside > 0), make(idx, pos))[1]
+    shared = predict_probs(steps, batcher, np.arange(10), batch_size=4, gate=gate)
+    assert made_inside == [True, True, True]  # batches of 4, 4 and 2
+    batcher.eval_batch = make
+    np.testing.assert_allclose(shared, predict_probs(steps, batcher, np.arange(10), batch_size=4), rtol=1e-6)
+    assert shared.shape == (10, 3)

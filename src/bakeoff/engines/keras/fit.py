@@ -370,9 +370,9 @@ def predict_probs(steps: Steps, batcher: Batcher, idx: np.ndarray, batch_size: i
                   gate: GpuShare | None = None) -> np.ndarray:
     gate = gate if gate is not None else LoneGate()
     out = []
-    for _, x in batcher.eval_batches(idx, batch_size):
-        with gate.shared():
-            out.append(_softmax(steps.predict(steps.feed(x))))
+    for start in range(0, len(idx), batch_size):
+        with gate.shared():  # the batch's crops are GPU work too: never inside a neighbour's solo section
+            out.append(_softmax(steps.predict(steps.feed(batcher.eval_batch(idx[start:start + batch_size])))))
     return np.concatenate(out)
 
 
