@@ -329,12 +329,17 @@ def _gpu_slots(device: str, dev, trials_per_gpu, data, sides, top_only: bool = F
     return gpus, max(1, min(8, int((free * 0.9 - images) // (8 * 2**30))))
 
 
+# Four Keras trials at once on one GPU read like for like against one at a time; eight at once
+# (the study's Keras models) read slow steps with a wide spread (docs/results.md)
+KERAS_AUTO_MOST = 4
+
+
 def _processes_per_gpu(gpus: list[str] | None, keras_per_gpu, top_only: bool = False) -> tuple[int, int | None]:
     """How many trials that run in a process each (Keras) may share a GPU at once, and the GPU
     memory they may fill (bytes): each holds its own copy of the images, so the runner starts
     as many as that memory holds (``runners.local._gpu_bytes``), at most ``keras_per_gpu``
-    (8 for auto); top-only trials one at a time."""
-    most = 8 if str(keras_per_gpu) == "auto" else keras_per_gpu
+    (``KERAS_AUTO_MOST`` for auto); top-only trials one at a time."""
+    most = KERAS_AUTO_MOST if str(keras_per_gpu) == "auto" else keras_per_gpu
     if isinstance(most, bool) or not str(most).isdigit() or int(most) < 1:
         raise BakeoffError(f"--keras-per-gpu must be a whole number from 1 or auto, got {keras_per_gpu!r}")
     if not gpus or top_only or int(most) == 1 or not all(g.startswith("cuda") for g in gpus):

@@ -217,8 +217,8 @@ def run_cmd(
     keras_per_gpu: str = typer.Option("1", callback=trials_per_gpu_value,
                                       help="Keras trials (a process each) sharing each GPU at once, after "
                                       "the PyTorch ones: a number, or auto (as many as memory allows, up "
-                                      "to 8). 1 runs them one after another: beside each other their "
-                                      "figures are not yet checked like for like on a GPU."),
+                                      "to 4). 1 runs them one after another. Four at once matched one "
+                                      "at a time on a GPU; eight at once read slow (docs/keras.md)."),
     cuda_graphs: bool = typer.Option(Protocol.cuda_graphs, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the training step as a CUDA graph on GPUs."),
     compile: str = typer.Option(Protocol.compile, "--compile", help="auto (on CUDA GPUs, compile each model's training "
