@@ -20,11 +20,9 @@ from typing import Callable
 import numpy as np
 
 from bakeoff.errors import BakeoffError
-from bakeoff.gpu_share import send_signal
 from bakeoff.runners import record_outcome, split_finished
 from bakeoff.store import Store
 from bakeoff.job import TrialJob
-from bakeoff.timing import background_pids
 from bakeoff.trial import trial_process_main
 
 __all__ = ["connect", "cluster_device", "gpu_share", "run_ray", "MAX_RETRIES"]
@@ -294,9 +292,6 @@ def run_ray(jobs: list[TrialJob], store: Store, run_id: int, on_event: Callable 
                 except ray.exceptions.RayError as exc:
                     out = {"kind": "error", "payload": {"error": _ray_failure(exc), "traceback": ""},
                            "files": {}, "started": submitted}
-                    # Killed inside a solo section, its worker left the run's background compiles
-                    # on this host stopped: later trials would wait for their kernels in vain
-                    send_signal(background_pids(job.background, job.compile), "SIGCONT")
                 if out["kind"] == "interrupted":
                     raise KeyboardInterrupt
                 _store(out, job, store, run_id, counts, on_event)
