@@ -131,8 +131,7 @@ class GpuShare:
             self._add_alone(reason, time.perf_counter() - t_held)
 
     def idle(self) -> None:
-        """Work without the GPU follows: nothing to let go of, as sections of one process end
-        by themselves (``process_gate.ProcessGate`` holds its lock between them)."""
+        """Work without the GPU follows: nothing held here (``process_gate`` lets go of its lock)."""
 
     @contextlib.contextmanager
     def keeping_out(self, pids) -> Iterator[None]:
@@ -286,16 +285,21 @@ class GpuShare:
         self._local.waited = getattr(self._local, "waited", 0.0) + seconds
 
     def alone(self) -> dict[str, float]:
-        """Seconds this thread has held the GPU alone while trials shared it, by reason
-        (capture, window, latency, ...): time every neighbour spent waiting for it (a capture's
-        time is shared with the other trials tuning at once, if any)."""
+        """Seconds this thread has held the GPU alone while trials shared it, by reason (capture,
+        window, latency, ...): time its neighbours waited (a capture's, with other tuners, shared)."""
         return dict(getattr(self._local, "alone_s", None) or {})
 
     def waited(self) -> float:
-        """Seconds this thread has spent waiting at the gate: for its neighbours' steps to end
-        before it could run alone (and for their queued kernels to drain), or for a neighbour's
-        solo section to end before it could launch again."""
+        """Seconds this thread has waited at the gate: for its neighbours' steps (and queued
+        kernels) to end before it ran alone, or for a neighbour's solo section to end."""
         return getattr(self._local, "waited", 0.0)
+
+    def shared_figures(self, since: tuple[float, dict[str, float]]) -> dict:
+        """A trial's ``gpu_wait_s`` and ``gpu_alone_s`` since ``since`` (``waited()``, ``alone()`` at its start)."""
+        if not self.concurrent:  # it had the device to itself
+            return {"gpu_wait_s": None, "gpu_alone_s": None}
+        return {"gpu_wait_s": self.waited() - since[0],
+                "gpu_alone_s": {k: v - since[1].get(k, 0.0) for k, v in self.alone().items()}}
 
     @contextlib.contextmanager
     def place(self, device) -> Iterator[None]:

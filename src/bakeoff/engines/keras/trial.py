@@ -199,7 +199,7 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
         gate = ProcessGate(job.gpu_gate, lambda: torch.cuda.synchronize(device) if on_gpu else None,
                            job.concurrent_trials)
     gate = gate if gate is not None else LoneGate()
-    waited, alone = gate.waited(), gate.alone()
+    since = gate.waited(), gate.alone()
     batcher = Batcher.create(images, needed, job.input_size, spec.mean, spec.std, device, on_gpu, "auto",
                              side=job.side, gate=gate)
     load_s = time.perf_counter() - t_load
@@ -227,8 +227,7 @@ def run_trial(job: TrialJob, on_step=None, gate=None) -> dict:
         device="cuda" if accel else "cpu",
         device_name=accel[1] if accel else device_name(torch.device("cpu")),
         data_resident=batcher.residence, backend=backend,
-        gpu_wait_s=gate.waited() - waited if gate.concurrent else None,
-        gpu_alone_s={k: v - alone.get(k, 0.0) for k, v in gate.alone().items()} if gate.concurrent else None,
+        **gate.shared_figures(since),
     )
 
 

@@ -48,7 +48,7 @@ def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict
     spec, protocol = ModelSpec.from_dict(job.spec), Protocol(**job.protocol)
     device = resolve_device(job.device)
     gate = gate if gate is not None else LoneGate()
-    waited, alone = gate.waited(), gate.alone()
+    since = gate.waited(), gate.alone()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.empty(1, device=device)  # the allocator must exist before its statistics can be reset
@@ -124,8 +124,7 @@ def run_trial(job: TrialJob, on_step=None, gate: GpuShare | None = None) -> dict
         compiled_from_epoch=fitted.compiled_from_epoch, compile_time_s=fitted.compile_time_s,
         compile_error=(marker.error() if marker is not None else None) or fitted.compile_error,
         shared_gpu_error=job.shared_gpu_error, measure_time_s=measure_s, save_time_s=save_s,
-        gpu_wait_s=gate.waited() - waited if gate.concurrent else None,
-        gpu_alone_s={k: v - alone.get(k, 0.0) for k, v in gate.alone().items()} if gate.concurrent else None,
+        **gate.shared_figures(since),
         precision="bf16-autocast" if bf16 else "fp32", channels_last=channels_last, device=device.type,
         device_name=device_name(device), input_upsampled_to=upsampled,
         data_resident=batcher.residence, data_reused=batcher.reused,
